@@ -1,0 +1,1 @@
+# placeholder so .ci/run can source it; replaced by the store work

@@ -1,0 +1,43 @@
+"""One place that picks the kernel implementation for a device.
+
+Engine code calls `ops = get_ops(device)` once at start and then only `ops.*`.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from kernels import reference
+
+
+@dataclass(frozen=True)
+class KernelOps:
+    name: str
+    sgmv_shrink: Callable
+    sgmv_expand: Callable
+    write_kv_cache: Callable
+    paged_attention_decode: Callable
+    prefill_attention: Callable
+
+
+REFERENCE_OPS = KernelOps(
+    name="reference",
+    sgmv_shrink=reference.sgmv_shrink_ref,
+    sgmv_expand=reference.sgmv_expand_ref,
+    write_kv_cache=reference.write_kv_cache_ref,
+    paged_attention_decode=reference.paged_attention_decode_ref,
+    prefill_attention=reference.prefill_attention_ref,
+)
+
+
+def get_ops(device: torch.device | str) -> KernelOps:
+    """Triton kernels on CUDA (unless OPENLORA_KERNELS=reference), references elsewhere."""
+    device = torch.device(device)
+    if device.type != "cuda" or os.environ.get("OPENLORA_KERNELS") == "reference":
+        return REFERENCE_OPS
+    from kernels import triton_ops  # imported lazily: triton is only needed on GPUs
+
+    return triton_ops.TRITON_OPS

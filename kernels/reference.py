@@ -1,0 +1,115 @@
+"""PyTorch references of every kernel: the CPU backend and the ground truth of tests.
+
+Conventions shared by all LoRA kernels (see kernels/__init__.py):
+  tokens are sorted into segments, one segment per adapter slot in the step;
+  seg_indptr [G+1] int32  token range of segment g is seg_indptr[g]:seg_indptr[g+1]
+  seg_slots  [G]   int32  slot of segment g, -1 = base model (no LoRA)
+  slot_ranks [S]   int32  true rank of each slot (<= R, the pool's max rank)
+  slot_scales[S]   fp32   lora_alpha / r (or alpha / sqrt(r) for rsLoRA)
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def _segments(seg_indptr: torch.Tensor, seg_slots: torch.Tensor):
+    bounds = seg_indptr.tolist()
+    for g, slot in enumerate(seg_slots.tolist()):
+        start, end = bounds[g], bounds[g + 1]
+        if slot >= 0 and end > start:
+            yield start, end, slot
+
+
+def sgmv_shrink_ref(x: torch.Tensor, a_pool: torch.Tensor, seg_indptr: torch.Tensor,
+                    seg_slots: torch.Tensor, slot_ranks: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out[t, m, :r] = x[t] @ a_pool[slot(t), m, :r]ᵀ; out[t, m, r:] = 0; base tokens -> 0.
+
+    x [T, H_in], a_pool [S, M, R, H_in], out [T, M, R] (overwritten).
+    M > 1 stacks modules that share an input (q/k/v, gate/up).
+    """
+    out.zero_()
+    for start, end, slot in _segments(seg_indptr, seg_slots):
+        r = int(slot_ranks[slot])
+        a = a_pool[slot, :, :r, :].float()                         # [M, r, H_in]
+        y = torch.einsum("th,mrh->tmr", x[start:end].float(), a)   # [t, M, r]
+        out[start:end, :, :r] = y.to(out.dtype)
+    return out
+
+
+def sgmv_expand_ref(y: torch.Tensor, b_pool: torch.Tensor, out_offsets: tuple[int, ...],
+                    seg_indptr: torch.Tensor, seg_slots: torch.Tensor, slot_ranks: torch.Tensor,
+                    slot_scales: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out[t, off_m:off_m+1] += scale[slot] * y[t, m, :r] @ b_pool[slot, off_m:off_m+1, :r]ᵀ.
+
+    y [T, M, R], b_pool [S, N, R] with N = out_offsets[-1], out [T, N] (added in place).
+    """
+    for start, end, slot in _segments(seg_indptr, seg_slots):
+        r = int(slot_ranks[slot])
+        scale = float(slot_scales[slot])
+        for m in range(len(out_offsets) - 1):
+            lo, hi = out_offsets[m], out_offsets[m + 1]
+            delta = y[start:end, m, :r].float() @ b_pool[slot, lo:hi, :r].float().t()
+            out[start:end, lo:hi] += (scale * delta).to(out.dtype)
+    return out
+
+
+def write_kv_cache_ref(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                       slot_mapping: torch.Tensor) -> None:
+    """Scatter new keys/values into the paged cache.
+
+    k, v [T, Hkv, D]; k_cache, v_cache [num_blocks, block_size, Hkv, D];
+    slot_mapping [T] int64: block * block_size + offset (negative = skip, e.g. padding).
+    """
+    block_size = k_cache.shape[1]
+    keep = slot_mapping >= 0
+    idx = slot_mapping[keep]
+    k_cache.view(-1, *k_cache.shape[2:])[idx] = k[keep].to(k_cache.dtype)
+    v_cache.view(-1, *v_cache.shape[2:])[idx] = v[keep].to(v_cache.dtype)
+    del block_size
+
+
+def paged_attention_decode_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                               block_tables: torch.Tensor, context_lens: torch.Tensor,
+                               scale: float) -> torch.Tensor:
+    """One query token per sequence attends to its whole cached context (causal by construction).
+
+    q [B, Hq, D]; caches [num_blocks, block_size, Hkv, D]; block_tables [B, max_blocks] int32;
+    context_lens [B] int32 (tokens in the cache, the new one included). Returns [B, Hq, D].
+    Grouped-query: head h reads kv head h // (Hq // Hkv).
+    """
+    num_seqs, num_heads, head_dim = q.shape
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    out = torch.empty_like(q)
+    for i in range(num_seqs):
+        n = int(context_lens[i])
+        blocks = block_tables[i, : math.ceil(n / block_size)].long()
+        k = k_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:n].float()   # [n, Hkv, D]
+        v = v_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:n].float()
+        k = k.repeat_interleave(group, dim=1)                                # [n, Hq, D]
+        v = v.repeat_interleave(group, dim=1)
+        scores = torch.einsum("hd,nhd->hn", q[i].float(), k) * scale
+        out[i] = torch.einsum("hn,nhd->hd", scores.softmax(-1), v).to(q.dtype)
+    return out
+
+
+def prefill_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                          scale: float) -> torch.Tensor:
+    """Causal attention within each packed sequence (varlen).
+
+    q [T, Hq, D], k/v [T, Hkv, D], cu_seqlens [B+1] int32. Returns [T, Hq, D].
+    """
+    group = q.shape[1] // k.shape[1]
+    out = torch.empty_like(q)
+    bounds = cu_seqlens.tolist()
+    for s, e in zip(bounds[:-1], bounds[1:]):
+        if e == s:
+            continue
+        qs = q[s:e].transpose(0, 1)                                 # [Hq, n, D]
+        ks = k[s:e].repeat_interleave(group, dim=1).transpose(0, 1)
+        vs = v[s:e].repeat_interleave(group, dim=1).transpose(0, 1)
+        o = torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale)
+        out[s:e] = o.transpose(0, 1)
+    return out

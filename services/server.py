@@ -1,0 +1,109 @@
+"""The gRPC server bootstrap every service uses.
+
+Health (grpc.health.v1) turns SERVING once the service is ready; reflection lists
+the services; SIGTERM/SIGINT drain: health NOT_SERVING, the service's own drain
+hook (e.g. refuse new requests), in-flight RPCs finish up to the grace period,
+then the process exits 0.
+"""
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from concurrent import futures
+from typing import Callable, Iterable, Sequence
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from services.config import ServerConfig
+
+log = logging.getLogger(__name__)
+
+Registration = tuple[Callable[[object, grpc.Server], None], object]
+
+
+class GrpcServer:
+    def __init__(self, config: ServerConfig, registrations: Sequence[Registration],
+                 service_names: Iterable[str], on_drain: Callable[[], None] | None = None,
+                 interceptors: Sequence[grpc.ServerInterceptor] = ()):
+        self.config = config
+        self.service_names = list(service_names)
+        self._on_drain = on_drain
+        self._stopped = threading.Event()
+        options = [("grpc.max_receive_message_length", config.max_message_bytes),
+                   ("grpc.max_send_message_length", config.max_message_bytes),
+                   ("grpc.so_reuseport", 0),
+                   # clients ping every 10 s (services/channels.py): allow it
+                   ("grpc.keepalive_permit_without_calls", 1),
+                   ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
+                   ("grpc.http2.max_ping_strikes", 0)]
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.max_workers),
+                                  options=options, interceptors=list(interceptors))
+        for add, servicer in registrations:
+            add(servicer, self.server)
+        self.health = health.HealthServicer(experimental_non_blocking=True)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            [*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server)
+        self.port = 0
+
+    def start(self) -> int:
+        self.port = self.server.add_insecure_port(self.config.listen)
+        if self.port == 0:
+            raise OSError(f"cannot listen on {self.config.listen}")
+        self.server.start()
+        self._set_status(health_pb2.HealthCheckResponse.NOT_SERVING)
+        return self.port
+
+    @property
+    def address(self) -> str:
+        host = self.config.listen.rpartition(":")[0]
+        return f"{'127.0.0.1' if host in ('0.0.0.0', '[::]', '') else host}:{self.port}"
+
+    def set_serving(self) -> None:
+        self._set_status(health_pb2.HealthCheckResponse.SERVING)
+        log.info("serving %s on %s", ",".join(self.service_names), self.address)
+
+    def _set_status(self, status) -> None:
+        self.health.set("", status)
+        for name in self.service_names:
+            self.health.set(name, status)
+
+    def drain(self, grace_s: float | None = None) -> None:
+        """Stop taking work, let in-flight RPCs finish (up to the grace period), stop."""
+        if self._stopped.is_set():
+            return
+        grace = self.config.grace_s if grace_s is None else grace_s
+        log.info("draining (grace %.1fs)", grace)
+        self._set_status(health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self._on_drain is not None:
+            self._on_drain()
+        self.server.stop(grace).wait()
+        self._stopped.set()
+        log.info("stopped")
+
+    def stop(self, grace_s: float = 0.0) -> None:
+        self.drain(grace_s)
+
+    def install_signal_handlers(self) -> None:
+        def handle(signum, _frame):
+            log.info("signal %s", signal.Signals(signum).name)
+            threading.Thread(target=self.drain, daemon=True).start()
+        signal.signal(signal.SIGTERM, handle)
+        signal.signal(signal.SIGINT, handle)
+
+    def wait(self) -> None:
+        """Block until drained (main thread stays responsive to signals)."""
+        while not self._stopped.wait(0.5):
+            pass
+
+
+def serve_forever(server: GrpcServer) -> int:
+    """CLI entry: start, mark SERVING, wait for a signal, drain, return exit code 0."""
+    server.install_signal_handlers()
+    server.start()
+    server.set_serving()
+    server.wait()
+    return 0
