@@ -7,6 +7,7 @@ store) implement it. The servicer (service.py) talks to the engine only through
 """
 from __future__ import annotations
 
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
@@ -123,3 +124,44 @@ class RequestOutput:
     adapter_load_ms: float = 0.0          # arrival -> adapter resident on device
     first_token_ms: float = 0.0           # arrival -> first token
     total_ms: float = 0.0
+
+
+@dataclass
+class EngineStats:
+    """A snapshot for WorkerStatus (taken under the engine's lock, cheap)."""
+
+    gpu_adapters: list[str]               # keys resident in device slots
+    free_adapter_slots: int
+    total_adapter_slots: int
+    running_requests: int
+    waiting_requests: int                 # incl. those waiting for their adapter
+    kv_blocks_used: int
+    kv_blocks_total: int
+
+
+class Engine(Protocol):
+    """What the servicer needs from the engine (engine.py: LLMEngine implements it).
+
+    The engine owns one background thread that runs steps while there is work.
+    All methods are thread-safe and never block on a step.
+    """
+
+    tokenizer: object                     # transformers tokenizer of the model dir
+    max_model_len: int
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...           # abort everything (finish_reason "cancelled"), join the thread
+
+    def add_request(self, request: EngineRequest) -> None: ...
+    # raises InvalidArgument (prompt empty/too long, token id out of range),
+    # ResourceExhausted (waiting queue full), Unavailable (stopping)
+
+    def abort_request(self, request_id: str) -> None: ...   # frees blocks and unpins the slot at once
+
+    def pin_adapter(self, ticket: AdapterTicket, pin: bool = True) -> "Future[None]": ...
+    # LoadAdapter: the engine thread loads it into a slot (pinned if pin); the future resolves then,
+    # or raises the ticket's error / FailedPrecondition (shapes) / ResourceExhausted (all slots pinned)
+    def unpin_adapter(self, key: str) -> bool: ...               # UnloadAdapter: unpin + free the slot if idle
+
+    def stats(self) -> EngineStats: ...
