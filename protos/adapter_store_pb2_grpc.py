@@ -30,8 +30,9 @@ class AdapterStoreStub:
     """Indexes and serves LoRA adapters in the PEFT format.
 
     A stored adapter is one blob: a safetensors file whose metadata holds the
-    PEFT `adapter_config.json` under the key "adapter_config". Upload sends the
-    two PEFT files; download returns the two files again.
+    PEFT `adapter_config.json` under the key "openlora.adapter_config". Upload
+    sends the two PEFT files; download returns the blob, which clients split back
+    into the two files (services/store_client.py).
     """
 
     def __init__(self, channel):
@@ -71,8 +72,9 @@ class AdapterStoreServicer:
     """Indexes and serves LoRA adapters in the PEFT format.
 
     A stored adapter is one blob: a safetensors file whose metadata holds the
-    PEFT `adapter_config.json` under the key "adapter_config". Upload sends the
-    two PEFT files; download returns the two files again.
+    PEFT `adapter_config.json` under the key "openlora.adapter_config". Upload
+    sends the two PEFT files; download returns the blob, which clients split back
+    into the two files (services/store_client.py).
     """
 
     def UploadAdapter(self, request_iterator, context):
@@ -147,8 +149,9 @@ class AdapterStore:
     """Indexes and serves LoRA adapters in the PEFT format.
 
     A stored adapter is one blob: a safetensors file whose metadata holds the
-    PEFT `adapter_config.json` under the key "adapter_config". Upload sends the
-    two PEFT files; download returns the two files again.
+    PEFT `adapter_config.json` under the key "openlora.adapter_config". Upload
+    sends the two PEFT files; download returns the blob, which clients split back
+    into the two files (services/store_client.py).
     """
 
     @staticmethod

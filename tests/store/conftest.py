@@ -1,0 +1,48 @@
+"""Store fixtures. Every store test runs on SQLite and on PostgreSQL (a fresh schema per
+test); the PostgreSQL run skips when OPENLORA_TEST_PG_URL is unset (.ci/postgres.sh sets it)."""
+from __future__ import annotations
+
+import os
+import uuid
+
+import pytest
+
+from tests.store.harness import StoreHarness
+
+PG_ENV = "OPENLORA_TEST_PG_URL"
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def db_url(request, tmp_path):
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'data' / 'index.sqlite'}"
+        return
+    base = os.environ.get(PG_ENV)
+    if not base:
+        pytest.skip(f"PostgreSQL not available: {PG_ENV} is unset (`source .ci/postgres.sh` starts one)")
+    from sqlalchemy import create_engine, text
+    schema = f"t_{uuid.uuid4().hex[:16]}"
+    admin = create_engine(base)
+    with admin.begin() as conn:
+        conn.execute(text(f"CREATE SCHEMA {schema}"))
+    try:
+        # every connection of the store under test lives in the fresh schema
+        yield f"{base}{'&' if '?' in base else '?'}options=-csearch_path%3D{schema}"
+    finally:
+        with admin.begin() as conn:
+            conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
+        admin.dispose()
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    path = tmp_path / "data"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def store(data_dir, db_url):
+    harness = StoreHarness(data_dir, db_url).start()
+    yield harness
+    harness.stop()
