@@ -1,9 +1,57 @@
-"""Placeholder: this subcommand is being written (see the open issues)."""
+"""`openlora worker`: serve one base model and many adapters on one device."""
+from __future__ import annotations
+
+import argparse
+
+from services.config import store_address
+
+MB = 1 << 20
 
 
-def add_arguments(parser):
-    pass
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--listen", default="0.0.0.0:50053", help="HOST:PORT to serve on (default %(default)s)")
+    parser.add_argument("--model", required=True, metavar="DIR", help="Hugging Face model directory (safetensors)")
+    parser.add_argument("--store", default=store_address(),
+                        help="adapter store HOST:PORT (default: $OPENLORA_STORE or %(default)s)")
+    parser.add_argument("--worker-id", default="", help="id reported to routers (default hostname:port)")
+    parser.add_argument("--base-model", default="",
+                        help="base model name adapters must match (default: the model's _name_or_path or dir name)")
+    parser.add_argument("--data-dir", default="", help="local disk cache of adapter blobs")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default %(default)s)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument("--max-num-seqs", type=int, default=64, help="running sequences per step")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=None, help="tokens per step")
+    parser.add_argument("--max-waiting", type=int, default=1024, help="queue limit (RESOURCE_EXHAUSTED past it)")
+    parser.add_argument("--kv-cache-mb", type=int, default=None, help="KV cache budget (default: from memory)")
+    parser.add_argument("--max-adapter-slots", type=int, default=8, help="adapters resident on the device at once")
+    parser.add_argument("--max-lora-rank", type=int, default=64, help="largest adapter rank served")
+    parser.add_argument("--cpu-cache-mb", type=int, default=4096, help="CPU adapter cache budget")
+    parser.add_argument("--disk-cache-mb", type=int, default=51200, help="disk adapter cache budget")
+    parser.add_argument("--grace-s", type=float, default=10.0, help="drain: time running requests get to finish")
 
 
-def run(args):
-    raise SystemExit("not implemented yet")
+def config_from_args(args: argparse.Namespace):
+    from inference_worker.config import EngineConfig
+    from inference_worker.server import WorkerConfig
+
+    engine = EngineConfig(
+        device=args.device, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens, max_waiting=args.max_waiting,
+        kv_cache_bytes=args.kv_cache_mb * MB if args.kv_cache_mb else None,
+        max_adapter_slots=args.max_adapter_slots, max_lora_rank=args.max_lora_rank)
+    return WorkerConfig(
+        model_dir=args.model, store=args.store, listen=args.listen, worker_id=args.worker_id,
+        base_model=args.base_model, data_dir=args.data_dir, cpu_cache_bytes=args.cpu_cache_mb * MB,
+        disk_cache_bytes=args.disk_cache_mb * MB, grace_s=args.grace_s, engine=engine)
+
+
+def run(args: argparse.Namespace) -> int:
+    from inference_worker.server import build_worker
+    from services.logging_setup import setup_logging
+
+    setup_logging("worker")
+    try:
+        config = config_from_args(args)
+    except ValueError as exc:
+        raise SystemExit(f"openlora worker: {exc}") from None
+    return build_worker(config).serve_forever()

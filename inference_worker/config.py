@@ -1,0 +1,81 @@
+"""EngineConfig: every knob of the engine core, validated once at construction.
+
+Values that depend on the model (max_model_len, max_num_batched_tokens) may be
+left None here; `resolved(...)` fills them from the model's config and checks
+the cross-field rules the engine relies on.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class EngineConfig:
+    device: str = "auto"                  # "auto" (cuda if available), "cpu", "cuda", "cuda:1"
+    dtype: str = "auto"                   # "auto" (bfloat16 on cuda, float32 on cpu) or a DTYPES key
+    block_size: int = 16                  # tokens per KV block
+    # KV budget, first match wins: num_kv_blocks; kv_cache_bytes; on CUDA kv_memory_fraction of
+    # the free memory left after weights and LoRA pools; on CPU 512 MiB. Never more blocks than
+    # max_num_seqs full-length sequences can use.
+    num_kv_blocks: int | None = None
+    kv_cache_bytes: int | None = None
+    kv_memory_fraction: float = 0.9
+    max_num_seqs: int = 64                # running sequences per step
+    max_num_batched_tokens: int | None = None   # tokens per step; None = max(2048, max_model_len)
+    max_model_len: int | None = None      # prompt + output; None = the model's max_position_embeddings
+    max_waiting: int = 1024               # queue limit: add_request raises ResourceExhausted past it
+    max_adapter_slots: int = 8            # device LoRA slots (adapters resident at once)
+    max_lora_rank: int = 64               # slot width; larger adapters are FailedPrecondition
+    seed: int = 0                         # generator of requests that give no seed
+
+    def __post_init__(self) -> None:
+        if self.device != "auto":
+            try:
+                torch.device(self.device)
+            except (RuntimeError, TypeError) as exc:
+                raise ValueError(f"bad device {self.device!r}: {exc}") from None
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {self.dtype!r}")
+        for name in ("block_size", "max_num_seqs", "max_waiting", "max_adapter_slots", "max_lora_rank"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+        for name in ("num_kv_blocks", "kv_cache_bytes", "max_num_batched_tokens", "max_model_len"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1 (or None)")
+        if not 0 < self.kv_memory_fraction <= 1:
+            raise ValueError("kv_memory_fraction must be in (0, 1]")
+        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError("max_num_batched_tokens must be >= max_num_seqs (one decode token each)")
+
+    @property
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.bfloat16 if self.torch_device.type == "cuda" else torch.float32
+        return DTYPES[self.dtype]
+
+    def resolved(self, model_max_len: int) -> EngineConfig:
+        """A copy with the model-dependent fields filled and cross-checked.
+
+        No chunked prefill: a preempted sequence is recomputed in one step, so a step
+        must hold a whole max_model_len sequence.
+        """
+        max_model_len = self.max_model_len or model_max_len
+        if max_model_len > model_max_len:
+            raise ValueError(f"max_model_len {max_model_len} > the model's {model_max_len}")
+        batched = self.max_num_batched_tokens or max(2048, max_model_len, self.max_num_seqs)
+        if batched < max_model_len:
+            raise ValueError(f"max_num_batched_tokens {batched} < max_model_len {max_model_len} "
+                             "(a step must fit a whole sequence: no chunked prefill)")
+        return dataclasses.replace(self, max_model_len=max_model_len, max_num_batched_tokens=batched)

@@ -1,0 +1,50 @@
+"""A linear layer with multi-LoRA: base_layer(x) plus each token's adapter, added in place.
+
+One LoRALinear may stand for several fused projections sharing an input (q/k/v,
+gate/up): module m of the adapter writes columns out_offsets[m]:out_offsets[m+1].
+The slot pool attaches the device A/B pools once at start; the per-step mapping
+of tokens to slots comes in a LoraBatchMeta.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from inference_worker.lora.metadata import LoraBatchMeta
+from kernels.backend import KernelOps
+
+
+class LoRALinear(nn.Module):
+    def __init__(self, base_layer: nn.Linear, module_names: tuple[str, ...], out_sizes: tuple[int, ...],
+                 ops: KernelOps) -> None:
+        super().__init__()
+        if sum(out_sizes) != base_layer.out_features or len(out_sizes) != len(module_names):
+            raise ValueError(f"out_sizes {out_sizes} do not split {base_layer.out_features} over {module_names}")
+        self.base_layer = base_layer
+        self.module_names = module_names                  # PEFT names, in column order
+        offsets = [0]
+        for size in out_sizes:
+            offsets.append(offsets[-1] + size)
+        self.out_offsets = tuple(offsets)                 # [M+1] column bounds of each module
+        self.ops = ops
+        # Attached by SlotPool.attach (plain attributes: not weights of the model).
+        self.a_pool: torch.Tensor | None = None           # [S, M, R, in]
+        self.b_pool: torch.Tensor | None = None           # [S, N, R], N = out_features
+        self.shrink_scratch: torch.Tensor | None = None   # [max_tokens * M_max * R] float32, shared
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    def forward(self, x: torch.Tensor, lora: LoraBatchMeta) -> torch.Tensor:
+        """x [T, in] -> [T, out]: base + scale[slot] * B[slot] A[slot] x per token."""
+        out = self.base_layer(x)
+        if not lora.has_lora or self.a_pool is None:
+            return out
+        num_modules, max_rank = self.a_pool.shape[1], self.a_pool.shape[2]
+        # fp32 intermediate: the Triton shrink needs it for split-K, and it keeps precision in bf16
+        y = self.shrink_scratch[: x.shape[0] * num_modules * max_rank].view(x.shape[0], num_modules, max_rank)
+        self.ops.sgmv_shrink(x, self.a_pool, lora.seg_indptr, lora.seg_slots, lora.slot_ranks, y)
+        self.ops.sgmv_expand(y, self.b_pool, self.out_offsets, lora.seg_indptr, lora.seg_slots,
+                             lora.slot_ranks, lora.slot_scales, out)
+        return out

@@ -1,0 +1,36 @@
+"""LoraBatchMeta: which adapter slot each token of a step uses.
+
+The model runner lays out each step's sequences grouped by slot (prefills sorted
+by slot, then decodes sorted by slot), so tokens of one slot are contiguous and
+no permutation is needed; a slot may own two segments (one among the prefills,
+one among the decodes). Segments of the base model have slot -1 and get no LoRA.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class LoraBatchMeta:
+    has_lora: bool                        # host flag: some segment has a slot (else skip all LoRA work)
+    seg_indptr: torch.Tensor              # [G+1] int32 token range of segment g: seg_indptr[g]:seg_indptr[g+1]
+    seg_slots: torch.Tensor               # [G] int32 slot of segment g, -1 = base model
+    slot_ranks: torch.Tensor              # [S] int32 true rank of each slot (the pool's, not per step)
+    slot_scales: torch.Tensor             # [S] float32 alpha/r (or alpha/sqrt(r)) of each slot
+
+
+def segments_of(slots: list[int], num_tokens: list[int]) -> tuple[list[int], list[int]]:
+    """Runs of equal consecutive slots -> (indptr [G+1], slot per segment [G]).
+
+    slots[i], num_tokens[i]: the slot and token count of the i-th sequence in step order.
+    """
+    indptr, seg_slots = [0], []
+    for slot, n in zip(slots, num_tokens):
+        if seg_slots and seg_slots[-1] == slot:
+            indptr[-1] += n
+        else:
+            seg_slots.append(slot)
+            indptr.append(indptr[-1] + n)
+    return indptr, seg_slots

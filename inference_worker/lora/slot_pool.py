@@ -1,0 +1,139 @@
+"""Device slots for LoRA adapters: A/B buffers allocated once, adapters copied in and out.
+
+Per LoRALinear of the model (per layer: fused qkv, o, fused gate_up, down):
+  a_pool [S, M, R, in]   b_pool [S, N, R]     (S = max slots, R = max rank, M fused modules)
+plus slot_ranks [S] int32 and slot_scales [S] float32, which every step's LoraBatchMeta
+points at. Loading an adapter zeroes its slot then copies each module's A/B into the
+top-left corner (ranks padded with zeros; modules the adapter lacks stay zero, so they
+add nothing). Nothing is allocated after start, so the buffers' addresses are stable
+(CUDA graphs can capture them).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from inference_worker.adapter_weights import AdapterWeights
+from inference_worker.lora.layers import LoRALinear
+from inference_worker.lora.policy import CachePolicy, LRUPolicy
+from services.errors import FailedPrecondition
+
+
+class SlotPool:
+    def __init__(self, lora_layers: list[tuple[int, LoRALinear]], num_slots: int, max_rank: int,
+                 max_tokens: int, device: torch.device, dtype: torch.dtype,
+                 policy: CachePolicy | None = None) -> None:
+        self.num_slots, self.max_rank = num_slots, max_rank
+        self.policy = policy or LRUPolicy()
+        self.num_layers = 1 + max((i for i, _ in lora_layers), default=-1)
+        # (layer, PEFT module name) -> (layer module, index of the module in its fused group)
+        self._targets: dict[tuple[int, str], tuple[LoRALinear, int]] = {}
+        max_fused = 1
+        for layer_idx, lin in lora_layers:
+            num_modules = len(lin.module_names)
+            max_fused = max(max_fused, num_modules)
+            lin.a_pool = torch.zeros(num_slots, num_modules, max_rank, lin.in_features, device=device, dtype=dtype)
+            lin.b_pool = torch.zeros(num_slots, lin.out_offsets[-1], max_rank, device=device, dtype=dtype)
+            for m, name in enumerate(lin.module_names):
+                self._targets[(layer_idx, name)] = (lin, m)
+        scratch = torch.zeros(max_tokens * max_fused * max_rank, device=device, dtype=torch.float32)
+        for _, lin in lora_layers:
+            lin.shrink_scratch = scratch
+        self._layers = [lin for _, lin in lora_layers]
+        self.slot_ranks = torch.zeros(num_slots, device=device, dtype=torch.int32)      # [S]
+        self.slot_scales = torch.zeros(num_slots, device=device, dtype=torch.float32)   # [S]
+        self._slot_of: dict[str, int] = {}
+        self._free = list(range(num_slots - 1, -1, -1))    # pop() gives slot 0 first
+        self.num_loads = 0
+        self.num_evictions = 0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for lin in self._layers for t in (lin.a_pool, lin.b_pool))
+
+    def slot_of(self, key: str) -> int | None:
+        return self._slot_of.get(key)
+
+    def resident(self) -> list[str]:
+        return list(self._slot_of)
+
+    def num_unpinned(self) -> int:
+        """Slots a new adapter could take now (empty, or holding an idle adapter)."""
+        return len(self._free) + sum(1 for key in self._slot_of if not self.policy.is_pinned(key))
+
+    def check(self, weights: AdapterWeights) -> int:
+        """Raise FailedPrecondition unless the adapter fits this model and the slots; return its rank."""
+        rank = weights.rank
+        for (layer, name), (a, b) in weights.modules.items():
+            target = self._targets.get((layer, name))
+            if target is None:
+                raise FailedPrecondition(f"adapter {weights.key}: no module {name} in layer {layer} of this model")
+            lin, m = target
+            out = lin.out_offsets[m + 1] - lin.out_offsets[m]
+            r = a.shape[0]
+            if a.dim() != 2 or b.dim() != 2 or a.shape[1] != lin.in_features or tuple(b.shape) != (out, r):
+                raise FailedPrecondition(
+                    f"adapter {weights.key}: layer {layer} {name} has A {tuple(a.shape)}, B {tuple(b.shape)}; "
+                    f"this model needs A [r, {lin.in_features}], B [{out}, r]")
+            rank = max(rank, r)
+        if rank > self.max_rank:
+            raise FailedPrecondition(f"adapter {weights.key}: rank {rank} > the worker's max_lora_rank {self.max_rank}")
+        return rank
+
+    def acquire(self, key: str, weights: Callable[[], AdapterWeights]) -> int | None:
+        """Pin `key` in a slot, loading it (evicting the policy's victim) if not resident.
+
+        Returns the slot, or None when every slot is pinned. Raises FailedPrecondition when
+        the adapter does not fit this model (nothing is evicted then).
+        """
+        slot = self._slot_of.get(key)
+        if slot is None:
+            if not self._free and self.policy.victim() is None:
+                return None
+            adapter = weights()
+            rank = self.check(adapter)            # before evicting anything
+            slot = self._take_slot()
+            self._load(slot, adapter, rank)
+            self._slot_of[key] = slot
+        self.policy.touch(key)
+        self.policy.pin(key)
+        return slot
+
+    def release(self, key: str) -> None:
+        """One user fewer; the adapter stays resident until it is a victim."""
+        self.policy.unpin(key)
+
+    def evict_if_idle(self, key: str) -> bool:
+        """Free the slot of `key` now unless it is pinned. True when it was evicted."""
+        if key not in self._slot_of or self.policy.is_pinned(key):
+            return False
+        self._evict(key)
+        return True
+
+    def _take_slot(self) -> int:
+        if not self._free:
+            self._evict(self.policy.victim())
+        return self._free.pop()
+
+    def _evict(self, key: str) -> None:
+        self._free.append(self._slot_of.pop(key))
+        self.policy.remove(key)
+        self.num_evictions += 1
+
+    @torch.no_grad()
+    def _load(self, slot: int, adapter: AdapterWeights, rank: int) -> None:
+        # non_blocking: a pinned CPU source copies asynchronously, in stream order before the
+        # next step's kernels that read the slot
+        for lin in self._layers:
+            lin.a_pool[slot].zero_()
+            lin.b_pool[slot].zero_()
+        for (layer, name), (a, b) in adapter.modules.items():
+            lin, m = self._targets[(layer, name)]
+            r = a.shape[0]
+            lo, hi = lin.out_offsets[m], lin.out_offsets[m + 1]
+            lin.a_pool[slot, m, :r].copy_(a, non_blocking=True)
+            lin.b_pool[slot, lo:hi, :r].copy_(b, non_blocking=True)
+        self.slot_ranks[slot] = rank
+        self.slot_scales[slot] = adapter.scaling
+        self.num_loads += 1

@@ -1,0 +1,194 @@
+"""The Llama-family decoder (Llama 2/3/3.1, Mistral, Qwen2) over flattened, paged steps.
+
+A step is a flat list of T tokens of many sequences (see attention.py for the
+layout); every projection is a LoRALinear (q/k/v fused, gate/up fused) so tokens of
+different adapters share one base matmul. Numerics follow transformers' modeling_llama
+(fp32 RMSNorm, fp32 rope angles cast to the model dtype) so float32 logits match it.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from inference_worker.attention import AttentionMeta, PagedAttention
+from inference_worker.lora.layers import LoRALinear
+from inference_worker.lora.metadata import LoraBatchMeta
+from kernels.backend import KernelOps
+
+
+@dataclass(frozen=True)
+class LlamaSpec:
+    """The geometry read from a transformers config (any of the supported families)."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    rope: dict                            # rope_parameters: rope_type, rope_theta, scaling fields
+    tie_word_embeddings: bool
+    qkv_bias: bool                        # Qwen2; Llama with attention_bias
+    o_bias: bool                          # Llama with attention_bias
+    mlp_bias: bool
+
+    @classmethod
+    def from_hf(cls, config) -> LlamaSpec:
+        model_type = getattr(config, "model_type", "llama")
+        if model_type not in ("llama", "mistral", "qwen2"):
+            raise ValueError(f"unsupported model_type {model_type!r} (llama, mistral, qwen2)")
+        if getattr(config, "hidden_act", "silu") != "silu":
+            raise ValueError(f"unsupported hidden_act {config.hidden_act!r}")
+        rope = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
+        rope.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
+        rope["rope_type"] = rope.get("rope_type") or rope.get("type") or "default"
+        attention_bias = bool(getattr(config, "attention_bias", False))
+        max_len = config.max_position_embeddings
+        window = getattr(config, "sliding_window", None)
+        if window and getattr(config, "use_sliding_window", True):
+            max_len = min(max_len, window)   # no sliding-window attention here: stay inside the window
+        num_kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        return cls(
+            vocab_size=config.vocab_size, hidden_size=config.hidden_size,
+            intermediate_size=config.intermediate_size, num_layers=config.num_hidden_layers,
+            num_heads=config.num_attention_heads, num_kv_heads=num_kv_heads,
+            head_dim=getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
+            rms_norm_eps=config.rms_norm_eps, max_position_embeddings=max_len, rope=rope,
+            tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+            qkv_bias=attention_bias or model_type == "qwen2", o_bias=attention_bias,
+            mlp_bias=bool(getattr(config, "mlp_bias", False)))
+
+
+def rope_inv_freq(spec: LlamaSpec) -> torch.Tensor:
+    """[D/2] float32 inverse frequencies: default, linear, or Llama 3.1 ("llama3") scaling."""
+    rope, dim = spec.rope, spec.head_dim
+    inv_freq = 1.0 / (rope["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    kind = rope["rope_type"]
+    if kind == "default":
+        return inv_freq
+    if kind == "linear":
+        return inv_freq / rope["factor"]
+    if kind != "llama3":
+        raise ValueError(f"unsupported rope_type {kind!r} (default, linear, llama3)")
+    factor, low, high = rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]
+    old_len = rope["original_max_position_embeddings"]
+    low_wavelen, high_wavelen = old_len / low, old_len / high
+    wavelen = 2 * math.pi / inv_freq
+    # long wavelengths are slowed by `factor`, short ones kept, the band between interpolated
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rope, rotate-half convention. x [T, H, D], cos/sin [T, 1, D]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, spec: LlamaSpec, ops: KernelOps) -> None:
+        super().__init__()
+        self.spec = spec
+        q_out, kv_out = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+        self.qkv_proj = LoRALinear(nn.Linear(spec.hidden_size, q_out + 2 * kv_out, bias=spec.qkv_bias),
+                                   ("q_proj", "k_proj", "v_proj"), (q_out, kv_out, kv_out), ops)
+        self.o_proj = LoRALinear(nn.Linear(q_out, spec.hidden_size, bias=spec.o_bias), ("o_proj",), (spec.hidden_size,), ops)
+        self.attn = PagedAttention(ops, spec.num_heads, spec.num_kv_heads, spec.head_dim)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor],
+                attn: AttentionMeta, lora: LoraBatchMeta) -> torch.Tensor:
+        spec = self.spec
+        q_out, kv_out = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+        qkv = self.qkv_proj(x, lora)                                              # [T, q_out + 2 kv_out]
+        q = qkv[:, :q_out].view(-1, spec.num_heads, spec.head_dim)
+        k = qkv[:, q_out:q_out + kv_out].view(-1, spec.num_kv_heads, spec.head_dim)
+        v = qkv[:, q_out + kv_out:].view(-1, spec.num_kv_heads, spec.head_dim)
+        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        out = self.attn(q, k, v.contiguous(), kv_cache[0], kv_cache[1], attn)    # [T, Hq, D]
+        return self.o_proj(out.reshape(-1, q_out), lora)
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, spec: LlamaSpec, ops: KernelOps) -> None:
+        super().__init__()
+        inter = spec.intermediate_size
+        self.gate_up_proj = LoRALinear(nn.Linear(spec.hidden_size, 2 * inter, bias=spec.mlp_bias),
+                                       ("gate_proj", "up_proj"), (inter, inter), ops)
+        self.down_proj = LoRALinear(nn.Linear(inter, spec.hidden_size, bias=spec.mlp_bias), ("down_proj",),
+                                    (spec.hidden_size,), ops)
+
+    def forward(self, x: torch.Tensor, lora: LoraBatchMeta) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x, lora).chunk(2, dim=-1)                    # [T, inter] each
+        return self.down_proj(F.silu(gate) * up, lora)
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, spec: LlamaSpec, ops: KernelOps) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.self_attn = LlamaAttention(spec, ops)
+        self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.mlp = LlamaMLP(spec, ops)
+
+    def forward(self, h: torch.Tensor, cos, sin, kv_cache, attn: AttentionMeta, lora: LoraBatchMeta) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, kv_cache, attn, lora)
+        return h + self.mlp(self.post_attention_layernorm(h), lora)
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, spec: LlamaSpec, ops: KernelOps) -> None:
+        super().__init__()
+        self.spec = spec
+        self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(spec, ops) for _ in range(spec.num_layers))
+        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
+        if spec.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.rope_cos: torch.Tensor | None = None         # [max_len, D] model dtype, set by init_rope
+        self.rope_sin: torch.Tensor | None = None
+
+    def init_rope(self, max_len: int) -> None:
+        """Angles of every position once (fp32, as transformers), cast to the weights' dtype."""
+        weight = self.embed_tokens.weight
+        inv_freq = rope_inv_freq(self.spec).to(weight.device)
+        freqs = torch.arange(max_len, device=weight.device, dtype=torch.float32)[:, None] * inv_freq[None, :]
+        angles = torch.cat((freqs, freqs), dim=-1)                               # [max_len, D]
+        self.rope_cos, self.rope_sin = angles.cos().to(weight.dtype), angles.sin().to(weight.dtype)
+
+    def lora_layers(self) -> list[tuple[int, LoRALinear]]:
+        """(layer index, LoRALinear) of every LoRA-capable projection."""
+        return [(i, m) for i, layer in enumerate(self.layers) for m in layer.modules() if isinstance(m, LoRALinear)]
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+                attn: AttentionMeta, lora: LoraBatchMeta, logits_indices: torch.Tensor) -> torch.Tensor:
+        """input_ids/positions [T] -> logits [B, V] float32 at logits_indices [B] (one row per sequence)."""
+        h = self.embed_tokens(input_ids)                                          # [T, hidden]
+        cos, sin = self.rope_cos[positions][:, None, :], self.rope_sin[positions][:, None, :]   # [T, 1, D]
+        for layer, kv_cache in zip(self.layers, kv_caches):
+            h = layer(h, cos, sin, kv_cache, attn, lora)
+        h = self.norm(h[logits_indices])                                          # norm is per token
+        return self.lm_head(h).float()

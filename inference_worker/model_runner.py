@@ -1,0 +1,111 @@
+"""Turns a scheduled step into model inputs, runs the model, returns one logits row per sequence.
+
+Owns the paged KV cache and the static per-step input buffers (allocated once; each
+step fills a prefix of them, so a decode step can later be captured in a CUDA graph).
+Step layout: prefills sorted by adapter slot, then decodes sorted by slot, so each
+slot's tokens are contiguous (LoRA segments) and prefill tokens come before decode
+tokens (attention.py).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from inference_worker.attention import AttentionMeta
+from inference_worker.block_manager import blocks_for
+from inference_worker.lora.metadata import LoraBatchMeta, segments_of
+from inference_worker.lora.slot_pool import SlotPool
+from inference_worker.model.llama import LlamaForCausalLM
+from inference_worker.sequence import Sequence
+
+
+@dataclass
+class StepBatch:
+    seqs: list[Sequence]                  # step order: logits row i belongs to seqs[i]
+    input_ids: torch.Tensor               # [T] int64
+    positions: torch.Tensor               # [T] int64
+    logits_indices: torch.Tensor          # [B] int64 last token of each sequence in [0, T)
+    attn: AttentionMeta
+    lora: LoraBatchMeta
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaForCausalLM, slot_pool: SlotPool, num_kv_blocks: int, block_size: int,
+                 max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int) -> None:
+        spec = model.spec
+        weight = model.embed_tokens.weight
+        self.model, self.slot_pool, self.block_size = model, slot_pool, block_size
+        self.device, self.dtype = weight.device, weight.dtype
+        cache_shape = (num_kv_blocks, block_size, spec.num_kv_heads, spec.head_dim)
+        self.kv_caches = [(torch.zeros(cache_shape, device=self.device, dtype=self.dtype),
+                           torch.zeros(cache_shape, device=self.device, dtype=self.dtype))
+                          for _ in range(spec.num_layers)]
+        self.max_blocks_per_seq = blocks_for(max_model_len, block_size)
+        # Static inputs (device) and their host staging (pinned on CUDA: async uploads).
+        sizes = {"input_ids": (max_num_batched_tokens, torch.int64), "positions": (max_num_batched_tokens, torch.int64),
+                 "slot_mapping": (max_num_batched_tokens, torch.int64), "logits_indices": (max_num_seqs, torch.int64),
+                 "cu_seqlens": (max_num_seqs + 1, torch.int32), "context_lens": (max_num_seqs, torch.int32),
+                 "seg_indptr": (max_num_seqs + 1, torch.int32), "seg_slots": (max_num_seqs, torch.int32),
+                 "block_tables": (max_num_seqs * self.max_blocks_per_seq, torch.int32)}
+        pin = self.device.type == "cuda"
+        self._dev = {k: torch.zeros(n, dtype=dt, device=self.device) for k, (n, dt) in sizes.items()}
+        self._host = {k: torch.zeros(n, dtype=dt, pin_memory=pin) for k, (n, dt) in sizes.items()}
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        return sum(2 * k.numel() * k.element_size() for k, _ in self.kv_caches)
+
+    def _upload(self, name: str, values: list[int]) -> torch.Tensor:
+        """Copy values into the first len(values) entries of a static buffer; return that view."""
+        n = len(values)
+        host = self._host[name][:n]
+        host.copy_(torch.tensor(values, dtype=host.dtype))
+        return self._dev[name][:n].copy_(host, non_blocking=True)
+
+    def prepare(self, prefills: list[Sequence], decodes: list[Sequence]) -> StepBatch:
+        """Host-side work of a step (reads sequences: call under the engine's lock)."""
+        bs = self.block_size
+        prefills = sorted(prefills, key=lambda s: s.slot)
+        decodes = sorted(decodes, key=lambda s: s.slot)
+        input_ids, positions, slot_mapping, cu_seqlens, logits_indices = [], [], [], [0], []
+        for seq in prefills:
+            n, table = seq.num_tokens, seq.block_table
+            input_ids += seq.all_token_ids
+            positions += range(n)
+            slot_mapping += [table[p // bs] * bs + p % bs for p in range(n)]
+            cu_seqlens.append(cu_seqlens[-1] + n)
+            logits_indices.append(cu_seqlens[-1] - 1)
+        num_prefill_tokens = cu_seqlens[-1]
+        width = self.max_blocks_per_seq
+        block_tables = self._host["block_tables"][: len(decodes) * width].view(len(decodes), width)
+        context_lens = []
+        for j, seq in enumerate(decodes):
+            n, table = seq.num_tokens, seq.block_table
+            input_ids.append(seq.output_token_ids[-1])         # a decode follows a sampled token
+            positions.append(n - 1)
+            slot_mapping.append(table[(n - 1) // bs] * bs + (n - 1) % bs)
+            block_tables[j, : len(table)] = torch.tensor(table, dtype=torch.int32)
+            context_lens.append(n)
+            logits_indices.append(num_prefill_tokens + j)
+        seqs = prefills + decodes
+        indptr, seg_slots = segments_of([s.slot for s in seqs], [s.num_new_tokens for s in seqs])
+        dev_tables = self._dev["block_tables"][: len(decodes) * width]
+        dev_tables.copy_(block_tables.view(-1), non_blocking=True)
+        attn = AttentionMeta(
+            num_prefill_tokens=num_prefill_tokens, num_decodes=len(decodes),
+            slot_mapping=self._upload("slot_mapping", slot_mapping), cu_seqlens=self._upload("cu_seqlens", cu_seqlens),
+            block_tables=dev_tables.view(len(decodes), width), context_lens=self._upload("context_lens", context_lens))
+        lora = LoraBatchMeta(
+            has_lora=any(s >= 0 for s in seg_slots), seg_indptr=self._upload("seg_indptr", indptr),
+            seg_slots=self._upload("seg_slots", seg_slots), slot_ranks=self.slot_pool.slot_ranks,
+            slot_scales=self.slot_pool.slot_scales)
+        return StepBatch(seqs=seqs, input_ids=self._upload("input_ids", input_ids),
+                         positions=self._upload("positions", positions),
+                         logits_indices=self._upload("logits_indices", logits_indices), attn=attn, lora=lora)
+
+    @torch.inference_mode()
+    def forward(self, batch: StepBatch) -> torch.Tensor:
+        """-> logits [B, V] float32, row i for batch.seqs[i]."""
+        return self.model(batch.input_ids, batch.positions, self.kv_caches, batch.attn, batch.lora,
+                          batch.logits_indices)

@@ -1,0 +1,87 @@
+"""Next-token choice for a batch of requests, each with its own SamplingConfig.
+
+Order of processing (as transformers' logits processors and vLLM): repetition penalty
+-> greedy argmax (temperature 0) or temperature -> top-k -> top-p -> draw. Each request
+that gives a seed draws from its own torch.Generator, exactly V exponentials per token,
+so its output depends only on its seed and its logits, never on its batch companions.
+
+Logprobs are the RAW model distribution: log_softmax of the logits before penalty,
+temperature, top-k and top-p (vLLM's default), for the chosen token and the top n.
+"""
+from __future__ import annotations
+
+import torch
+
+from inference_worker.interfaces import SamplingConfig, TokenLogprobs
+
+
+class Sampler:
+    def __init__(self, device: torch.device, seed: int = 0) -> None:
+        self.device = device
+        # requests without a seed share one stream (reproducible per engine run, not per request)
+        self.shared_generator = torch.Generator(device=device).manual_seed(seed)
+
+    @torch.no_grad()
+    def __call__(self, logits: torch.Tensor, params: list[SamplingConfig],
+                 generators: list[torch.Generator | None],
+                 histories: list[list[int]]) -> tuple[list[int], list[TokenLogprobs | None]]:
+        """logits [B, V] float32 (modified in place); histories[i]: prompt + output ids of row i
+        (read only for a repetition penalty). Returns token ids [B] and logprobs per row."""
+        num_rows = logits.shape[0]
+        max_top = max((p.logprobs for p in params), default=0)
+        raw_logprobs = logits.log_softmax(-1) if max_top else None        # [B, V] before any processing
+        for i, p in enumerate(params):
+            if p.repetition_penalty != 1.0:
+                apply_repetition_penalty(logits[i], histories[i], p.repetition_penalty)
+        token_ids = logits.argmax(-1)                                     # [B] greedy rows keep this
+        sampled = [i for i, p in enumerate(params) if p.temperature > 0]
+        if sampled:
+            rows = torch.tensor(sampled, device=logits.device)
+            probs = processed_probs(logits[rows], [params[i] for i in sampled])   # [Bs, V]
+            noise = torch.empty_like(probs)
+            for j, i in enumerate(sampled):
+                noise[j].exponential_(generator=generators[i] or self.shared_generator)
+            noise.clamp_min_(torch.finfo(noise.dtype).tiny)             # an exact 0 would make 0/0 = nan
+            # exponential race: argmax p / E with E ~ Exp(1) draws index v with probability p_v
+            token_ids[rows] = (probs / noise).argmax(-1)
+        ids = token_ids.tolist()
+        logprobs: list[TokenLogprobs | None] = [None] * num_rows
+        if raw_logprobs is not None:
+            top_values, top_ids = raw_logprobs.topk(max_top, dim=-1)
+            chosen = raw_logprobs.gather(1, token_ids[:, None])[:, 0].tolist()
+            top_values, top_ids = top_values.tolist(), top_ids.tolist()
+            for i, p in enumerate(params):
+                if p.logprobs:
+                    top = list(zip(top_ids[i][: p.logprobs], top_values[i][: p.logprobs]))
+                    logprobs[i] = TokenLogprobs(ids[i], chosen[i], top)
+        return ids, logprobs
+
+
+def apply_repetition_penalty(row: torch.Tensor, history: list[int], penalty: float) -> None:
+    """transformers' RepetitionPenaltyLogitsProcessor on one row [V], in place: every token seen
+    in prompt + output has its logit divided by `penalty` if positive, multiplied if negative."""
+    if not history:
+        return
+    ids = torch.tensor(history, device=row.device, dtype=torch.long)
+    score = row.gather(0, ids)
+    row.scatter_(0, ids, torch.where(score < 0, score * penalty, score / penalty))
+
+
+def processed_probs(logits: torch.Tensor, params: list[SamplingConfig]) -> torch.Tensor:
+    """Temperature, then top-k, then top-p (keep the smallest top set with mass >= p; at least
+    one token), as probabilities [B, V] with removed tokens at 0. logits [B, V] float32."""
+    temps = torch.tensor([p.temperature for p in params], device=logits.device, dtype=logits.dtype)
+    logits = logits / temps[:, None]
+    vocab = logits.shape[-1]
+    if all(p.top_k == 0 or p.top_k >= vocab for p in params) and all(p.top_p >= 1.0 for p in params):
+        return logits.softmax(-1)
+    sorted_logits, order = logits.sort(dim=-1, descending=True)                   # [B, V]
+    ranks = torch.arange(vocab, device=logits.device)[None, :]
+    top_k = torch.tensor([p.top_k if 0 < p.top_k < vocab else vocab for p in params], device=logits.device)
+    sorted_logits = sorted_logits.masked_fill(ranks >= top_k[:, None], float("-inf"))
+    sorted_probs = sorted_logits.softmax(-1)
+    mass_before = sorted_probs.cumsum(-1) - sorted_probs                         # mass of better tokens
+    top_p = torch.tensor([p.top_p for p in params], device=logits.device, dtype=logits.dtype)
+    sorted_probs = sorted_probs.masked_fill((mass_before >= top_p[:, None]) & (ranks > 0), 0.0)
+    probs = torch.zeros_like(sorted_probs).scatter_(-1, order, sorted_probs)
+    return probs / probs.sum(-1, keepdim=True)

@@ -1,0 +1,137 @@
+"""Continuous batching: which sequences run in the next step.
+
+Every step:
+1. Decodes first, oldest first: each running sequence needs room for one more token;
+   when blocks run out the youngest running sequence is preempted (its blocks freed,
+   its slot unpinned, back at the head of the waiting queue to be recomputed later).
+2. Then, unless step 1 had to preempt, admit waiting sequences in FCFS order within
+   max_num_seqs, max_num_batched_tokens, free blocks and adapter slots. A sequence
+   whose adapter is still being fetched is skipped (it keeps its place, others pass
+   it); the first one that does not fit for lack of a resource stops admission, so
+   nobody overtakes it and it cannot starve.
+"""
+from __future__ import annotations
+
+import enum
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from inference_worker.block_manager import BlockManager
+from inference_worker.sequence import SeqStatus, Sequence
+
+
+class AdapterState(enum.Enum):
+    PENDING = "pending"                   # ticket not ready: wait without blocking others
+    READY = "ready"                       # base model, or weights in CPU memory
+    FAILED = "failed"                     # seq.error is set
+
+
+class AdapterGate(Protocol):
+    """The engine's view of adapters for the scheduler (tickets and device slots)."""
+
+    def state(self, seq: Sequence) -> AdapterState: ...
+
+    def acquire(self, seq: Sequence) -> bool: ...     # pin a slot (loading it); False = all slots pinned.
+    # May set seq.error (shape mismatch): the scheduler then treats it as FAILED.
+
+    def release(self, seq: Sequence) -> None: ...     # unpin the slot a sequence holds (idempotent)
+
+
+@dataclass
+class SchedulerOutput:
+    prefills: list[Sequence] = field(default_factory=list)    # compute all their tokens
+    decodes: list[Sequence] = field(default_factory=list)     # compute their last token
+    preempted: list[Sequence] = field(default_factory=list)
+    failed: list[Sequence] = field(default_factory=list)      # adapter errors, out of the queue
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_tokens for s in self.prefills) + len(self.decodes)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.prefills and not self.decodes
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, gate: AdapterGate, max_num_seqs: int,
+                 max_num_batched_tokens: int) -> None:
+        self.block_manager = block_manager
+        self.gate = gate
+        self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def finish(self, seq: Sequence) -> None:
+        """Take a sequence out (finished, aborted or failed): blocks and slot back at once."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.block_manager.free(seq)
+        self.gate.release(seq)
+        seq.status = SeqStatus.FINISHED
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        out.decodes = self._schedule_decodes(out.preempted)
+        if not out.preempted:
+            self._admit(out, token_budget=self.max_num_batched_tokens - len(out.decodes))
+        return out
+
+    def _schedule_decodes(self, preempted: list[Sequence]) -> list[Sequence]:
+        queue = sorted(self.running, key=lambda s: s.arrival_index)
+        kept: list[Sequence] = []
+        while queue:
+            seq = queue.pop(0)
+            while not self.block_manager.can_append(seq):
+                victim = queue.pop() if queue else seq          # the youngest still in line
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is seq:
+                    break
+            else:
+                self.block_manager.append_slot(seq)
+                kept.append(seq)
+        self.running = list(kept)              # admissions append to running, not to the decodes
+        return kept
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.block_manager.free(seq)
+        self.gate.release(seq)
+        seq.status = SeqStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def _admit(self, out: SchedulerOutput, token_budget: int) -> None:
+        for seq in list(self.waiting):
+            if len(self.running) >= self.max_num_seqs:
+                break
+            state = self.gate.state(seq)
+            if state is AdapterState.PENDING:
+                continue
+            if state is AdapterState.READY:
+                if seq.num_tokens > token_budget or not self.block_manager.can_allocate(seq):
+                    break
+                if not self.gate.acquire(seq) and seq.error is None:
+                    break                                       # every slot pinned: wait for one
+            if seq.error is not None:
+                self.waiting.remove(seq)
+                seq.status = SeqStatus.FINISHED
+                out.failed.append(seq)
+                continue
+            self.waiting.remove(seq)
+            self.block_manager.allocate(seq)
+            seq.status = SeqStatus.RUNNING
+            self.running.append(seq)
+            out.prefills.append(seq)
+            token_budget -= seq.num_tokens

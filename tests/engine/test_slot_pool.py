@@ -1,0 +1,145 @@
+"""LRU policy and the device slot pool: pinning, victim choice, layout of loaded adapters, LoRA math."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from inference_worker.adapter_weights import AdapterWeights
+from inference_worker.lora.layers import LoRALinear
+from inference_worker.lora.metadata import LoraBatchMeta, segments_of
+from inference_worker.lora.policy import LRUPolicy
+from inference_worker.lora.slot_pool import SlotPool
+from kernels.backend import get_ops
+from services.errors import FailedPrecondition
+
+HIDDEN, KV = 8, 4
+
+
+def test_lru_victim_skips_pinned_and_follows_use():
+    lru = LRUPolicy()
+    for key in ("a", "b", "c"):
+        lru.touch(key)
+    assert lru.victim() == "a"
+    lru.touch("a")
+    assert lru.victim() == "b"
+    lru.pin("b")
+    lru.pin("b")
+    assert lru.victim() == "c"
+    lru.pin("c")
+    lru.pin("a")
+    assert lru.victim() is None
+    lru.unpin("b")
+    assert lru.victim() is None and lru.is_pinned("b")   # pins nest
+    lru.unpin("b")
+    assert lru.victim() == "b"
+    lru.remove("b")
+    assert lru.victim() is None
+    with pytest.raises(ValueError):
+        lru.unpin("b")
+
+
+def make_layers(num_layers=2):
+    ops = get_ops("cpu")
+    torch.manual_seed(0)
+    layers = []
+    for i in range(num_layers):
+        layers.append((i, LoRALinear(nn.Linear(HIDDEN, HIDDEN + 2 * KV), ("q_proj", "k_proj", "v_proj"),
+                                     (HIDDEN, KV, KV), ops)))
+        layers.append((i, LoRALinear(nn.Linear(HIDDEN, HIDDEN), ("o_proj",), (HIDDEN,), ops)))
+    return layers
+
+
+def adapter(key, rank, modules=("q_proj", "v_proj", "o_proj"), scaling=2.0, seed=0, num_layers=2):
+    gen = torch.Generator().manual_seed(seed)
+    out = {"q_proj": HIDDEN, "k_proj": KV, "v_proj": KV, "o_proj": HIDDEN}
+    return AdapterWeights(key, "m", rank, scaling, {
+        (layer, m): (torch.randn(rank, HIDDEN, generator=gen), torch.randn(out[m], rank, generator=gen))
+        for layer in range(num_layers) for m in modules})
+
+
+def make_pool(num_slots=2, max_rank=8):
+    layers = make_layers()
+    return SlotPool(layers, num_slots, max_rank, max_tokens=16, device=torch.device("cpu"),
+                    dtype=torch.float32), layers
+
+
+def test_load_layout_zero_padding_and_missing_modules():
+    pool, layers = make_pool()
+    w = adapter("x", rank=4, modules=("k_proj", "o_proj"), scaling=0.5)
+    slot = pool.acquire("x", lambda: w)
+    qkv, o = layers[0][1], layers[1][1]
+    a, b = w.modules[(0, "k_proj")]
+    assert torch.equal(qkv.a_pool[slot, 1, :4], a) and not qkv.a_pool[slot, 1, 4:].any()
+    assert torch.equal(qkv.b_pool[slot, HIDDEN:HIDDEN + KV, :4], b) and not qkv.b_pool[slot, :, 4:].any()
+    assert not qkv.a_pool[slot, 0].any() and not qkv.a_pool[slot, 2].any()      # q, v absent: zero
+    assert torch.equal(o.a_pool[slot, 0, :4], w.modules[(0, "o_proj")][0])
+    assert pool.slot_ranks[slot] == 4 and pool.slot_scales[slot] == 0.5
+    # a later adapter in the same slot leaves nothing of the old one behind
+    pool.release("x")
+    pool.evict_if_idle("x")
+    w2 = adapter("y", rank=2, modules=("q_proj",))
+    assert pool.acquire("y", lambda: w2) == slot
+    assert not qkv.a_pool[slot, 1].any() and not o.a_pool[slot].any()
+
+
+def test_pins_eviction_and_full_pool():
+    pool, _ = make_pool(num_slots=2)
+    loads = []
+
+    def weights(key):
+        return lambda: loads.append(key) or adapter(key, 2)
+
+    sa = pool.acquire("a", weights("a"))
+    pool.acquire("b", weights("b"))
+    assert pool.acquire("a", weights("a")) == sa and loads == ["a", "b"]   # resident: no reload
+    assert pool.acquire("c", weights("c")) is None                           # all pinned
+    assert pool.num_unpinned() == 0
+    pool.release("a")
+    pool.release("a")
+    assert pool.num_unpinned() == 1
+    assert pool.acquire("c", weights("c")) == sa                             # a was the victim
+    assert pool.slot_of("a") is None and pool.num_evictions == 1
+    pool.release("b")
+    pool.release("c")
+    pool.acquire("b", weights("b"))                                          # b most recent
+    pool.release("b")
+    assert pool.acquire("a", weights("a")) == sa                             # c (LRU) evicted
+    assert sorted(pool.resident()) == ["a", "b"] and loads == ["a", "b", "c", "a"]
+
+
+def test_shape_checks_fail_without_evicting():
+    pool, _ = make_pool(num_slots=1, max_rank=8)
+    pool.acquire("ok", lambda: adapter("ok", 2))
+    pool.release("ok")
+    bad_in = adapter("bad", 2)
+    bad_in.modules[(0, "q_proj")] = (torch.zeros(2, HIDDEN + 1), torch.zeros(HIDDEN, 2))
+    for bad in (bad_in, adapter("big", 16), adapter("deep", 2, num_layers=3),
+                AdapterWeights("mlp", "m", 2, 1.0, {(0, "gate_proj"): (torch.zeros(2, HIDDEN), torch.zeros(4, 2))})):
+        with pytest.raises(FailedPrecondition):
+            pool.acquire(bad.key, lambda bad=bad: bad)
+    assert pool.resident() == ["ok"] and pool.num_evictions == 0
+
+
+def test_lora_linear_matches_dense_math():
+    """Mixed slots of different ranks and base tokens in one step, as segments."""
+    pool, layers = make_pool(num_slots=2, max_rank=8)
+    wa, wb = adapter("a", 3, scaling=0.5, seed=1), adapter("b", 8, scaling=2.0, seed=2)
+    slots = {"a": pool.acquire("a", lambda: wa), "b": pool.acquire("b", lambda: wb), "": -1}
+    order = ["", "", "b", "a", "a", "b"]                # sequences of 1-2 tokens, grouped by slot runs
+    lens = [2, 1, 2, 1, 2, 1]
+    indptr, seg_slots = segments_of([slots[k] for k in order], lens)
+    meta = LoraBatchMeta(True, torch.tensor(indptr, dtype=torch.int32), torch.tensor(seg_slots, dtype=torch.int32),
+                         pool.slot_ranks, pool.slot_scales)
+    x = torch.randn(sum(lens), HIDDEN)
+    qkv = layers[0][1]
+    out = qkv(x, meta)
+    token_adapter = [k for k, n in zip(order, lens) for _ in range(n)]
+    for t, key in enumerate(token_adapter):
+        expected = qkv.base_layer(x[t])
+        if key:
+            w = {"a": wa, "b": wb}[key]
+            for m, (lo, hi) in (("q_proj", (0, HIDDEN)), ("v_proj", (HIDDEN + KV, HIDDEN + 2 * KV))):
+                a, b = w.modules[(0, m)]
+                expected[lo:hi] += w.scaling * (b @ (a @ x[t]))
+        torch.testing.assert_close(out[t], expected, atol=1e-5, rtol=1e-5)
