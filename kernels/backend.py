@@ -5,8 +5,8 @@ Engine code calls `ops = get_ops(device)` once at start and then only `ops.*`.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 

@@ -9,6 +9,7 @@ Conventions shared by all LoRA kernels (see kernels/__init__.py):
 """
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -104,7 +105,7 @@ def prefill_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_
     group = q.shape[1] // k.shape[1]
     out = torch.empty_like(q)
     bounds = cu_seqlens.tolist()
-    for s, e in zip(bounds[:-1], bounds[1:]):
+    for s, e in itertools.pairwise(bounds):
         if e == s:
             continue
         qs = q[s:e].transpose(0, 1)                                 # [Hq, n, D]

@@ -1,0 +1,468 @@
+"""Benchmark of the Triton kernels on CUDA: SGMV over a Llama-3-8B layer, paged decode attention.
+
+Per LoRA case (tokens T over A distinct adapters at rank r, all 7 projections of one layer:
+fused qkv shrink+expand, o, fused gate_up, down):
+  ours      the layer's 8 SGMV launches (+ memsets) timed as CUDA-graph replays, median;
+            each replay runs K=4 layer steps over disjoint adapter sets (so the adapters
+            are read from HBM, not L2), time is per step;
+  (a) loop  a per-adapter loop of torch matmuls (eager, as an engine without SGMV would);
+  (b) bmm   gathered bmm (BGMV-style: A/B indexed by each token's slot, then torch.bmm), graph;
+  floor     distinct A/B bytes + activations (x read, y written and read, out read and
+            written) over the device-to-device copy bandwidth measured in this run;
+  base      the layer's base matmuls (x @ Wᵀ for qkv, o, gate_up, down), graph.
+Paged attention: our decode kernel vs gathering the KV through the block table + SDPA.
+
+Usage: python bench/kernels.py [--out bench/results/kernels-h200.json] [--quick] [--sweep]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import traceback
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from kernels.paged_attention import paged_attention_decode
+from kernels.sgmv_expand import sgmv_expand
+from kernels.sgmv_shrink import sgmv_shrink
+
+HIDDEN, INTER = 4096, 14336
+# group -> (H_in, output widths of the fused modules)
+GROUPS = {"qkv": (HIDDEN, [4096, 1024, 1024]), "o": (HIDDEN, [4096]),
+          "gate_up": (HIDDEN, [INTER, INTER]), "down": (INTER, [HIDDEN])}
+K_STEPS = 4          # layer steps per graph replay, each over its own adapter set
+POOL_SLOTS = 1024    # adapters per rank in the pool (4 disjoint sets of up to 256)
+DEV = "cuda"
+ISSUE_BW = 4.25e12   # the copy bandwidth the issue measured on this H200 (its floors use it)
+COPY_VARIANTS: dict = {}
+
+
+def median_graph_us(step, reps=40, steps=1):
+    """Captures step() in a CUDA graph, replays it `reps` times; median µs per replay / steps."""
+    step()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()                                   # warm-up on the side stream (allocator)
+        torch.cuda.synchronize()
+        with torch.cuda.graph(graph, stream=stream):
+            step()
+    torch.cuda.synchronize()
+    for _ in range(3):
+        graph.replay()
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+    for e0, e1 in events:
+        e0.record()
+        graph.replay()
+        e1.record()
+    torch.cuda.synchronize()
+    times = [e0.elapsed_time(e1) * 1e3 for e0, e1 in events]
+    del graph
+    return statistics.median(times) / steps
+
+
+def median_eager_us(fn, reps=3):
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        fn()
+        e1.record()
+        torch.cuda.synchronize()
+        times.append(e0.elapsed_time(e1) * 1e3)
+    return statistics.median(times)
+
+
+def copy_bandwidth() -> float:
+    """Bytes/s of a large device-to-device clone, counting bytes read + written."""
+    a = torch.randn(8192, 8192, device=DEV, dtype=torch.bfloat16)
+    for _ in range(200):                                               # clocks up first (~0.3 s)
+        a @ a
+    src = torch.randn(1 << 30, device=DEV, dtype=torch.float32)     # 4 GiB
+    dst = torch.empty_like(src)
+    nbytes = 2 * src.numel() * 4
+    variants = {"copy_graph": min(median_graph_us(lambda: dst.copy_(src), reps=20) for _ in range(2)),
+                "copy_eager": median_eager_us(lambda: dst.copy_(src), reps=10),
+                "clone_bf16_eager": median_eager_us(lambda: src.view(torch.bfloat16).clone(), reps=10)}
+    COPY_VARIANTS.update({k: nbytes / (us * 1e-6) / 1e12 for k, us in variants.items()})
+    bw = max(COPY_VARIANTS.values()) * 1e12
+    del a
+    torch.cuda.empty_cache()
+    return bw
+
+
+def empty_node_us() -> float:
+    """Cost of one tiny kernel node inside a graph (launch floor of a dependent kernel)."""
+    t = torch.zeros(1, device=DEV)
+    return median_graph_us(lambda: [t.add_(1) for _ in range(100)], reps=20) / 100
+
+
+class Pools:
+    """LoRA slot pools of one rank for all four groups: A [S, M, R, H_in], B [S, N, R] (bf16)."""
+
+    def __init__(self, rank: int, num_slots: int = POOL_SLOTS):
+        self.rank = rank
+        self.a, self.b = {}, {}
+        for name, (h_in, widths) in GROUPS.items():
+            self.a[name] = torch.randn(num_slots, len(widths), rank, h_in, device=DEV,
+                                       dtype=torch.bfloat16).mul_(h_in ** -0.5)
+            self.b[name] = torch.randn(num_slots, sum(widths), rank, device=DEV,
+                                       dtype=torch.bfloat16).mul_(rank ** -0.5)
+        self.ranks = torch.full((num_slots,), rank, dtype=torch.int32, device=DEV)
+        self.scales = torch.full((num_slots,), 2.0, dtype=torch.float32, device=DEV)
+
+    def adapter_bytes(self) -> int:
+        return sum((self.a[g][0].numel() + self.b[g][0].numel()) * 2 for g in GROUPS)
+
+
+def offsets_of(widths):
+    return tuple([0] + [sum(widths[: i + 1]) for i in range(len(widths))])
+
+
+def make_sets(tokens, adapters, num_sets, rank_pool_slots=POOL_SLOTS):
+    """K metadata sets, tokens split evenly over `adapters` segments, disjoint slots per set."""
+    base, extra = divmod(tokens, adapters)
+    lens = [base + (1 if i < extra else 0) for i in range(adapters)]
+    indptr = torch.tensor([0] + [sum(lens[: i + 1]) for i in range(adapters)], dtype=torch.int32, device=DEV)
+    sets = []
+    perm = torch.randperm(rank_pool_slots)
+    for k in range(num_sets):
+        slots = perm[(k * adapters) % rank_pool_slots:][:adapters]
+        tok_slot = torch.repeat_interleave(slots, torch.tensor(lens)).to(DEV)
+        sets.append({"indptr": indptr, "slots": slots.to(torch.int32).to(DEV), "lens": lens,
+                         "slot_list": slots.tolist(), "tok_slot": tok_slot})
+    return sets
+
+
+class Layer:
+    """Activations of one layer step: inputs per group, y buffers (fp32), outputs."""
+
+    def __init__(self, tokens, rank):
+        self.x = {g: torch.randn(tokens, h, device=DEV, dtype=torch.bfloat16) for g, (h, _) in GROUPS.items()}
+        self.y = {g: torch.empty(tokens, len(w), rank, device=DEV, dtype=torch.float32) for g, (_, w) in GROUPS.items()}
+        self.out = {g: torch.randn(tokens, sum(w), device=DEV, dtype=torch.bfloat16) for g, (_, w) in GROUPS.items()}
+
+    def act_bytes(self, tokens, rank):
+        total = 0
+        for (h, w) in GROUPS.values():
+            total += tokens * h * 2 + 2 * tokens * len(w) * rank * 4 + 2 * tokens * sum(w) * 2
+        return total
+
+
+def ours_step(pools, layer, meta, shrink_cfg=None, expand_cfg=None, groups=GROUPS):
+    for g in groups:
+        _, widths = GROUPS[g]
+        sgmv_shrink(layer.x[g], pools.a[g], meta["indptr"], meta["slots"], pools.ranks, layer.y[g],
+                    config=(shrink_cfg or {}).get(g))
+        sgmv_expand(layer.y[g], pools.b[g], offsets_of(widths), meta["indptr"], meta["slots"], pools.ranks,
+                    pools.scales, layer.out[g], config=(expand_cfg or {}).get(g))
+
+
+def bmm_step(pools, layer, meta):
+    idx = meta["tok_slot"]
+    scale = pools.scales[idx][:, None]
+    for g, (h_in, widths) in GROUPS.items():
+        r = pools.rank
+        a_tok = pools.a[g].view(pools.a[g].shape[0], -1, h_in)[idx]              # [T, M*R, H_in]
+        y = torch.bmm(a_tok, layer.x[g][:, :, None])                              # [T, M*R, 1]
+        b_tok = pools.b[g][idx]                                                    # [T, N, R]
+        offs = offsets_of(widths)
+        for m in range(len(widths)):
+            delta = torch.bmm(b_tok[:, offs[m]:offs[m + 1]], y[:, m * r:(m + 1) * r]).squeeze(-1)
+            layer.out[g][:, offs[m]:offs[m + 1]] += (scale * delta).to(torch.bfloat16)
+
+
+def loop_step(pools, layer, meta):
+    start = 0
+    for n, slot in zip(meta["lens"], meta["slot_list"]):
+        end = start + n
+        for g, (h_in, widths) in GROUPS.items():
+            a = pools.a[g][slot].view(-1, h_in)
+            y = layer.x[g][start:end] @ a.t()
+            offs = offsets_of(widths)
+            for m in range(len(widths)):
+                b = pools.b[g][slot, offs[m]:offs[m + 1]]
+                layer.out[g][start:end, offs[m]:offs[m + 1]] += 2.0 * (y[:, m * pools.rank:(m + 1) * pools.rank] @ b.t())
+        start = end
+
+
+class Base:
+    def __init__(self):
+        self.w = {g: torch.randn(sum(w), h, device=DEV, dtype=torch.bfloat16) * h ** -0.5
+                  for g, (h, w) in GROUPS.items()}
+
+    def step(self, layer, outs):
+        for g in GROUPS:
+            torch.matmul(layer.x[g], self.w[g].t(), out=outs[g])
+
+
+def lora_case(pools, base, tokens, adapters, bw, node_us, do_loop=True, do_bmm=True):
+    sets = make_sets(tokens, adapters, K_STEPS)
+    layer = Layer(tokens, pools.rank)
+    row = {"tokens": tokens, "adapters": adapters, "rank": pools.rank}
+    lora_bytes = adapters * pools.adapter_bytes() + layer.act_bytes(tokens, pools.rank)
+    row["floor_us"] = lora_bytes / bw * 1e6
+    row["floor_4p25_us"] = lora_bytes / ISSUE_BW * 1e6
+    row["bytes"] = lora_bytes
+    row["ours_us"] = median_graph_us(lambda: [ours_step(pools, layer, m) for m in sets], steps=K_STEPS)
+    n_nodes = 8 + sum(1 for g in GROUPS if _uses_split(tokens, adapters, g, pools.rank))
+    row["nodes"] = n_nodes
+    row["launch_floor_us"] = row["floor_us"] + n_nodes * node_us
+    row["x_floor"] = row["ours_us"] / row["floor_us"]
+    if do_bmm:
+        try:
+            row["bmm_us"] = median_graph_us(lambda: [bmm_step(pools, layer, m) for m in sets], steps=K_STEPS,
+                                            reps=10)
+        except torch.OutOfMemoryError:
+            row["bmm_us"] = None
+        torch.cuda.empty_cache()
+    if do_loop:
+        row["loop_us"] = median_eager_us(lambda: loop_step(pools, layer, sets[0]))
+    outs = {g: torch.empty(tokens, sum(w), device=DEV, dtype=torch.bfloat16) for g, (_, w) in GROUPS.items()}
+    row["base_us"] = median_graph_us(lambda: base.step(layer, outs), reps=20)
+    row["lora_over_base"] = row["ours_us"] / row["base_us"]
+    return row
+
+
+def _uses_split(tokens, adapters, group, rank):
+    from kernels.sgmv_shrink import default_config
+    h_in, widths = GROUPS[group]
+    return default_config(tokens, adapters, len(widths) * rank, rank, h_in, True)["split_k"] > 1
+
+
+def _one_op(op, g, widths, layer, pools, cfg):
+    """One group's shrink or expand over metadata m, with block-size overrides cfg."""
+    if op == "shrink":
+        return lambda m: sgmv_shrink(layer.x[g], pools.a[g], m["indptr"], m["slots"], pools.ranks,
+                                     layer.y[g], config=cfg)
+    return lambda m: sgmv_expand(layer.y[g], pools.b[g], offsets_of(widths), m["indptr"], m["slots"],
+                                 pools.ranks, pools.scales, layer.out[g], config=cfg)
+
+
+def sweep_case(pools, tokens, adapters, shrink_cfgs, expand_cfgs, log):
+    """Times each group's shrink and expand alone over config lists; returns the best per group/op."""
+    sets = make_sets(tokens, adapters, K_STEPS)
+    layer = Layer(tokens, pools.rank)
+    best = {}
+    for g, (h_in, widths) in GROUPS.items():
+        for op, cfgs in (("shrink", shrink_cfgs), ("expand", expand_cfgs)):
+            results = []
+            for cfg in [None] + cfgs:
+                try:
+                    fn = _one_op(op, g, widths, layer, pools, cfg)
+                    us = median_graph_us(lambda fn=fn: [fn(m) for m in sets], steps=K_STEPS, reps=20)
+                except Exception as exc:  # noqa: BLE001 - a bad config is a data point
+                    us = float("inf")
+                    log.append(f"sweep {tokens}x{adapters} r{pools.rank} {g} {op} {cfg}: {exc!r}"[:300])
+                results.append((us, cfg))
+            results.sort(key=lambda r: r[0])
+            default_us = next(us for us, c in results if c is None)
+            best[f"{g}.{op}"] = {"best_us": results[0][0], "best_cfg": results[0][1], "default_us": default_us,
+                                     "all": [(round(u, 2), c) for u, c in results]}
+            print(f"  sweep T={tokens} A={adapters} r{pools.rank} {g:8s} {op:6s} default {default_us:7.2f} us  "
+                  f"best {results[0][0]:7.2f} us {results[0][1]}", flush=True)
+    return best
+
+
+def attention_case(batch, ctx, bw, head_dim=128, heads=32, kv_heads=8, block_size=16, **kw):
+    blocks_per_seq = math.ceil(ctx / block_size)
+    num_blocks = batch * blocks_per_seq + 1
+    kc = torch.randn(num_blocks, block_size, kv_heads, head_dim, device=DEV, dtype=torch.bfloat16)
+    vc = torch.randn_like(kc)
+    bt = torch.randperm(num_blocks - 1, device=DEV)[: batch * blocks_per_seq].view(batch, blocks_per_seq).to(torch.int32)
+    lens = torch.full((batch,), ctx, dtype=torch.int32, device=DEV)
+    q = torch.randn(batch, heads, head_dim, device=DEV, dtype=torch.bfloat16)
+    scale = head_dim ** -0.5
+    ours = median_graph_us(lambda: paged_attention_decode(q, kc, vc, bt, lens, scale, **kw), reps=30)
+
+    def sdpa():
+        k = kc[bt.long()].view(batch, -1, kv_heads, head_dim)[:, :ctx].transpose(1, 2)
+        v = vc[bt.long()].view(batch, -1, kv_heads, head_dim)[:, :ctx].transpose(1, 2)
+        return F.scaled_dot_product_attention(q[:, :, None], k, v, scale=scale, enable_gqa=True)
+    try:
+        ref = median_graph_us(sdpa, reps=10)
+    except Exception:  # noqa: BLE001
+        ref = None
+    kv_bytes = 2 * batch * ctx * kv_heads * head_dim * 2
+    return {"batch": batch, "ctx": ctx, "head_dim": head_dim, "cfg": kw, "ours_us": ours, "sdpa_gather_us": ref,
+                "floor_us": kv_bytes / bw * 1e6, "x_floor": ours / (kv_bytes / bw * 1e6)}
+
+
+def fmt(v, nd=1):
+    return "-" if v is None else (f"{v:.{nd}f}" if isinstance(v, float) else str(v))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="bench/results/kernels-h200.json")
+    ap.add_argument("--quick", action="store_true", help="few cases (smoke run)")
+    ap.add_argument("--sweep", action="store_true", help="also sweep block sizes on key cases")
+    ap.add_argument("--no-loop", action="store_true")
+    ap.add_argument("--mini-sweep", action="store_true", help="a few decode shrink variants (notes)")
+    args = ap.parse_args()
+    import triton
+    torch.manual_seed(0)
+    log = []
+    try:
+        git = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False)
+        commit = git.stdout.strip() if git.returncode == 0 else None      # None: no commit yet
+    except Exception:  # noqa: BLE001
+        commit = None
+    res = {"device": torch.cuda.get_device_name(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
+               "torch": torch.__version__, "triton": triton.__version__, "commit": commit, "lora": [], "attention": [], "sweeps": {}}
+    bw = copy_bandwidth()
+    node_us = empty_node_us()
+    res["copy_bw_TBps"], res["graph_node_us"] = bw / 1e12, node_us
+    res["copy_variants_TBps"] = dict(COPY_VARIANTS)
+    print(f"copy variants (TB/s, read+write): {COPY_VARIANTS}", flush=True)
+    print(f"device {res['device']}  copy bw {bw / 1e12:.2f} TB/s  graph kernel node {node_us:.2f} us", flush=True)
+
+    def save():
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(dict(res, log=log), f, indent=1, default=str)
+        write_markdown(res, os.path.splitext(args.out)[0] + ".md")
+
+    decode_pairs = [(1, 1), (16, 1), (16, 16), (64, 1), (64, 8), (64, 64), (256, 1), (256, 16), (256, 64),
+                    (256, 256)]
+    ranks = [16, 8, 64]
+    if args.quick:
+        decode_pairs, ranks = [(64, 64), (256, 256)], [16]
+    base = Base()
+
+    def run_rank(rank):
+        pools = Pools(rank)
+        if args.sweep and rank == 16:
+            small_s = [{"block_t": 1, "block_n": bn, "block_k": bk, "split_k": 1, "num_warps": 4}
+                       for bn in (2, 4, 8) for bk in (512, 1024)]
+            small_s += [{"block_t": 1, "block_n": 4, "block_k": 512, "split_k": sk, "num_warps": 4} for sk in (2, 4)]
+            small_s += [{"block_t": 1, "block_n": 2, "block_k": 1024, "split_k": 4, "num_warps": 4},
+                        {"block_t": 1, "block_n": 4, "block_k": 1024, "split_k": 1, "num_warps": 8}]
+            small_e = [{"block_t": 1, "block_n": bn, "block_r": 16, "nb_per_prog": nbp, "num_warps": 4}
+                       for bn in (128, 256, 512) for nbp in (1, 4, 8, 16)]
+            res["sweeps"]["decode_64x64_r16"] = sweep_case(pools, 64, 64, small_s, small_e, log)
+            save()
+            mid_s = [{"block_t": bt, "block_n": bn, "block_k": bk, "split_k": sk, "num_warps": 4}
+                     for bt, bn, bk, sk in ((4, 2, 256, 1), (4, 4, 256, 1), (4, 2, 512, 1), (4, 2, 256, 2),
+                                            (2, 4, 512, 1), (1, 4, 512, 1), (8, 2, 256, 1))]
+            mid_e = [{"block_t": bt, "block_n": bn, "block_r": 16, "nb_per_prog": nbp, "num_warps": 4}
+                     for bt, bn, nbp in ((4, 64, 1), (4, 64, 4), (4, 128, 4), (4, 64, 8), (2, 128, 4),
+                                         (1, 256, 8), (8, 32, 4))]
+            res["sweeps"]["decode_256x64_r16"] = sweep_case(pools, 256, 64, mid_s, mid_e, log)
+            save()
+            dot_s = [{"block_t": bt, "block_n": 64, "block_k": bk, "split_k": sk, "num_warps": 4}
+                     for bt, bk, sk in ((64, 64, 4), (64, 128, 4), (64, 128, 8), (64, 128, 2), (32, 128, 4),
+                                        (64, 256, 4))]
+            dot_e = [{"block_t": bt, "block_n": bn, "block_r": 16, "nb_per_prog": nbp, "num_warps": w}
+                     for bt, bn, w, nbp in ((64, 128, 8, 1), (64, 128, 8, 4), (64, 128, 8, 8), (64, 128, 4, 4),
+                                            (32, 128, 4, 4), (32, 128, 4, 8), (64, 64, 4, 4), (64, 64, 4, 8),
+                                            (32, 256, 8, 4), (16, 256, 4, 4))]
+            res["sweeps"]["prefill_2048x8_r16"] = sweep_case(pools, 2048, 8, dot_s, dot_e, log)
+            save()
+        if args.mini_sweep and rank == 16:
+            mini = [{"block_t": 1, "block_n": 4, "block_k": bk, "split_k": sk, "num_warps": w}
+                    for bk, sk, w in ((1024, 1, 4), (512, 1, 4), (1024, 1, 8), (1024, 2, 4), (512, 4, 4))]
+            mini_e = [{"block_t": 1, "block_n": 512, "block_r": 16, "nb_per_prog": 1, "num_warps": 4}]
+            res["sweeps"]["mini_decode_64x64_r16"] = sweep_case(pools, 64, 64, mini, mini_e, log)
+            save()
+        cases = [(t, a) for t, a in decode_pairs] + [(2048, 8)]
+        for tokens, adapters in cases:
+            try:
+                row = lora_case(pools, base, tokens, adapters, bw, node_us,
+                                do_loop=not args.no_loop, do_bmm=True)
+                row["kind"] = "prefill" if tokens >= 1024 else "decode"
+                res["lora"].append(row)
+                print(f"T={tokens:5d} A={adapters:4d} r={rank:3d}  ours {row['ours_us']:8.1f} us  floor "
+                      f"{row['floor_us']:7.1f}  x{row['x_floor']:5.2f}  (a) {fmt(row.get('loop_us'), 0)}  "
+                      f"(b) {fmt(row.get('bmm_us'))}  base {row['base_us']:7.1f}  "
+                      f"lora/base {100 * row['lora_over_base']:5.1f}%", flush=True)
+            except Exception as exc:  # noqa: BLE001
+                log.append(f"case {tokens}x{adapters} r{rank}: {traceback.format_exc()}"[-2000:])
+                print(f"T={tokens} A={adapters} r={rank} FAILED {exc!r}", flush=True)
+            save()
+        del pools
+        torch.cuda.empty_cache()
+
+    def run_attention():
+        attn_cases = [(1, 4096), (16, 2048), (64, 1024), (64, 4096), (256, 1024), (256, 4096)]
+        if args.quick:
+            attn_cases = [(64, 1024)]
+        for batch, ctx in attn_cases:
+            variants = [{}]
+            if args.sweep:
+                variants += [{"partition": p, "block_n": bn} for p in (256, 512, 1024) for bn in (32, 64)]
+            for kw in variants:
+                try:
+                    row = attention_case(batch, ctx, bw, **kw)
+                    res["attention"].append(row)
+                    print(f"attn B={batch:4d} ctx={ctx:5d} {kw}  ours {row['ours_us']:7.1f} us  sdpa+gather "
+                          f"{fmt(row['sdpa_gather_us'])}  floor {row['floor_us']:6.1f}  x{row['x_floor']:.2f}", flush=True)
+                except Exception as exc:  # noqa: BLE001
+                    log.append(f"attn {batch}x{ctx} {kw}: {traceback.format_exc()}"[-2000:])
+                    print(f"attn B={batch} ctx={ctx} {kw} FAILED {exc!r}", flush=True)
+            save()
+            torch.cuda.empty_cache()
+    run_rank(ranks[0])
+    run_attention()
+    for rank in ranks[1:]:
+        run_rank(rank)
+    save()
+    write_markdown(res, os.path.splitext(args.out)[0] + ".md")
+    print_table(res)
+
+
+def print_table(res):
+    print(f"\n{res['device']}  copy {res['copy_bw_TBps']:.2f} TB/s  node {res['graph_node_us']:.2f} us")
+    print(f"{'T':>5} {'A':>4} {'r':>3} {'ours':>7} {'floor':>7} {'x':>5} {'fl4.25':>7} {'x':>5} {'(a)':>8} "
+          f"{'(b)':>8} {'base':>7} {'%base':>6}")
+    for r in res["lora"]:
+        print(f"{r['tokens']:5d} {r['adapters']:4d} {r['rank']:3d} {r['ours_us']:7.1f} {r['floor_us']:7.1f} "
+              f"{r['x_floor']:5.2f} {r['floor_4p25_us']:7.1f} {r['ours_us'] / r['floor_4p25_us']:5.2f} "
+              f"{fmt(r.get('loop_us'), 0):>8} {fmt(r.get('bmm_us')):>8} {r['base_us']:7.1f} "
+              f"{100 * r['lora_over_base']:6.1f}")
+    for r in res["attention"]:
+        if not r["cfg"]:
+            print(f"attn B={r['batch']} ctx={r['ctx']}: {r['ours_us']:.1f} us (sdpa+gather "
+                  f"{fmt(r['sdpa_gather_us'])}, floor {r['floor_us']:.1f})")
+
+
+def write_markdown(res, path):
+    lines = [f"# Kernel benchmark: {res['device']}", "",
+             (f"{res['date']}, torch {res['torch']}, triton {res['triton']}, commit {res['commit']}; "
+             f"copy bandwidth {res['copy_bw_TBps']:.2f} TB/s (read+write), one graph kernel node "
+             f"{res['graph_node_us']:.2f} µs. Command: `python3 bench/kernels.py`. Floor = (distinct A/B "
+             f"bytes + activations) / bandwidth."), "",
+             "LoRA of one Llama-3-8B layer (7 projections, 8 SGMV launches), CUDA graph, µs per layer step:", "",
+             ("| tokens | adapters | rank | ours | floor | ours/floor | floor @4.25 TB/s | ours/that | (a) loop | "
+             "(b) bmm | base matmuls | ours/base |"),
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in res["lora"]:
+        lines.append(f"| {r['tokens']} | {r['adapters']} | {r['rank']} | {r['ours_us']:.1f} | {r['floor_us']:.1f} | "
+                     f"{r['x_floor']:.2f} | {r['floor_4p25_us']:.1f} | {r['ours_us'] / r['floor_4p25_us']:.2f} | "
+                     f"{fmt(r.get('loop_us'), 0)} | {fmt(r.get('bmm_us'))} | "
+                     f"{r['base_us']:.1f} | {100 * r['lora_over_base']:.1f}% |")
+    lines += ["", "Paged decode attention (Hq 32, Hkv 8, bf16, block 16), µs:", "",
+              "| batch | context | head dim | ours | gather + SDPA | KV floor | ours/floor |", "|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in res["attention"]:
+        if not r["cfg"]:
+            lines.append(f"| {r['batch']} | {r['ctx']} | {r['head_dim']} | {r['ours_us']:.1f} | "
+                         f"{fmt(r['sdpa_gather_us'])} | {r['floor_us']:.1f} | {r['x_floor']:.2f} |")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+"""Helpers shared by the Triton LoRA kernels: launch checks and the segment-tile map.
+
+Segment tiles (why): a program must know its adapter slot without the host reading
+`seg_indptr` (a device->host sync, and not capturable in a CUDA graph). So the grid
+is sized from host ints only: at most `T // BLOCK_T + G + 1` tiles, and each program
+rebuilds the tile map from `seg_indptr` itself (G+1 ints, a cumsum) and finds which
+segment and which BLOCK_T-token tile of it is its own. Tokens past seg_indptr[G] (if
+any) form a virtual base segment G, so they are still zeroed by shrink.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def check_device(*tensors: torch.Tensor) -> None:
+    dev = tensors[0].device
+    if dev.type != "cuda" and not interpreting():
+        raise ValueError(f"Triton kernels need CUDA tensors (got {dev}); on CPU set TRITON_INTERPRET=1")
+    for t in tensors:
+        if t.device != dev:
+            raise ValueError(f"all tensors must be on one device: {t.device} != {dev}")
+
+
+def check_contiguous(**tensors: torch.Tensor) -> None:
+    for name, t in tensors.items():
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous")
+
+
+def check_lora_meta(seg_indptr: torch.Tensor, seg_slots: torch.Tensor, slot_ranks: torch.Tensor,
+                    num_slots: int, slot_scales: torch.Tensor | None = None) -> int:
+    """Validates the per-step metadata shapes/dtypes; returns G (number of segments)."""
+    if seg_slots.dim() != 1 or seg_slots.dtype != torch.int32:
+        raise ValueError(f"seg_slots must be [G] int32, got {tuple(seg_slots.shape)} {seg_slots.dtype}")
+    num_segs = seg_slots.shape[0]
+    if seg_indptr.shape != (num_segs + 1,) or seg_indptr.dtype != torch.int32:
+        raise ValueError(f"seg_indptr must be [G+1={num_segs + 1}] int32, got "
+                         f"{tuple(seg_indptr.shape)} {seg_indptr.dtype}")
+    if slot_ranks.shape != (num_slots,) or slot_ranks.dtype != torch.int32:
+        raise ValueError(f"slot_ranks must be [S={num_slots}] int32, got "
+                         f"{tuple(slot_ranks.shape)} {slot_ranks.dtype}")
+    if slot_scales is not None and (slot_scales.shape != (num_slots,) or slot_scales.dtype != torch.float32):
+        raise ValueError(f"slot_scales must be [S={num_slots}] float32, got "
+                         f"{tuple(slot_scales.shape)} {slot_scales.dtype}")
+    check_contiguous(seg_indptr=seg_indptr, seg_slots=seg_slots, slot_ranks=slot_ranks)
+    return num_segs
+
+
+def pick_block_t(num_tokens: int, num_segs: int) -> int:
+    """Token tile from the average segment length (host ints only; any real mix stays correct)."""
+    avg = num_tokens / max(num_segs, 1)
+    if avg < 1.5:
+        return 1
+    if avg < 12:
+        return 2          # H200 sweep: 2-token tiles beat 4 and 8 for 4..8-token segments
+    return min(64, max(16, triton.next_power_of_2(int(avg))))
+
+
+def num_tiles_bound(num_tokens: int, num_segs: int, block_t: int) -> int:
+    """Upper bound of sum_g ceil(len_g / BLOCK_T) over the G segments plus the tail one."""
+    return num_tokens // block_t + num_segs + 1
+
+
+@triton.jit
+def segment_tile(pid_tile, indptr_ptr, slots_ptr, ranks_ptr, T, G, BLOCK_G: tl.constexpr, BLOCK_T: tl.constexpr):
+    """-> (tile_start, tile_end, slot, rank): the tokens [tile_start, tile_end) of this program.
+
+    tile_end <= tile_start when pid_tile is past the last tile; slot = -1 and rank = 0 for
+    base tokens. indptr and slots are loaded together and the ranks gathered for all
+    segments at once: two dependent memory round trips before the program's real loads.
+    """
+    offs_g = tl.arange(0, BLOCK_G)
+    starts = tl.load(indptr_ptr + offs_g, mask=offs_g <= G, other=T)
+    ends = tl.load(indptr_ptr + offs_g + 1, mask=offs_g < G, other=T)
+    slots = tl.load(slots_ptr + offs_g, mask=offs_g < G, other=-1)
+    ranks = tl.load(ranks_ptr + tl.maximum(slots, 0), mask=slots >= 0, other=0)
+    lens = tl.maximum(ends - starts, 0)
+    ntiles = (lens + BLOCK_T - 1) // BLOCK_T
+    cum = tl.cumsum(ntiles, 0)                          # inclusive prefix sum of tiles
+    g = tl.sum((cum <= pid_tile).to(tl.int32), 0)       # first segment whose tiles reach pid
+    sel = offs_g == g
+    tile_start = tl.sum(tl.where(sel, starts + (pid_tile - (cum - ntiles)) * BLOCK_T, 0), 0)
+    seg_end = tl.sum(tl.where(sel, ends, 0), 0)
+    slot = tl.sum(tl.where(sel, slots, 0), 0)
+    rank = tl.sum(tl.where(sel, ranks, 0), 0)
+    tile_end = tl.minimum(tile_start + BLOCK_T, seg_end)
+    tile_end = tl.where(g <= G, tile_end, tile_start)   # past the last tile: empty
+    slot = tl.where(g < G, slot, -1)
+    return tile_start, tile_end, slot, rank

@@ -1,0 +1,57 @@
+"""Prefill attention: causal attention within each packed sequence (varlen).
+
+Math (reference: kernels.reference.prefill_attention_ref):
+    out[s:e, h] = softmax(scale * q[s:e, h] @ k[s:e, h // (Hq/Hkv)]ᵀ + causal mask) @ v[s:e, ...]
+    for every sequence [s, e) of cu_seqlens; q [T, Hq, D], k/v [T, Hkv, D].
+
+flash-attn's `flash_attn_varlen_func` when it is importable (one launch, GQA native),
+else PyTorch SDPA per sequence. Prefill is not captured in CUDA graphs: the SDPA path
+reads cu_seqlens on the host (pass `seq_bounds` to avoid that sync), flash-attn needs
+max_seqlen (pass `max_seqlen`, else it is read from the device).
+"""
+from __future__ import annotations
+
+import itertools
+
+import torch
+import torch.nn.functional as F
+
+try:  # optional dependency
+    from flash_attn import flash_attn_varlen_func
+except Exception:  # noqa: BLE001 - any import failure means "not available"
+    flash_attn_varlen_func = None
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor) -> None:
+    if q.dim() != 3 or k.dim() != 3 or k.shape != v.shape or q.shape[0] != k.shape[0] \
+            or q.shape[2] != k.shape[2] or q.shape[1] % k.shape[1]:
+        raise ValueError(f"need q [T, Hq, D], k/v [T, Hkv, D] with Hkv | Hq; got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.dtype != torch.int32:
+        raise ValueError(f"cu_seqlens must be [B+1] int32, got {tuple(cu_seqlens.shape)} {cu_seqlens.dtype}")
+
+
+def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                      scale: float, *, max_seqlen: int | None = None,
+                      seq_bounds: list[int] | None = None) -> torch.Tensor:
+    """Returns out [T, Hq, D] (q's dtype). seq_bounds: cu_seqlens as host ints, if known."""
+    _check(q, k, v, cu_seqlens)
+    use_flash = (flash_attn_varlen_func is not None and q.is_cuda
+                 and q.dtype in (torch.float16, torch.bfloat16))
+    if use_flash:
+        if max_seqlen is None:
+            max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0
+        return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
+                                      softmax_scale=scale, causal=True)
+    bounds = seq_bounds if seq_bounds is not None else cu_seqlens.tolist()
+    group = q.shape[1] // k.shape[1]
+    out = torch.empty_like(q)
+    for s, e in itertools.pairwise(bounds):
+        if e == s:
+            continue
+        qs, ks, vs = (t[s:e].transpose(0, 1) for t in (q, k, v))            # [H, n, D]
+        if group > 1:
+            ks = ks.repeat_interleave(group, dim=0)
+            vs = vs.repeat_interleave(group, dim=0)
+        out[s:e] = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale).transpose(0, 1)
+    return out

@@ -1,0 +1,177 @@
+"""SGMV expand: the LoRA B product, scaled and added in place to the layer output.
+
+Math (reference: kernels.reference.sgmv_expand_ref):
+    out[t, off_m:off_m+1] += scale[slot(t)] * y[t, m, :r] @ B[slot(t), off_m:off_m+1, :r]ᵀ
+    y [T, M, R], B pool [S, N, R] with N = out_offsets[-1], out [T, N]; base tokens untouched.
+
+Design. 1-D grid over (token tile, output column block), sized from host ints only
+(capturable in a CUDA graph; kernels/_common.py says how a program finds its segment).
+Column blocks never straddle two modules: module m owns blocks [cb_m, cb_{m+1}), so
+the fused q/k/v or gate/up expand is one launch (M <= 4). Each program streams its
+slot's B rows [BLOCK_N, :rank] once for all BLOCK_T tokens of its tile; the rank loop
+stops at the slot's rank (no work for padding). BLOCK_T >= 16 uses tl.dot with y cast
+to B's dtype, smaller tiles a multiply-reduce in fp32. Accumulation is fp32; out is
+read, added to and rounded once.
+"""
+from __future__ import annotations
+
+import itertools
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels._common import (
+    check_contiguous,
+    check_device,
+    check_lora_meta,
+    num_tiles_bound,
+    pick_block_t,
+    segment_tile,
+)
+
+MAX_MODULES = 4
+
+
+@triton.jit
+def _sgmv_expand_kernel(y_ptr, b_ptr, out_ptr, indptr_ptr, slots_ptr, ranks_ptr, scales_ptr,
+                        T, G, N, MR, NUM_NB,
+                        off1, off2, off3, off4, cb1, cb2, cb3,
+                        R: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_R: tl.constexpr, VEC_R: tl.constexpr, NB_PER_PROG: tl.constexpr,
+                        USE_DOT: tl.constexpr, IEEE: tl.constexpr):
+    pid = tl.program_id(0)
+    num_groups = tl.cdiv(NUM_NB, NB_PER_PROG)
+    pid_grp = pid % num_groups
+    pid_tile = pid // num_groups
+    tile_start, tile_end, slot, rank = segment_tile(pid_tile, indptr_ptr, slots_ptr, ranks_ptr, T, G,
+                                                    BLOCK_G, BLOCK_T)
+    if (tile_end <= tile_start) | (slot < 0):
+        return
+    scale = tl.load(scales_ptr + slot)
+    offs_t = tile_start + tl.arange(0, BLOCK_T)
+    offs_r = tl.arange(0, BLOCK_R)
+    t_mask = offs_t < tile_end
+    # loads are masked at rank rounded up to VEC_R (a divisor of R) so they stay vectorized;
+    # the padding values read past the rank (any bits, NaN too) are then replaced by zeros
+    rank_vec = ((rank + VEC_R - 1) // VEC_R) * VEC_R
+    b_slot = b_ptr + slot.to(tl.int64) * N * R
+    # a program does NB_PER_PROG column blocks of one token tile: the tile lookup above is
+    # paid once for several blocks
+    for j in range(NB_PER_PROG):
+        nb = pid_grp * NB_PER_PROG + j
+        # which module this column block belongs to, and its column range [mod_lo, mod_hi)
+        m = (nb >= cb1).to(tl.int32) + (nb >= cb2).to(tl.int32) + (nb >= cb3).to(tl.int32)
+        mod_lo = tl.where(m == 0, 0, tl.where(m == 1, off1, tl.where(m == 2, off2, off3)))
+        mod_hi = tl.where(m == 0, off1, tl.where(m == 1, off2, tl.where(m == 2, off3, off4)))
+        cb_lo = tl.where(m == 0, 0, tl.where(m == 1, cb1, tl.where(m == 2, cb2, cb3)))
+        offs_n = mod_lo + (nb - cb_lo) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < tl.where(nb < NUM_NB, mod_hi, 0)        # blocks past the last: empty
+        o_ptrs = out_ptr + offs_t[:, None].to(tl.int64) * N + offs_n[None, :]
+        o_mask = t_mask[:, None] & n_mask[None, :]
+        cur = tl.load(o_ptrs, mask=o_mask, other=0.0)          # issued first: independent of B
+        y_ptrs = y_ptr + offs_t[:, None].to(tl.int64) * MR + m * R + offs_r[None, :]
+        b_ptrs = b_slot + offs_n[:, None].to(tl.int64) * R + offs_r[None, :]
+        acc = tl.zeros((BLOCK_T, BLOCK_N), tl.float32)
+        for r0 in range(0, rank, BLOCK_R):
+            r_load = (r0 + offs_r) < rank_vec
+            r_keep = (r0 + offs_r) < rank
+            yv = tl.load(y_ptrs + r0, mask=t_mask[:, None] & r_load[None, :], other=0.0)
+            yv = tl.where(r_keep[None, :], yv, 0.0)
+            bv = tl.load(b_ptrs + r0, mask=n_mask[:, None] & r_load[None, :], other=0.0)
+            bv = tl.where(r_keep[None, :], bv, 0.0)
+            if USE_DOT:
+                if IEEE:
+                    acc += tl.dot(yv.to(bv.dtype), tl.trans(bv), input_precision="ieee")
+                else:
+                    acc += tl.dot(yv.to(bv.dtype), tl.trans(bv))
+            else:
+                prod = yv[:, None, :].to(tl.float32) * bv[None, :, :].to(tl.float32)
+                acc += tl.sum(prod, axis=2)
+        tl.store(o_ptrs, (cur.to(tl.float32) + scale * acc).to(out_ptr.dtype.element_ty), mask=o_mask)
+
+
+def _vec(max_rank: int, block_r: int) -> int:
+    """Largest power of two <= 8 (16 bytes of bf16) that divides R and BLOCK_R."""
+    vec = 8
+    while max_rank % vec or block_r % vec:
+        vec //= 2
+    return vec
+
+
+def default_config(num_tokens: int, num_segs: int, n: int, max_rank: int) -> dict:
+    """Block sizes from host-known shapes (tuned on an H200, see bench/notes/kernels.md)."""
+    block_t = pick_block_t(num_tokens, num_segs)
+    rank_p2 = triton.next_power_of_2(max_rank)
+    if block_t >= 16:
+        block_r = max(16, min(64, rank_p2))
+        block_n = 128                                   # [<=64 tokens, 128 columns] tiles
+    else:
+        block_r = min(16, rank_p2)
+        # 8 K (BLOCK_T=1) or 4 K (BLOCK_T=2) B elements a block
+        block_n = 8192 // block_r if block_t == 1 else 4096 // (block_t * block_r)
+    # up to 4 column blocks a program (the tile lookup paid once) while >= ~1024 programs
+    # remain, and only when the rank fits one step (else the loads of a program serialize)
+    blocks = triton.cdiv(num_tokens, block_t) * triton.cdiv(n, block_n)
+    nb_per_prog = max(1, min(4, blocks // 1024)) if max_rank <= block_r else 1
+    return {"block_t": block_t, "block_n": block_n, "block_r": block_r, "nb_per_prog": nb_per_prog, "num_warps": 4}
+
+
+def sgmv_expand(y: torch.Tensor, b_pool: torch.Tensor, out_offsets: tuple[int, ...], seg_indptr: torch.Tensor,
+                seg_slots: torch.Tensor, slot_ranks: torch.Tensor, slot_scales: torch.Tensor,
+                out: torch.Tensor, *, config: dict | None = None) -> torch.Tensor:
+    """out[t, off_m:off_m+1] += scale * y[t, m, :r] @ b_pool[slot, off_m:off_m+1, :r]ᵀ (module docstring).
+
+    y [T, M, R] fp32 or B's dtype, b_pool [S, N, R] bf16/fp16/fp32, out [T, N] B's dtype,
+    out_offsets a tuple of M+1 ints (M <= 4) from 0 to N. All contiguous. No host-device
+    sync; capturable in a CUDA graph.
+    """
+    check_device(y, b_pool, seg_indptr, seg_slots, slot_ranks, slot_scales, out)
+    if y.dim() != 3 or b_pool.dim() != 3 or out.dim() != 2:
+        raise ValueError(f"need y [T, M, R], b_pool [S, N, R], out [T, N]; got "
+                         f"{tuple(y.shape)}, {tuple(b_pool.shape)}, {tuple(out.shape)}")
+    num_tokens, num_mods, max_rank = y.shape
+    num_slots, n, b_rank = b_pool.shape
+    offsets = tuple(int(o) for o in out_offsets)
+    if len(offsets) != num_mods + 1 or offsets[0] != 0 or offsets[-1] != n or \
+            any(b <= a for a, b in itertools.pairwise(offsets)):
+        raise ValueError(f"out_offsets {offsets} must rise strictly from 0 to N={n} in M+1={num_mods + 1} steps")
+    if num_mods > MAX_MODULES:
+        raise ValueError(f"at most {MAX_MODULES} fused modules, got {num_mods}")
+    if b_rank != max_rank:
+        raise ValueError(f"b_pool rank {b_rank} != y rank {max_rank}")
+    if tuple(out.shape) != (num_tokens, n):
+        raise ValueError(f"out must be [T, N] = {(num_tokens, n)}, got {tuple(out.shape)}")
+    if b_pool.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError(f"b_pool must be bf16/fp16/fp32, got {b_pool.dtype}")
+    if y.dtype not in (torch.float32, b_pool.dtype) or out.dtype != b_pool.dtype:
+        raise ValueError(f"y must be float32 or B's dtype and out B's dtype: y {y.dtype}, "
+                         f"b_pool {b_pool.dtype}, out {out.dtype}")
+    check_contiguous(y=y, b_pool=b_pool, out=out, slot_scales=slot_scales)
+    num_segs = check_lora_meta(seg_indptr, seg_slots, slot_ranks, num_slots, slot_scales)
+    if num_tokens == 0:
+        return out
+    cfg = default_config(num_tokens, num_segs, n, max_rank)
+    cfg.update(config or {})
+    block_t, block_n, block_r = cfg["block_t"], cfg["block_n"], cfg["block_r"]
+    use_dot = block_t >= 16
+    if use_dot and (block_n < 16 or block_r < 16):
+        raise ValueError("tl.dot path (block_t >= 16) needs block_n, block_r >= 16")
+    widths = [b - a for a, b in itertools.pairwise(offsets)]
+    blocks = [triton.cdiv(w, block_n) for w in widths]
+    cum_blocks = [sum(blocks[: i + 1]) for i in range(len(blocks))]
+    big = 1 << 30                                       # unused modules: never reached
+    offs = (offsets[1:] + (n,) * MAX_MODULES)[:MAX_MODULES]
+    cbs = (cum_blocks[:-1] + [big] * MAX_MODULES)[:MAX_MODULES - 1]
+    num_nb = cum_blocks[-1]
+    num_tiles = num_tiles_bound(num_tokens, num_segs, block_t)
+    nb_per_prog = cfg.get("nb_per_prog", 1)
+    grid = (num_tiles * triton.cdiv(num_nb, nb_per_prog),)
+    _sgmv_expand_kernel[grid](
+        y, b_pool, out, seg_indptr, seg_slots, slot_ranks, slot_scales,
+        num_tokens, num_segs, n, num_mods * max_rank, num_nb,
+        *offs, *cbs,
+        R=max_rank, BLOCK_G=triton.next_power_of_2(num_segs + 2), BLOCK_T=block_t, BLOCK_N=block_n,
+        BLOCK_R=block_r, VEC_R=_vec(max_rank, block_r), NB_PER_PROG=nb_per_prog, USE_DOT=use_dot, IEEE=(b_pool.dtype == torch.float32),
+        num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3))
+    return out

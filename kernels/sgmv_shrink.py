@@ -1,0 +1,183 @@
+"""SGMV shrink: the LoRA A product of every token with its segment's adapter slot.
+
+Math (reference: kernels.reference.sgmv_shrink_ref):
+    y[t, m, :r] = x[t] @ A[slot(t), m, :r]ᵀ,  y[t, m, r:] = 0,  y[t] = 0 for base tokens,
+    x [T, H_in], A pool [S, M, R, H_in], y [T, M, R], r = slot_ranks[slot(t)].
+
+Design. Viewing A[slot] as [M*R, H_in] and y as [T, M*R], shrink is a segmented GEMM
+with NCOL = M*R output columns, so fused q/k/v (M=3) or gate/up (M=2) is one launch.
+1-D grid over (token tile, column block, K split), sized from host ints only (T, G,
+M*R, H_in) so it is capturable in a CUDA graph; see kernels/_common.py for how a
+program finds its segment. Each program streams its slot's A rows [BLOCK_N, K-range]
+once for all BLOCK_T tokens of its tile:
+  * column blocks past the slot's rank (padding) are skipped (or only zeroed);
+  * BLOCK_T >= 16 uses tl.dot (prefill, long segments), BLOCK_T < 16 a multiply-reduce
+    (decode, 1..8 tokens per segment);
+  * SPLIT_K > 1 splits H_in over programs and adds partial sums with fp32 atomics into a
+    pre-zeroed y (y must be float32): enough programs when T is small, or for prefill.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels._common import (
+    check_contiguous,
+    check_device,
+    check_lora_meta,
+    num_tiles_bound,
+    pick_block_t,
+    segment_tile,
+)
+
+
+@triton.jit
+def _sgmv_shrink_kernel(x_ptr, a_ptr, y_ptr, indptr_ptr, slots_ptr, ranks_ptr,
+                        T, G, H_in, NCOL, K_PER_SPLIT,
+                        R: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, USE_DOT: tl.constexpr,
+                        ATOMIC: tl.constexpr, CAN_SKIP: tl.constexpr, IEEE: tl.constexpr):
+    pid = tl.program_id(0)
+    num_nb = tl.cdiv(NCOL, BLOCK_N)
+    pid_k = pid % SPLIT_K
+    pid_n = (pid // SPLIT_K) % num_nb
+    pid_tile = pid // (SPLIT_K * num_nb)
+    tile_start, tile_end, slot, rank = segment_tile(pid_tile, indptr_ptr, slots_ptr, ranks_ptr, T, G,
+                                                    BLOCK_G, BLOCK_T)
+    if tile_end <= tile_start:
+        return
+
+    offs_t = tile_start + tl.arange(0, BLOCK_T)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    t_mask = offs_t < tile_end
+    n_mask = offs_n < NCOL
+    col_on = n_mask & ((offs_n % R) < rank)            # real rank columns of this slot
+    y_ptrs = y_ptr + offs_t[:, None].to(tl.int64) * NCOL + offs_n[None, :]
+    if CAN_SKIP:
+        # the block lies inside one module: all padding when its first rank index >= rank
+        active = ((pid_n * BLOCK_N) % R) < rank
+    else:
+        active = rank > 0
+    if not active:
+        if not ATOMIC:                                 # atomics: y was zeroed by the launcher
+            tl.store(y_ptrs, tl.zeros((BLOCK_T, BLOCK_N), y_ptr.dtype.element_ty),
+                     mask=t_mask[:, None] & n_mask[None, :])
+        return
+
+    k_lo = pid_k * K_PER_SPLIT
+    k_hi = tl.minimum(k_lo + K_PER_SPLIT, H_in)
+    offs_k = tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + offs_t[:, None].to(tl.int64) * H_in + offs_k[None, :]
+    a_base = a_ptr + slot.to(tl.int64) * NCOL * H_in
+    a_ptrs = a_base + offs_n[:, None].to(tl.int64) * H_in + offs_k[None, :]
+    if USE_DOT:
+        acc = tl.zeros((BLOCK_T, BLOCK_N), tl.float32)
+        # Triton's software pipeliner overlaps these loads with the dots (num_stages)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            k_mask = (k0 + offs_k) < k_hi
+            xv = tl.load(x_ptrs + k0, mask=t_mask[:, None] & k_mask[None, :], other=0.0)
+            av = tl.load(a_ptrs + k0, mask=col_on[:, None] & k_mask[None, :], other=0.0)
+            if IEEE:
+                acc += tl.dot(xv, tl.trans(av), input_precision="ieee")
+            else:
+                acc += tl.dot(xv, tl.trans(av))
+    else:
+        # multiply-accumulate in [BLOCK_T, BLOCK_N, BLOCK_K] and reduce over K once at the end
+        # (a reduction per step would cross warps: a barrier each step). The next K block is
+        # loaded before this one is used: two loads in flight per program.
+        acc3 = tl.zeros((BLOCK_T, BLOCK_N, BLOCK_K), tl.float32)
+        k_mask = (k_lo + offs_k) < k_hi
+        xv_next = tl.load(x_ptrs + k_lo, mask=t_mask[:, None] & k_mask[None, :], other=0.0)
+        av_next = tl.load(a_ptrs + k_lo, mask=col_on[:, None] & k_mask[None, :], other=0.0)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            xv = xv_next
+            av = av_next
+            k_mask = (k0 + BLOCK_K + offs_k) < k_hi
+            xv_next = tl.load(x_ptrs + k0 + BLOCK_K, mask=t_mask[:, None] & k_mask[None, :], other=0.0)
+            av_next = tl.load(a_ptrs + k0 + BLOCK_K, mask=col_on[:, None] & k_mask[None, :], other=0.0)
+            acc3 += xv[:, None, :].to(tl.float32) * av[None, :, :].to(tl.float32)
+        acc = tl.sum(acc3, axis=2)
+    if ATOMIC:
+        tl.atomic_add(y_ptrs, acc, mask=t_mask[:, None] & col_on[None, :], sem="relaxed")
+    else:
+        acc = tl.where(col_on[None, :], acc, 0.0)
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=t_mask[:, None] & n_mask[None, :])
+
+
+def default_config(num_tokens: int, num_segs: int, ncol: int, max_rank: int, h_in: int,
+                   atomic_ok: bool) -> dict:
+    """Block sizes from host-known shapes (tuned on an H200, see bench/notes/kernels.md)."""
+    block_t = pick_block_t(num_tokens, num_segs)
+    if block_t >= 16:
+        # long segments: x tiles of up to 64 tokens. Split H_in 4 ways at 4096, 8 at 14336
+        # when there are many tiles (prefill), 16 ways when few (a 64-token decode batch of
+        # one adapter would otherwise run on a handful of programs)
+        block_n = min(64, max(16, triton.next_power_of_2(ncol)))
+        block_k = 128
+        real_tiles = triton.cdiv(num_tokens, block_t) * triton.cdiv(ncol, block_n)
+        split_k = max(1, min(8, h_in // 1024)) if real_tiles >= 32 else max(1, min(16, h_in // 256))
+    else:
+        # decode: 4 rank rows a program, K blocks of 4096 A elements (8 KB bf16) per step;
+        # split only a long H_in (down proj) in two
+        block_n = 4
+        split_k = triton.cdiv(h_in, 8192)
+        # K blocks of 4096 A elements (8 KB bf16); 2048 when programs are many (fewer
+        # registers, more resident programs: H200 sweep, qkv at 64 tokens x 64 adapters)
+        progs = triton.cdiv(num_tokens, block_t) * triton.cdiv(ncol, block_n) * split_k
+        block_k = (4096 if progs < 600 or block_t > 1 else 2048) // (block_n * block_t)
+    if not atomic_ok:
+        split_k = 1
+    return {"block_t": block_t, "block_n": block_n, "block_k": block_k, "split_k": split_k,
+                "num_warps": 4}
+
+
+def sgmv_shrink(x: torch.Tensor, a_pool: torch.Tensor, seg_indptr: torch.Tensor, seg_slots: torch.Tensor,
+                slot_ranks: torch.Tensor, out: torch.Tensor, *, config: dict | None = None) -> torch.Tensor:
+    """out[t, m, :r] = x[t] @ a_pool[slot(t), m, :r]ᵀ; zeros elsewhere (see module docstring).
+
+    x [T, H_in] bf16/fp16/fp32, a_pool [S, M, R, H_in] same dtype, out [T, M, R] (fp32
+    recommended: it enables split-K; else x's dtype). All contiguous. `config` overrides
+    block sizes (benchmarks). No host-device sync; capturable in a CUDA graph.
+    """
+    check_device(x, a_pool, seg_indptr, seg_slots, slot_ranks, out)
+    if x.dim() != 2 or a_pool.dim() != 4 or out.dim() != 3:
+        raise ValueError(f"need x [T, H_in], a_pool [S, M, R, H_in], out [T, M, R]; got "
+                         f"{tuple(x.shape)}, {tuple(a_pool.shape)}, {tuple(out.shape)}")
+    num_tokens, h_in = x.shape
+    num_slots, num_mods, max_rank, a_h_in = a_pool.shape
+    if a_h_in != h_in:
+        raise ValueError(f"a_pool H_in {a_h_in} != x H_in {h_in}")
+    if tuple(out.shape) != (num_tokens, num_mods, max_rank):
+        raise ValueError(f"out must be [T, M, R] = {(num_tokens, num_mods, max_rank)}, got {tuple(out.shape)}")
+    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32) or a_pool.dtype != x.dtype:
+        raise ValueError(f"x and a_pool must share a float dtype (bf16/fp16/fp32): {x.dtype}, {a_pool.dtype}")
+    if out.dtype not in (torch.float32, x.dtype):
+        raise ValueError(f"out dtype must be float32 or x's dtype, got {out.dtype}")
+    check_contiguous(x=x, a_pool=a_pool, out=out)
+    num_segs = check_lora_meta(seg_indptr, seg_slots, slot_ranks, num_slots)
+    if num_tokens == 0:
+        return out
+    ncol = num_mods * max_rank
+    cfg = default_config(num_tokens, num_segs, ncol, max_rank, h_in, out.dtype == torch.float32)
+    cfg.update(config or {})
+    block_t, block_n, block_k, split_k = cfg["block_t"], cfg["block_n"], cfg["block_k"], cfg["split_k"]
+    use_dot = block_t >= 16
+    if use_dot and (block_n < 16 or block_k < 16):
+        raise ValueError("tl.dot path (block_t >= 16) needs block_n, block_k >= 16")
+    atomic = split_k > 1
+    if atomic:
+        if out.dtype != torch.float32:
+            raise ValueError("split_k > 1 needs a float32 out (fp32 atomics)")
+        out.zero_()
+    k_per_split = triton.cdiv(triton.cdiv(h_in, split_k), block_k) * block_k
+    num_tiles = num_tiles_bound(num_tokens, num_segs, block_t)
+    grid = (num_tiles * triton.cdiv(ncol, block_n) * split_k,)
+    _sgmv_shrink_kernel[grid](
+        x, a_pool, out, seg_indptr, seg_slots, slot_ranks,
+        num_tokens, num_segs, h_in, ncol, k_per_split,
+        R=max_rank, BLOCK_G=triton.next_power_of_2(num_segs + 2), BLOCK_T=block_t, BLOCK_N=block_n,
+        BLOCK_K=block_k, SPLIT_K=split_k, USE_DOT=use_dot, ATOMIC=atomic,
+        CAN_SKIP=(block_n <= max_rank and max_rank % block_n == 0),
+        IEEE=(x.dtype == torch.float32), num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3))
+    return out

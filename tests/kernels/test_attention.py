@@ -1,0 +1,162 @@
+"""Paged decode attention, KV-cache write and prefill attention against the references."""
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+
+from kernels.kv_cache import write_kv_cache
+from kernels.paged_attention import paged_attention_decode
+from kernels.prefill_attention import prefill_attention
+from kernels.reference import paged_attention_decode_ref, prefill_attention_ref, write_kv_cache_ref
+from tests.kernels.helpers import rel_err
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _paged_case(context_lens, num_heads, num_kv_heads, head_dim, block_size, dtype, device, gen, spare_blocks=3):
+    """Random caches with each sequence's blocks scattered over the pool (block tables shuffled)."""
+    max_blocks = max(math.ceil(n / block_size) for n in context_lens) + spare_blocks
+    num_blocks = len(context_lens) * max_blocks + 2
+    k_cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=gen).to(dtype).to(device)
+    v_cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=gen).to(dtype).to(device)
+    perm = torch.randperm(num_blocks, generator=gen)[: len(context_lens) * max_blocks]
+    block_tables = perm.view(len(context_lens), max_blocks).to(torch.int32).to(device)
+    q = torch.randn(len(context_lens), num_heads, head_dim, generator=gen).to(dtype).to(device)
+    lens = torch.tensor(context_lens, dtype=torch.int32, device=device)
+    return q, k_cache, v_cache, block_tables, lens
+
+
+@pytest.mark.parametrize("heads,kv_heads,head_dim,block_size,partition", [
+    (4, 4, 64, 16, None),        # MHA, one partition
+    (8, 2, 128, 16, 32),         # GQA 4, split into partitions + reduce
+    (6, 1, 64, 4, 16),           # GQA 6 (not a power of two), small blocks, many partitions
+    (4, 2, 64, 32, 64),          # big blocks
+])
+def test_paged_attention_decode(heads, kv_heads, head_dim, block_size, partition):
+    gen = torch.Generator().manual_seed(random.randrange(1 << 30))
+    context_lens = [1, 17, 70, 33, 16]
+    q, kc, vc, bt, lens = _paged_case(context_lens, heads, kv_heads, head_dim, block_size, torch.float32, DEV, gen)
+    scale = head_dim ** -0.5
+    out = paged_attention_decode(q, kc, vc, bt, lens, scale, partition=partition)
+    ref = paged_attention_decode_ref(q.double(), kc.double(), vc.double(), bt, lens, scale)
+    assert rel_err(out, ref) < 1e-4
+
+
+def test_paged_attention_zero_length_sequence_gives_zeros():
+    gen = torch.Generator().manual_seed(random.randrange(1 << 30))
+    q, kc, vc, bt, lens = _paged_case([5, 0, 9], 4, 2, 64, 16, torch.float32, DEV, gen)
+    for partition in (None, 16):
+        out = paged_attention_decode(q, kc, vc, bt, lens, 0.125, partition=partition)
+        assert torch.equal(out[1], torch.zeros_like(out[1]))
+        keep = torch.tensor([0, 2], device=DEV)
+        ref = paged_attention_decode_ref(q[keep], kc, vc, bt[keep], lens[keep], 0.125)
+        assert rel_err(out[keep], ref) < 1e-4
+
+
+def test_paged_attention_rejects_bad_inputs():
+    gen = torch.Generator().manual_seed(0)
+    q, kc, vc, bt, lens = _paged_case([5], 4, 2, 64, 16, torch.float32, DEV, gen)
+    with pytest.raises(ValueError, match="block_tables"):
+        paged_attention_decode(q, kc, vc, bt.long(), lens, 0.1)
+    with pytest.raises(ValueError, match="dtype"):
+        paged_attention_decode(q.double(), kc, vc, bt, lens, 0.1)
+    with pytest.raises(ValueError, match="multiple"):
+        paged_attention_decode(torch.randn(1, 3, 64, device=DEV), kc, vc, bt, lens, 0.1)
+
+
+def test_write_kv_cache():
+    gen = torch.Generator().manual_seed(random.randrange(1 << 30))
+    num_blocks, block_size, kv_heads, head_dim, tokens = 6, 4, 2, 24, 9
+    k = torch.randn(tokens, kv_heads, head_dim, generator=gen).to(DEV)
+    v = torch.randn(tokens, kv_heads, head_dim, generator=gen).to(DEV)
+    slots = torch.randperm(num_blocks * block_size, generator=gen)[:tokens]
+    slots[[2, 5]] = -1                                       # padding tokens: skipped
+    slots = slots.to(DEV)
+    kc = torch.full((num_blocks, block_size, kv_heads, head_dim), float("nan"), device=DEV)
+    vc = torch.full_like(kc, float("nan"))
+    kc_ref, vc_ref = kc.clone(), vc.clone()
+    write_kv_cache(k, v, kc, vc, slots)
+    write_kv_cache_ref(k, v, kc_ref, vc_ref, slots)
+    torch.testing.assert_close(kc, kc_ref, equal_nan=True, rtol=0, atol=0)
+    torch.testing.assert_close(vc, vc_ref, equal_nan=True, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (8, 2)])
+def test_prefill_attention(heads, kv_heads):
+    gen = torch.Generator().manual_seed(random.randrange(1 << 30))
+    lens = [5, 0, 12, 1]
+    cu = torch.tensor([0] + [sum(lens[: i + 1]) for i in range(len(lens))], dtype=torch.int32, device=DEV)
+    tokens = sum(lens)
+    q = torch.randn(tokens, heads, 32, generator=gen).to(DEV)
+    k = torch.randn(tokens, kv_heads, 32, generator=gen).to(DEV)
+    v = torch.randn(tokens, kv_heads, 32, generator=gen).to(DEV)
+    out = prefill_attention(q, k, v, cu, 0.2)
+    ref = prefill_attention_ref(q.double(), k.double(), v.double(), cu, 0.2)
+    assert rel_err(out, ref) < 1e-4
+    assert rel_err(prefill_attention(q, k, v, cu, 0.2, seq_bounds=cu.tolist()), ref) < 1e-4
+
+
+def test_backend_picks_reference_on_cpu_and_triton_ops_match_signatures():
+    import inspect
+
+    from kernels import reference
+    from kernels.backend import get_ops
+    from kernels.triton_ops import TRITON_OPS
+
+    assert get_ops("cpu").name == "reference"
+    for op in ("sgmv_shrink", "sgmv_expand", "write_kv_cache", "paged_attention_decode", "prefill_attention"):
+        ours = [p for p in inspect.signature(getattr(TRITON_OPS, op)).parameters.values()
+                if p.kind is not p.KEYWORD_ONLY]
+        ref = list(inspect.signature(getattr(reference, op + "_ref")).parameters.values())
+        assert [p.name for p in ours] == [p.name for p in ref], op
+
+
+# ---------------------------------------------------------------- GPU, real sizes
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("context_lens", [[1, 300, 16, 4097], [2000] * 64])
+def test_paged_attention_gpu(head_dim, context_lens):
+    gen = torch.Generator().manual_seed(random.randrange(1 << 30))
+    q, kc, vc, bt, lens = _paged_case(context_lens, 32, 8, head_dim, 16, torch.bfloat16, "cuda", gen)
+    scale = head_dim ** -0.5
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = paged_attention_decode(q, kc, vc, bt, lens, scale)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    ref = paged_attention_decode_ref(q.float(), kc.float(), vc.float(), bt, lens, scale)
+    assert rel_err(out, ref) < 1e-2
+
+
+@pytest.mark.gpu
+def test_write_kv_cache_gpu():
+    gen = torch.Generator().manual_seed(random.randrange(1 << 30))
+    k = torch.randn(300, 8, 128, generator=gen).to(torch.bfloat16).cuda()
+    v = torch.randn(300, 8, 128, generator=gen).to(torch.bfloat16).cuda()
+    slots = torch.randperm(64 * 16, generator=gen)[:300].cuda()
+    slots[::7] = -1
+    kc = torch.full((64, 16, 8, 128), float("nan"), dtype=torch.bfloat16, device="cuda")
+    vc, kc_ref = kc.clone(), kc.clone()
+    vc_ref = kc.clone()
+    write_kv_cache(k, v, kc, vc, slots)
+    write_kv_cache_ref(k, v, kc_ref, vc_ref, slots)
+    torch.testing.assert_close(kc, kc_ref, equal_nan=True, rtol=0, atol=0)
+    torch.testing.assert_close(vc, vc_ref, equal_nan=True, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+def test_prefill_attention_gpu():
+    gen = torch.Generator().manual_seed(random.randrange(1 << 30))
+    lens = [300, 1, 1024]
+    cu = torch.tensor([0, 300, 301, 1325], dtype=torch.int32, device="cuda")
+    q = torch.randn(1325, 32, 128, generator=gen).to(torch.bfloat16).cuda()
+    k = torch.randn(1325, 8, 128, generator=gen).to(torch.bfloat16).cuda()
+    v = torch.randn(1325, 8, 128, generator=gen).to(torch.bfloat16).cuda()
+    out = prefill_attention(q, k, v, cu, 128 ** -0.5)
+    ref = prefill_attention_ref(q.float(), k.float(), v.float(), cu, 128 ** -0.5)
+    assert rel_err(out, ref) < 1e-2
+    del lens

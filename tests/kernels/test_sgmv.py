@@ -1,0 +1,217 @@
+"""SGMV shrink/expand (Triton) against the PyTorch references, on fresh random batches.
+
+CPU: interpreted (TRITON_INTERPRET=1, see conftest.py), small shapes, fp32 (and a bf16 case).
+GPU: real Llama-3-8B sizes in bf16, marked `gpu`.
+"""
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+import torch
+
+from kernels.reference import sgmv_expand_ref, sgmv_shrink_ref
+from kernels.sgmv_expand import sgmv_expand
+from kernels.sgmv_shrink import sgmv_shrink
+from tests.kernels.helpers import make_meta, make_pools, rel_err
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 5e-3}
+
+# name -> (segment lengths, segment slots (-1 base), slot ranks, max rank)
+SCENARIOS = {
+    "decode_every_token_own_adapter": ([1] * 7, [0, 3, 1, 5, 2, 4, 6], [8, 1, 5, 8, 3, 7, 2], 8),
+    "long_segments": ([37, 21], [1, 0], [16, 11], 16),
+    "empty_and_base_segments": ([0, 5, 3, 0, 6, 2, 0], [2, -1, 0, 1, -1, 2, 3], [4, 2, 3, 1], 4),
+    "all_base": ([4, 3], [-1, -1], [8, 8], 8),
+    "one_adapter_for_all": ([19], [2], [3, 5, 6], 8),
+    "ranks_1_to_128": ([2, 1, 3, 1], [0, 1, 2, 3], [128, 1, 77, 33], 128),
+    "mixed_short": ([3, 2, 4, 1, 5], [4, 0, -1, 2, 1], [2, 16, 9, 5, 13], 16),
+}
+
+
+def _run_case(name, seed, num_mods, widths, h_in, dtype, y_dtype, shrink_cfg=None, expand_cfg=None):
+    seg_lens, seg_slots, ranks, max_rank = SCENARIOS[name]
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    indptr, slots, num_tokens = make_meta(seg_lens, seg_slots, DEV)
+    n_out = sum(widths)
+    offsets = tuple([0] + [sum(widths[: i + 1]) for i in range(len(widths))])
+    a, b, slot_ranks, slot_scales = make_pools(len(ranks), num_mods, max_rank, h_in, n_out, ranks,
+                                               dtype, DEV, gen)
+    x = torch.randn(num_tokens, h_in, generator=gen).to(dtype).to(DEV)
+
+    y = torch.full((num_tokens, num_mods, max_rank), float("nan"), dtype=y_dtype, device=DEV)
+    sgmv_shrink(x, a, indptr, slots, slot_ranks, y, config=shrink_cfg)
+    y_ref = sgmv_shrink_ref(x.double(), a.double(), indptr, slots, slot_ranks,
+                            torch.empty(y.shape, dtype=torch.float64, device=DEV))
+    err = rel_err(y, y_ref)
+    assert err < TOL[dtype], f"shrink {name}: rel err {err}"
+
+    out0 = torch.randn(num_tokens, n_out, generator=gen).to(dtype).to(DEV)
+    out = out0.clone()
+    sgmv_expand(y, b, offsets, indptr, slots, slot_ranks, slot_scales, out, config=expand_cfg)
+    out_ref = sgmv_expand_ref(y.double(), b.double(), offsets, indptr, slots, slot_ranks, slot_scales,
+                              out0.double())
+    err = rel_err(out - out0.double(), out_ref - out0.double()) if name != "all_base" else rel_err(out, out_ref)
+    assert err < TOL[dtype], f"expand {name}: rel err of the added delta {err}"
+
+
+@pytest.mark.parametrize("name", list(SCENARIOS))
+def test_sgmv_default_config_fp32(name):
+    seed = random.randrange(1 << 30)
+    # R = 128 with the decode default (4 rank rows a program) is ~1000 interpreted programs: fewer on CPU
+    cfg = {"block_n": 32} if SCENARIOS[name][3] == 128 and DEV == "cpu" else None
+    _run_case(name, seed, num_mods=3, widths=[13, 7, 21], h_in=37, dtype=torch.float32, y_dtype=torch.float32,
+              shrink_cfg=cfg)
+
+
+@pytest.mark.parametrize("name", ["decode_every_token_own_adapter", "long_segments", "empty_and_base_segments",
+                                  "mixed_short"])
+@pytest.mark.parametrize("path", ["small", "dot"])
+def test_sgmv_forced_paths(name, path):
+    """Both inner paths on every segment shape, split-K on and off, x-dtype y (no atomics)."""
+    seed = random.randrange(1 << 30)
+    if path == "small":
+        scfg, ecfg = {"block_t": 2, "block_n": 8, "block_k": 32, "split_k": 1}, {"block_t": 4, "block_n": 16, "block_r": 4}
+    else:
+        scfg, ecfg = {"block_t": 16, "block_n": 16, "block_k": 16, "split_k": 3}, {"block_t": 16, "block_n": 16, "block_r": 16}
+    y_dtype = torch.float32
+    _run_case(name, seed, num_mods=2, widths=[19, 30], h_in=53, dtype=torch.float32, y_dtype=y_dtype,
+              shrink_cfg=scfg, expand_cfg=ecfg)
+
+
+def test_sgmv_y_in_x_dtype_no_split():
+    _run_case("mixed_short", random.randrange(1 << 30), num_mods=1, widths=[23], h_in=29,
+              dtype=torch.float32, y_dtype=torch.float32, shrink_cfg={"split_k": 1})
+
+
+def test_sgmv_bf16():
+    _run_case("empty_and_base_segments", random.randrange(1 << 30), num_mods=2, widths=[24, 17], h_in=40,
+              dtype=torch.bfloat16, y_dtype=torch.bfloat16)
+
+
+def test_shrink_tail_tokens_past_last_segment_are_zeroed():
+    indptr, slots, _ = make_meta([2, 3], [0, 1], DEV)
+    a, _, ranks, _ = make_pools(2, 1, 4, 8, 4, [4, 2], torch.float32, DEV)
+    x = torch.randn(7, 8, device=DEV)                       # 2 tokens not in any segment
+    y = torch.full((7, 1, 4), float("nan"), device=DEV)
+    sgmv_shrink(x, a, indptr, slots, ranks, y, config={"split_k": 1})
+    assert torch.equal(y[5:], torch.zeros_like(y[5:]))
+    assert rel_err(y, sgmv_shrink_ref(x, a, indptr, slots, ranks, torch.empty_like(y))) < 1e-4
+
+
+def test_launchers_reject_bad_inputs():
+    indptr, slots, _ = make_meta([2], [0], DEV)
+    a, b, ranks, scales = make_pools(1, 1, 4, 8, 6, [4], torch.float32, DEV)
+    x = torch.randn(2, 8, device=DEV)
+    with pytest.raises(ValueError, match="out must be"):
+        sgmv_shrink(x, a, indptr, slots, ranks, torch.empty(2, 1, 3, device=DEV))
+    with pytest.raises(ValueError, match="dtype"):
+        sgmv_shrink(x.half(), a, indptr, slots, ranks, torch.empty(2, 1, 4, device=DEV))
+    with pytest.raises(ValueError, match="seg_indptr"):
+        sgmv_shrink(x, a, indptr.long(), slots, ranks, torch.empty(2, 1, 4, device=DEV))
+    with pytest.raises(ValueError, match="split_k"):
+        sgmv_shrink(x.half(), a.half(), indptr, slots, ranks, torch.empty(2, 1, 4, device=DEV).half(),
+                    config={"split_k": 2})
+    with pytest.raises(ValueError, match="contiguous"):
+        sgmv_shrink(torch.randn(8, 2, device=DEV).t(), a, indptr, slots, ranks, torch.empty(2, 1, 4, device=DEV))
+    y = torch.zeros(2, 1, 4, device=DEV)
+    with pytest.raises(ValueError, match="out_offsets"):
+        sgmv_expand(y, b, (0, 5), indptr, slots, ranks, scales, torch.zeros(2, 6, device=DEV))
+    with pytest.raises(ValueError, match="slot_scales"):
+        sgmv_expand(y, b, (0, 6), indptr, slots, ranks, scales.double(), torch.zeros(2, 6, device=DEV))
+
+
+# ---------------------------------------------------------------- GPU, real sizes
+
+LLAMA8B = {  # name -> (H_in, output widths of the fused modules)
+    "qkv": (4096, [4096, 1024, 1024]), "o": (4096, [4096]), "gate_up": (4096, [14336, 14336]),
+    "down": (14336, [4096]),
+}
+
+
+def _random_batch(num_tokens, num_adapters, num_slots, with_base, gen):
+    """Segments over num_adapters distinct slots (random lengths summing to num_tokens)."""
+    num_segs = num_adapters + (1 if with_base else 0)
+    cuts = sorted(random.Random(int(torch.randint(1 << 30, (1,), generator=gen))).sample(
+        range(1, num_tokens), min(num_segs - 1, num_tokens - 1))) if num_segs > 1 else []
+    bounds = [0] + cuts + [num_tokens]
+    lens = [b - a for a, b in itertools.pairwise(bounds)]
+    lens += [0] * (num_segs - len(lens))
+    slots = torch.randperm(num_slots, generator=gen)[:num_adapters].tolist()
+    if with_base:
+        slots.insert(len(slots) // 2, -1)
+    return lens, slots
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("module", list(LLAMA8B))
+@pytest.mark.parametrize("tokens,adapters", [(1, 1), (64, 64), (256, 17), (2048, 8)])
+def test_sgmv_gpu_llama_sizes(module, tokens, adapters):
+    gen = torch.Generator().manual_seed(random.randrange(1 << 30))
+    h_in, widths = LLAMA8B[module]
+    num_slots, max_rank = 80, 64
+    ranks = [int(r) for r in torch.randint(1, max_rank + 1, (num_slots,), generator=gen)]
+    lens, seg_slots = _random_batch(tokens, adapters, num_slots, with_base=tokens > 1, gen=gen)
+    indptr, slots, _ = make_meta(lens, seg_slots, "cuda")
+    n_out = sum(widths)
+    offsets = tuple([0] + [sum(widths[: i + 1]) for i in range(len(widths))])
+    a, b, slot_ranks, scales = make_pools(num_slots, len(widths), max_rank, h_in, n_out, ranks,
+                                          torch.bfloat16, "cuda", gen)
+    x = torch.randn(tokens, h_in, generator=gen).to(torch.bfloat16).cuda()
+    for y_dtype in (torch.float32, torch.bfloat16):
+        y = torch.full((tokens, len(widths), max_rank), float("nan"), dtype=y_dtype, device="cuda")
+        sgmv_shrink(x, a, indptr, slots, slot_ranks, y)
+        y_ref = sgmv_shrink_ref(x, a, indptr, slots, slot_ranks, torch.empty_like(y, dtype=torch.float32))
+        assert rel_err(y, y_ref) < 1e-2
+        out0 = torch.randn(tokens, n_out, generator=gen).to(torch.bfloat16).cuda()
+        out = out0.clone()
+        sgmv_expand(y, b, offsets, indptr, slots, slot_ranks, scales, out)
+        out_ref = sgmv_expand_ref(y.float(), b, offsets, indptr, slots, slot_ranks, scales, out0.float())
+        assert rel_err(out.float() - out0.float(), out_ref - out0.float()) < 2e-2
+
+
+@pytest.mark.gpu
+def test_sgmv_gpu_cuda_graph_no_sync():
+    """Captured once, replayed on new metadata of the same shapes: no host sync, right answers."""
+    gen = torch.Generator().manual_seed(random.randrange(1 << 30))
+    h_in, widths = LLAMA8B["qkv"]
+    num_slots, max_rank, tokens = 32, 16, 64
+    n_out = sum(widths)
+    offsets = tuple([0] + [sum(widths[: i + 1]) for i in range(len(widths))])
+    ranks = [int(r) for r in torch.randint(1, max_rank + 1, (num_slots,), generator=gen)]
+    a, b, slot_ranks, scales = make_pools(num_slots, 3, max_rank, h_in, n_out, ranks, torch.bfloat16, "cuda", gen)
+    x = torch.randn(tokens, h_in, generator=gen).to(torch.bfloat16).cuda()
+    indptr = torch.zeros(17, dtype=torch.int32, device="cuda")
+    slots = torch.zeros(16, dtype=torch.int32, device="cuda")
+    y = torch.empty(tokens, 3, max_rank, device="cuda")
+    out = torch.zeros(tokens, n_out, dtype=torch.bfloat16, device="cuda")
+
+    def step():
+        sgmv_shrink(x, a, indptr, slots, slot_ranks, y)
+        sgmv_expand(y, b, offsets, indptr, slots, slot_ranks, scales, out)
+
+    step()                                               # compile outside the capture
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for _ in range(3):
+        lens, seg_slots = _random_batch(tokens, 15, num_slots, with_base=True, gen=gen)
+        new_indptr, new_slots, _ = make_meta(lens, seg_slots, "cuda")
+        indptr.copy_(new_indptr)
+        slots.copy_(new_slots)
+        out.zero_()
+        graph.replay()
+        y_ref = sgmv_shrink_ref(x, a, indptr, slots, slot_ranks, torch.empty_like(y))
+        out_ref = sgmv_expand_ref(y_ref, b, offsets, indptr, slots, slot_ranks, scales,
+                                  torch.zeros(tokens, n_out, device="cuda"))
+        assert rel_err(y, y_ref) < 1e-2
+        assert rel_err(out, out_ref) < 2e-2
