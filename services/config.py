@@ -8,6 +8,9 @@ DEFAULT_ROUTER = "127.0.0.1:50051"
 DEFAULT_STORE = "127.0.0.1:50052"
 DEFAULT_WORKER = "127.0.0.1:50053"
 
+# Response metadata naming the worker that serves a routed request (router -> client).
+WORKER_METADATA_KEY = "x-openlora-worker"
+
 # Messages stay far below gRPC's 4 MiB default; chunks are 1 MiB.
 CHUNK_BYTES = 1 << 20
 MAX_MESSAGE_BYTES = 8 << 20

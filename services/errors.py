@@ -69,7 +69,18 @@ def from_rpc_error(exc: grpc.RpcError) -> OpenLoRAError:
     return cls(exc.details() or str(exc.code()))
 
 
+def _already_aborted(context: grpc.ServicerContext) -> bool:
+    """context.abort() raises a bare Exception after setting the status: let it through."""
+    try:
+        code = context.code()
+    except (AttributeError, NotImplementedError):
+        return False
+    return code is not None and code != grpc.StatusCode.OK
+
+
 def _abort(context: grpc.ServicerContext, exc: BaseException):
+    if _already_aborted(context):
+        raise exc
     code, message = status_of(exc)
     if code == grpc.StatusCode.INTERNAL:
         log.exception("internal error", exc_info=exc)
@@ -84,8 +95,6 @@ def grpc_errors(method):
             try:
                 yield from method(self, request, context)
             except Exception as exc:  # noqa: BLE001 - mapped to a status, never swallowed
-                if isinstance(exc, grpc.RpcError) and not hasattr(exc, "code"):
-                    raise
                 _abort(context, exc)
         return stream_wrapper
 
@@ -93,8 +102,6 @@ def grpc_errors(method):
     def unary_wrapper(self, request, context):
         try:
             return method(self, request, context)
-        except Exception as exc:  # noqa: BLE001
-            if isinstance(exc, grpc.RpcError) and not hasattr(exc, "code"):
-                raise  # context.abort() raised: already a status
+        except Exception as exc:  # noqa: BLE001 - mapped to a status, never swallowed
             _abort(context, exc)
     return unary_wrapper
