@@ -257,7 +257,7 @@ def sweep_case(pools, tokens, adapters, shrink_cfgs, expand_cfgs, log):
     sets = make_sets(tokens, adapters, K_STEPS)
     layer = Layer(tokens, pools.rank)
     best = {}
-    for g, (h_in, widths) in GROUPS.items():
+    for g, (_h_in, widths) in GROUPS.items():
         for op, cfgs in (("shrink", shrink_cfgs), ("expand", expand_cfgs)):
             results = []
             for cfg in [None] + cfgs:

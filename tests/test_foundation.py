@@ -16,8 +16,8 @@ def test_generated_protos_are_fresh(tmp_path):
     (tmp_path / "protos").mkdir()
     for proto in (ROOT / "protos").glob("*.proto"):
         shutil.copy(proto, tmp_path / "protos" / proto.name)
-    from grpc_tools import protoc
     import grpc_tools
+    from grpc_tools import protoc
     include = str(Path(grpc_tools.__file__).parent / "_proto")
     args = ["protoc", f"-I{tmp_path}", f"-I{include}", f"--python_out={tmp_path}", f"--pyi_out={tmp_path}",
             f"--grpc_python_out={tmp_path}", *[str(p) for p in sorted((tmp_path / "protos").glob("*.proto"))]]
@@ -60,6 +60,7 @@ def test_init_model_loads_and_generates(tmp_path):
 
 def test_init_model_is_deterministic(tmp_path):
     from safetensors.torch import load_file
+
     from services.tiny_model import init_model
     a = load_file(init_model(tmp_path / "a") / "model.safetensors")
     b = load_file(init_model(tmp_path / "b") / "model.safetensors")

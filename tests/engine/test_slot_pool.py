@@ -143,3 +143,21 @@ def test_lora_linear_matches_dense_math():
                 a, b = w.modules[(0, m)]
                 expected[lo:hi] += w.scaling * (b @ (a @ x[t]))
         torch.testing.assert_close(out[t], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_reload_zeroes_only_rows_it_does_not_overwrite():
+    """A slot is zeroed before a load unless the new adapter overwrites every row the last one
+    wrote (all modules, rank >= the last rank); the pool then equals a fresh pool's."""
+    every = ("q_proj", "k_proj", "v_proj", "o_proj")
+    pool, layers = make_pool(num_slots=1)
+    fresh_pool, fresh_layers = make_pool(num_slots=1)
+    for w in [adapter("r8", 8, every, seed=1), adapter("r4", 4, every, seed=2),
+              adapter("r6", 6, every, seed=3), adapter("sub", 8, ("o_proj",), seed=4)]:
+        pool.acquire(w.key, lambda w=w: w)
+        pool.release(w.key)
+        fresh_pool.acquire(w.key, lambda w=w: w)
+        fresh_pool.release(w.key)
+        for (_, lin), (_, ref) in zip(layers, fresh_layers):
+            torch.testing.assert_close(lin.a_pool, ref.a_pool, rtol=0, atol=0)
+            torch.testing.assert_close(lin.b_pool, ref.b_pool, rtol=0, atol=0)
+        fresh_pool, fresh_layers = make_pool(num_slots=1)      # next comparison: a never-used pool

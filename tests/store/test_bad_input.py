@@ -138,7 +138,8 @@ def test_client_cancel_mid_upload_leaves_nothing(store, tmp_path):
         release.wait(60)                              # hold the stream open, mid-upload
 
     future = store.stub.UploadAdapter.future(requests(), timeout=120)
-    spooled = lambda: [p for p in (store.data_dir / "tmp").iterdir() if p.stat().st_size > 0]
+    def spooled():
+        return [p for p in (store.data_dir / "tmp").iterdir() if p.stat().st_size > 0]
     wait_for(spooled, "the server to spool the first chunks")
     future.cancel()
     release.set()
