@@ -14,6 +14,8 @@ class TicketGate:
 
     def __init__(self, slot_pool: SlotPool) -> None:
         self.slot_pool = slot_pool
+        self._prefetched: dict[str, None] = {}       # loaded ahead, not yet acquired by a sequence
+        self.max_prefetched = max(1, slot_pool.num_slots // 4)
 
     def state(self, seq: Sequence) -> AdapterState:
         if seq.ticket is None:
@@ -22,12 +24,43 @@ class TicketGate:
         if error is not None:
             seq.error = error
             return AdapterState.FAILED
-        return AdapterState.READY if seq.ticket.ready() else AdapterState.PENDING
+        if not seq.ticket.ready():
+            return AdapterState.PENDING
+        if self.slot_pool.loads_async:
+            return self._prefetch(seq)
+        return AdapterState.READY
+
+    def _prefetch(self, seq: Sequence) -> AdapterState:
+        """Async slot pool: start the copy into a slot (resident, unpinned) and report PENDING
+        until it is done, so the step that admits the sequence never waits for it.
+
+        READY (the scheduler then loads it in acquire, and the step waits for the copy on the
+        device) when no slot can take it now, or when `max_prefetched` adapters are already
+        prefetched and not yet taken: unpinned, they could otherwise evict each other forever;
+        unpinned, they never hold a slot another sequence needs (no deadlock).
+        """
+        key = seq.ticket.key
+        pool = self.slot_pool
+        for k in [k for k in self._prefetched if pool.slot_of(k) is None]:
+            del self._prefetched[k]                  # evicted before it was used
+        if pool.slot_of(key) is None:
+            if len(self._prefetched) >= self.max_prefetched:
+                return AdapterState.READY
+            try:
+                if self.slot_pool.acquire(key, seq.ticket.weights) is None:
+                    return AdapterState.READY
+            except OpenLoRAError as exc:
+                seq.error = exc
+                return AdapterState.FAILED
+            self.slot_pool.release(key)
+            self._prefetched[key] = None
+        return AdapterState.READY if self.slot_pool.is_loaded(key) else AdapterState.PENDING
 
     def acquire(self, seq: Sequence) -> bool:
         if seq.ticket is None:
             return True
         key = seq.ticket.key
+        self._prefetched.pop(key, None)
         try:
             slot = self.slot_pool.acquire(key, seq.ticket.weights)
         except OpenLoRAError as exc:           # FailedPrecondition: does not fit this model

@@ -32,6 +32,10 @@ class EngineConfig:
     max_adapter_slots: int = 8            # device LoRA slots (adapters resident at once)
     max_lora_rank: int = 64               # slot width; larger adapters are FailedPrecondition
     seed: int = 0                         # generator of requests that give no seed
+    # Decode-only steps replay a CUDA graph captured per batch-size bucket (CUDA only; ignored on
+    # CPU). Buckets: None = 1, 2, 4, 8, 16, 32, 48, 64, 96, 128, then every 64, up to max_num_seqs.
+    cuda_graphs: bool = True
+    cuda_graph_buckets: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.device != "auto":
@@ -48,6 +52,8 @@ class EngineConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1 (or None)")
+        if self.cuda_graph_buckets is not None and (not self.cuda_graph_buckets or min(self.cuda_graph_buckets) < 1):
+            raise ValueError("cuda_graph_buckets must be a non-empty tuple of sizes >= 1 (or None)")
         if not 0 < self.kv_memory_fraction <= 1:
             raise ValueError("kv_memory_fraction must be in (0, 1]")
         if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < self.max_num_seqs:

@@ -20,6 +20,7 @@ import torch
 from inference_worker.adapter_gate import TicketGate
 from inference_worker.block_manager import BlockManager, blocks_for
 from inference_worker.config import EngineConfig
+from inference_worker.cuda_graphs import default_buckets
 from inference_worker.detokenizer import IncrementalDetokenizer
 from inference_worker.interfaces import (
     AdapterSource,
@@ -53,7 +54,10 @@ class _PinRequest:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, model_dir: str, adapter_source: AdapterSource) -> None:
+    def __init__(self, config: EngineConfig, model_dir: str, adapter_source: AdapterSource, *,
+                 random_weights: bool = False) -> None:
+        """random_weights: read only config.json and the tokenizer from model_dir and draw the
+        weights on the device (benchmarks of a model shape without its 16 GB of files)."""
         device, dtype = config.torch_device, config.torch_dtype
         hf_config = load_hf_config(model_dir)
         spec = LlamaSpec.from_hf(hf_config)
@@ -62,12 +66,15 @@ class LLMEngine:
         self.adapter_source = adapter_source
         self.tokenizer = load_tokenizer(model_dir)
         self.ops = get_ops(device)                    # reference kernels on CPU, Triton on CUDA
-        self.model = load_model(model_dir, self.ops, device, dtype, config.max_model_len)
+        self.model = load_model(model_dir, self.ops, device, dtype, config.max_model_len, random_weights=random_weights)
         self.slot_pool = SlotPool(self.model.lora_layers(), config.max_adapter_slots, config.max_lora_rank,
                                   config.max_num_batched_tokens, device, dtype)
         num_blocks = _num_kv_blocks(config, spec, device, dtype)
+        buckets = None
+        if config.cuda_graphs and device.type == "cuda":
+            buckets = config.cuda_graph_buckets or default_buckets(config.max_num_seqs)
         self.runner = ModelRunner(self.model, self.slot_pool, num_blocks, config.block_size, config.max_num_seqs,
-                                  config.max_num_batched_tokens, config.max_model_len)
+                                  config.max_num_batched_tokens, config.max_model_len, cuda_graph_buckets=buckets)
         self.block_manager = BlockManager(num_blocks, config.block_size)
         self.scheduler = Scheduler(self.block_manager, TicketGate(self.slot_pool), config.max_num_seqs,
                                    config.max_num_batched_tokens)

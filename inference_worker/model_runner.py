@@ -4,7 +4,8 @@ Owns the paged KV cache and the static per-step input buffers (allocated once; e
 step fills a prefix of them, so a decode step can later be captured in a CUDA graph).
 Step layout: prefills sorted by adapter slot, then decodes sorted by slot, so each
 slot's tokens are contiguous (LoRA segments) and prefill tokens come before decode
-tokens (attention.py).
+tokens (attention.py). A decode-only step on CUDA is padded to a graph bucket and
+replayed (cuda_graphs.py); every other step runs eagerly.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import torch
 
 from inference_worker.attention import AttentionMeta
 from inference_worker.block_manager import blocks_for
+from inference_worker.cuda_graphs import DecodeGraphs
 from inference_worker.lora.metadata import LoraBatchMeta, segments_of
 from inference_worker.lora.slot_pool import SlotPool
 from inference_worker.model.llama import LlamaForCausalLM
@@ -28,11 +30,13 @@ class StepBatch:
     logits_indices: torch.Tensor          # [B] int64 last token of each sequence in [0, T)
     attn: AttentionMeta
     lora: LoraBatchMeta
+    graph_bucket: int | None = None       # decode-only step padded to this CUDA-graph bucket
 
 
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, slot_pool: SlotPool, num_kv_blocks: int, block_size: int,
-                 max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int) -> None:
+                 max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
+                 cuda_graph_buckets: tuple[int, ...] | None = None) -> None:
         spec = model.spec
         weight = model.embed_tokens.weight
         self.model, self.slot_pool, self.block_size = model, slot_pool, block_size
@@ -42,7 +46,8 @@ class ModelRunner:
                            torch.zeros(cache_shape, device=self.device, dtype=self.dtype))
                           for _ in range(spec.num_layers)]
         self.max_blocks_per_seq = blocks_for(max_model_len, block_size)
-        # Static inputs (device) and their host staging (pinned on CUDA: async uploads).
+        # Static inputs (device) and their host staging (pinned on CUDA: async uploads), filled
+        # through numpy views of the staging (a list into numpy costs ~1 µs, a torch.tensor ~5).
         sizes = {"input_ids": (max_num_batched_tokens, torch.int64), "positions": (max_num_batched_tokens, torch.int64),
                  "slot_mapping": (max_num_batched_tokens, torch.int64), "logits_indices": (max_num_seqs, torch.int64),
                  "cu_seqlens": (max_num_seqs + 1, torch.int32), "context_lens": (max_num_seqs, torch.int32),
@@ -51,23 +56,33 @@ class ModelRunner:
         pin = self.device.type == "cuda"
         self._dev = {k: torch.zeros(n, dtype=dt, device=self.device) for k, (n, dt) in sizes.items()}
         self._host = {k: torch.zeros(n, dtype=dt, pin_memory=pin) for k, (n, dt) in sizes.items()}
+        self._host_np = {k: t.numpy() for k, t in self._host.items()}
+        self.graphs: DecodeGraphs | None = None
+        buckets = tuple(b for b in cuda_graph_buckets or () if b <= max_num_seqs)
+        if buckets:
+            self.graphs = DecodeGraphs(buckets)
+            self._capture_graphs()
 
     @property
     def kv_cache_bytes(self) -> int:
         return sum(2 * k.numel() * k.element_size() for k, _ in self.kv_caches)
 
-    def _upload(self, name: str, values: list[int]) -> torch.Tensor:
+    def _upload(self, name: str, values) -> torch.Tensor:
         """Copy values into the first len(values) entries of a static buffer; return that view."""
         n = len(values)
-        host = self._host[name][:n]
-        host.copy_(torch.tensor(values, dtype=host.dtype))
-        return self._dev[name][:n].copy_(host, non_blocking=True)
+        self._host_np[name][:n] = values
+        return self._dev[name][:n].copy_(self._host[name][:n], non_blocking=True)
 
     def prepare(self, prefills: list[Sequence], decodes: list[Sequence]) -> StepBatch:
         """Host-side work of a step (reads sequences: call under the engine's lock)."""
         bs = self.block_size
         prefills = sorted(prefills, key=lambda s: s.slot)
         decodes = sorted(decodes, key=lambda s: s.slot)
+        bucket = None
+        if self.graphs is not None and decodes and not prefills:
+            bucket = self.graphs.bucket_for(len(decodes))
+        num_rows = bucket or len(decodes)         # decode rows, padding included
+        num_pad = num_rows - len(decodes)
         input_ids, positions, slot_mapping, cu_seqlens, logits_indices = [], [], [], [0], []
         for seq in prefills:
             n, table = seq.num_tokens, seq.block_table
@@ -78,34 +93,73 @@ class ModelRunner:
             logits_indices.append(cu_seqlens[-1] - 1)
         num_prefill_tokens = cu_seqlens[-1]
         width = self.max_blocks_per_seq
-        block_tables = self._host["block_tables"][: len(decodes) * width].view(len(decodes), width)
+        block_tables = self._host_np["block_tables"][: num_rows * width].reshape(num_rows, width)
         context_lens = []
         for j, seq in enumerate(decodes):
             n, table = seq.num_tokens, seq.block_table
             input_ids.append(seq.output_token_ids[-1])         # a decode follows a sampled token
             positions.append(n - 1)
             slot_mapping.append(table[(n - 1) // bs] * bs + (n - 1) % bs)
-            block_tables[j, : len(table)] = torch.tensor(table, dtype=torch.int32)
+            block_tables[j, : len(table)] = table
             context_lens.append(n)
-            logits_indices.append(num_prefill_tokens + j)
+        logits_indices += range(num_prefill_tokens, num_prefill_tokens + len(decodes))
         seqs = prefills + decodes
-        indptr, seg_slots = segments_of([s.slot for s in seqs], [s.num_new_tokens for s in seqs])
-        dev_tables = self._dev["block_tables"][: len(decodes) * width]
-        dev_tables.copy_(block_tables.view(-1), non_blocking=True)
+        if bucket is None:
+            indptr, seg_slots = segments_of([s.slot for s in seqs], [s.num_new_tokens for s in seqs])
+        else:
+            # padding rows: no KV write (slot -1), empty context, base model; a segment per token
+            input_ids += [0] * num_pad
+            positions += [0] * num_pad
+            slot_mapping += [-1] * num_pad
+            context_lens += [0] * num_pad
+            logits_indices += range(len(decodes), num_rows)
+            indptr, seg_slots = range(num_rows + 1), [s.slot for s in decodes] + [-1] * num_pad
+        dev_tables = self._dev["block_tables"][: num_rows * width]
+        dev_tables.copy_(self._host["block_tables"][: num_rows * width], non_blocking=True)
         attn = AttentionMeta(
-            num_prefill_tokens=num_prefill_tokens, num_decodes=len(decodes),
+            num_prefill_tokens=num_prefill_tokens, num_decodes=num_rows,
             slot_mapping=self._upload("slot_mapping", slot_mapping), cu_seqlens=self._upload("cu_seqlens", cu_seqlens),
-            block_tables=dev_tables.view(len(decodes), width), context_lens=self._upload("context_lens", context_lens))
+            block_tables=dev_tables.view(num_rows, width), context_lens=self._upload("context_lens", context_lens))
         lora = LoraBatchMeta(
             has_lora=any(s >= 0 for s in seg_slots), seg_indptr=self._upload("seg_indptr", indptr),
             seg_slots=self._upload("seg_slots", seg_slots), slot_ranks=self.slot_pool.slot_ranks,
             slot_scales=self.slot_pool.slot_scales)
         return StepBatch(seqs=seqs, input_ids=self._upload("input_ids", input_ids),
                          positions=self._upload("positions", positions),
-                         logits_indices=self._upload("logits_indices", logits_indices), attn=attn, lora=lora)
+                         logits_indices=self._upload("logits_indices", logits_indices), attn=attn, lora=lora,
+                         graph_bucket=bucket)
 
     @torch.inference_mode()
     def forward(self, batch: StepBatch) -> torch.Tensor:
         """-> logits [B, V] float32, row i for batch.seqs[i]."""
+        self.slot_pool.wait_for_loads()          # on the device: adapter copies of this step's slots
+        if batch.graph_bucket is not None:
+            return self.graphs.replay(batch.graph_bucket, batch.lora.has_lora)[: len(batch.seqs)]
         return self.model(batch.input_ids, batch.positions, self.kv_caches, batch.attn, batch.lora,
                           batch.logits_indices)
+
+    # ---- CUDA graphs ------------------------------------------------------------------
+    def static_decode_forward(self, bucket: int, has_lora: bool) -> torch.Tensor:
+        """The model over the static buffers' first `bucket` rows, as prepare fills them for a
+        padded decode step: what a decode graph captures. -> logits [bucket, V] float32."""
+        d, width = self._dev, self.max_blocks_per_seq
+        attn = AttentionMeta(num_prefill_tokens=0, num_decodes=bucket, slot_mapping=d["slot_mapping"][:bucket],
+                             cu_seqlens=d["cu_seqlens"][:1],
+                             block_tables=d["block_tables"][: bucket * width].view(bucket, width),
+                             context_lens=d["context_lens"][:bucket])
+        lora = LoraBatchMeta(has_lora=has_lora, seg_indptr=d["seg_indptr"][: bucket + 1],
+                             seg_slots=d["seg_slots"][:bucket], slot_ranks=self.slot_pool.slot_ranks,
+                             slot_scales=self.slot_pool.slot_scales)
+        return self.model(d["input_ids"][:bucket], d["positions"][:bucket], self.kv_caches, attn, lora,
+                          d["logits_indices"][:bucket])
+
+    @torch.inference_mode()
+    def _capture_graphs(self) -> None:
+        # capture-time inputs: all rows padding (no KV write, no context, base model)
+        top = max(self.graphs.buckets)
+        self._dev["slot_mapping"][:top].fill_(-1)
+        self._dev["context_lens"][:top].zero_()
+        self._dev["seg_slots"][:top].fill_(-1)
+        self._dev["seg_indptr"][: top + 1].copy_(torch.arange(top + 1, dtype=torch.int32))
+        self._dev["logits_indices"][:top].copy_(torch.arange(top))
+        self.graphs.capture(self.static_decode_forward)

@@ -26,7 +26,12 @@ class Sampler:
                  generators: list[torch.Generator | None],
                  histories: list[list[int]]) -> tuple[list[int], list[TokenLogprobs | None]]:
         """logits [B, V] float32 (modified in place); histories[i]: prompt + output ids of row i
-        (read only for a repetition penalty). Returns token ids [B] and logprobs per row."""
+        (read only for a repetition penalty). Returns token ids [B] and logprobs per row.
+
+        Batched on the device; the only device->host copy is the token ids at the end (and the
+        logprobs when some row asks for them). Rows that share the engine's stream draw their
+        noise in one call; a seeded row draws its V exponentials from its own generator.
+        """
         num_rows = logits.shape[0]
         max_top = max((p.logprobs for p in params), default=0)
         raw_logprobs = logits.log_softmax(-1) if max_top else None        # [B, V] before any processing
@@ -36,15 +41,17 @@ class Sampler:
         token_ids = logits.argmax(-1)                                     # [B] greedy rows keep this
         sampled = [i for i, p in enumerate(params) if p.temperature > 0]
         if sampled:
-            rows = torch.tensor(sampled, device=logits.device)
-            probs = processed_probs(logits[rows], [params[i] for i in sampled])   # [Bs, V]
-            noise = torch.empty_like(probs)
-            for j, i in enumerate(sampled):
-                noise[j].exponential_(generator=generators[i] or self.shared_generator)
-            noise.clamp_min_(torch.finfo(noise.dtype).tiny)             # an exact 0 would make 0/0 = nan
+            every_row = len(sampled) == num_rows
+            rows = None if every_row else to_device(sampled, torch.int64, logits.device)
+            probs = processed_probs(logits if every_row else logits[rows], [params[i] for i in sampled])  # [Bs, V]
+            noise = self._exponential_noise(probs, [generators[i] for i in sampled])
             # exponential race: argmax p / E with E ~ Exp(1) draws index v with probability p_v
-            token_ids[rows] = (probs / noise).argmax(-1)
-        ids = token_ids.tolist()
+            choice = (probs / noise).argmax(-1)
+            if every_row:
+                token_ids = choice
+            else:
+                token_ids[rows] = choice
+        ids = token_ids.tolist()                                          # the step's one sync
         logprobs: list[TokenLogprobs | None] = [None] * num_rows
         if raw_logprobs is not None:
             top_values, top_ids = raw_logprobs.topk(max_top, dim=-1)
@@ -56,13 +63,38 @@ class Sampler:
                     logprobs[i] = TokenLogprobs(ids[i], chosen[i], top)
         return ids, logprobs
 
+    def _exponential_noise(self, probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
+        """E ~ Exp(1) [Bs, V]: one draw from the shared stream for all unseeded rows, V draws
+        from its own generator for each seeded row."""
+        noise = torch.empty_like(probs)
+        seeded = [j for j, g in enumerate(generators) if g is not None]
+        if not seeded:
+            noise.exponential_(generator=self.shared_generator)
+        else:
+            shared = [j for j, g in enumerate(generators) if g is None]
+            if shared:
+                draw = torch.empty((len(shared), probs.shape[1]), device=probs.device, dtype=probs.dtype)
+                noise[to_device(shared, torch.int64, probs.device)] = draw.exponential_(generator=self.shared_generator)
+            for j in seeded:
+                noise[j].exponential_(generator=generators[j])
+        return noise.clamp_min_(torch.finfo(noise.dtype).tiny)         # an exact 0 would make 0/0 = nan
+
+
+def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A host list as a device tensor without a host sync (pinned staging, async copy on CUDA;
+    a plain torch.tensor(..., device=cuda) waits for the stream)."""
+    host = torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
 
 def apply_repetition_penalty(row: torch.Tensor, history: list[int], penalty: float) -> None:
     """transformers' RepetitionPenaltyLogitsProcessor on one row [V], in place: every token seen
     in prompt + output has its logit divided by `penalty` if positive, multiplied if negative."""
     if not history:
         return
-    ids = torch.tensor(history, device=row.device, dtype=torch.long)
+    ids = to_device(history, torch.long, row.device)
     score = row.gather(0, ids)
     row.scatter_(0, ids, torch.where(score < 0, score * penalty, score / penalty))
 
@@ -70,18 +102,18 @@ def apply_repetition_penalty(row: torch.Tensor, history: list[int], penalty: flo
 def processed_probs(logits: torch.Tensor, params: list[SamplingConfig]) -> torch.Tensor:
     """Temperature, then top-k, then top-p (keep the smallest top set with mass >= p; at least
     one token), as probabilities [B, V] with removed tokens at 0. logits [B, V] float32."""
-    temps = torch.tensor([p.temperature for p in params], device=logits.device, dtype=logits.dtype)
+    temps = to_device([p.temperature for p in params], logits.dtype, logits.device)
     logits = logits / temps[:, None]
     vocab = logits.shape[-1]
     if all(p.top_k == 0 or p.top_k >= vocab for p in params) and all(p.top_p >= 1.0 for p in params):
         return logits.softmax(-1)
     sorted_logits, order = logits.sort(dim=-1, descending=True)                   # [B, V]
     ranks = torch.arange(vocab, device=logits.device)[None, :]
-    top_k = torch.tensor([p.top_k if 0 < p.top_k < vocab else vocab for p in params], device=logits.device)
+    top_k = to_device([p.top_k if 0 < p.top_k < vocab else vocab for p in params], torch.int64, logits.device)
     sorted_logits = sorted_logits.masked_fill(ranks >= top_k[:, None], float("-inf"))
     sorted_probs = sorted_logits.softmax(-1)
     mass_before = sorted_probs.cumsum(-1) - sorted_probs                         # mass of better tokens
-    top_p = torch.tensor([p.top_p for p in params], device=logits.device, dtype=logits.dtype)
+    top_p = to_device([p.top_p for p in params], logits.dtype, logits.device)
     sorted_probs = sorted_probs.masked_fill((mass_before >= top_p[:, None]) & (ranks > 0), 0.0)
     probs = torch.zeros_like(sorted_probs).scatter_(-1, order, sorted_probs)
     return probs / probs.sum(-1, keepdim=True)

@@ -7,9 +7,16 @@ points at. Loading an adapter zeroes its slot then copies each module's A/B into
 top-left corner (ranks padded with zeros; modules the adapter lacks stay zero, so they
 add nothing). Nothing is allocated after start, so the buffers' addresses are stable
 (CUDA graphs can capture them).
+
+On CUDA a load is asynchronous: its copies (from pinned CPU memory) run on a side
+stream and end with an event. `is_loaded` polls that event (the scheduler admits a
+sequence only once its adapter is in, so no step waits for a copy), and
+`wait_for_loads` makes the compute stream wait for every load since the last step
+on the device, never on the host (LoadAdapter pins may be used by the next step).
 """
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import torch
@@ -47,6 +54,14 @@ class SlotPool:
         self._free = list(range(num_slots - 1, -1, -1))    # pop() gives slot 0 first
         self.num_loads = 0
         self.num_evictions = 0
+        self.loads_async = device.type == "cuda"
+        self._copy_stream = torch.cuda.Stream(device) if self.loads_async else None
+        self._in_flight: dict[int, torch.cuda.Event] = {}     # slot -> event after its copies
+        self._unwaited: list[torch.cuda.Event] = []          # loads the compute stream has not waited for
+        self._dirty_rank = [0] * num_slots                    # rows [0, r) of a slot may be non-zero
+        # Set to a list to record loads (benchmarks): (start, end) CUDA events with timing, or
+        # (None, seconds) on CPU; plus the host time the load took to issue.
+        self.load_timings: list[tuple] | None = None
 
     @property
     def nbytes(self) -> int:
@@ -57,6 +72,25 @@ class SlotPool:
 
     def resident(self) -> list[str]:
         return list(self._slot_of)
+
+    def is_loaded(self, key: str) -> bool:
+        """Resident and its copies done (always, once resident, on CPU)."""
+        slot = self._slot_of.get(key)
+        if slot is None:
+            return False
+        event = self._in_flight.get(slot)
+        if event is not None and event.query():
+            del self._in_flight[slot]
+            event = None
+        return event is None
+
+    def wait_for_loads(self) -> None:
+        """The compute stream waits (on the device) for every load issued so far."""
+        if self._unwaited:
+            stream = torch.cuda.current_stream(self._copy_stream.device)
+            for event in self._unwaited:
+                stream.wait_event(event)
+            self._unwaited.clear()
 
     def num_unpinned(self) -> int:
         """Slots a new adapter could take now (empty, or holding an idle adapter)."""
@@ -123,17 +157,47 @@ class SlotPool:
 
     @torch.no_grad()
     def _load(self, slot: int, adapter: AdapterWeights, rank: int) -> None:
-        # non_blocking: a pinned CPU source copies asynchronously, in stream order before the
-        # next step's kernels that read the slot
-        for lin in self._layers:
-            lin.a_pool[slot].zero_()
-            lin.b_pool[slot].zero_()
+        host_start = time.perf_counter()
+        if self._copy_stream is None:
+            self._copy_into(slot, adapter, rank)
+            if self.load_timings is not None:
+                self.load_timings.append((None, time.perf_counter() - host_start, 0.0))
+        else:
+            # the side stream first waits for work already queued (a step may still read the
+            # evicted adapter's slot), then copies; the event tells who needs the slot
+            self._copy_stream.wait_stream(torch.cuda.current_stream(self._copy_stream.device))
+            with torch.cuda.stream(self._copy_stream):
+                start = torch.cuda.Event(enable_timing=True) if self.load_timings is not None else None
+                if start is not None:
+                    start.record()
+                self._copy_into(slot, adapter, rank)
+                done = torch.cuda.Event(enable_timing=start is not None)
+                done.record()
+            self._in_flight[slot] = done
+            self._unwaited.append(done)
+            if start is not None:
+                self.load_timings.append((start, done, time.perf_counter() - host_start))
+        self.num_loads += 1
+
+    def _copy_into(self, slot: int, adapter: AdapterWeights, rank: int) -> None:
+        # Zero the slot only when a row the new adapter does not overwrite may be non-zero: a
+        # module it lacks, or a rank below the last occupant's (saves 8 launches per layer).
+        covers = len(adapter.modules) == len(self._targets)
+        min_rank = min((a.shape[0] for a, _ in adapter.modules.values()), default=0)
+        if not covers or min_rank < self._dirty_rank[slot]:
+            torch._foreach_zero_([t[slot] for lin in self._layers for t in (lin.a_pool, lin.b_pool)])
+        self._dirty_rank[slot] = rank
+        # One foreach call issues the 2 x modules x layers copies from C++ (a Python loop of
+        # copy_ costs ~17 µs each: 7.7 ms of host time per Llama-3-8B adapter, measured).
+        # non_blocking: from pinned CPU memory the copies run asynchronously, in stream order.
+        dsts, srcs = [], []
         for (layer, name), (a, b) in adapter.modules.items():
             lin, m = self._targets[(layer, name)]
             r = a.shape[0]
             lo, hi = lin.out_offsets[m], lin.out_offsets[m + 1]
-            lin.a_pool[slot, m, :r].copy_(a, non_blocking=True)
-            lin.b_pool[slot, lo:hi, :r].copy_(b, non_blocking=True)
+            dsts += [lin.a_pool[slot, m, :r], lin.b_pool[slot, lo:hi, :r]]
+            srcs += [a, b]
+        if dsts:
+            torch._foreach_copy_(dsts, srcs, non_blocking=True)
         self.slot_ranks[slot] = rank
         self.slot_scales[slot] = adapter.scaling
-        self.num_loads += 1

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from inference_worker.model.llama import LlamaForCausalLM, LlamaSpec
+from inference_worker.model.random_init import random_model
 from kernels.backend import KernelOps
 
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.(weight|bias)$")
@@ -90,11 +91,14 @@ def _expected_names(spec: LlamaSpec) -> set[str]:
 
 
 def load_model(model_dir: str | Path, ops: KernelOps, device: torch.device, dtype: torch.dtype,
-               max_len: int) -> LlamaForCausalLM:
+               max_len: int, random_weights: bool = False) -> LlamaForCausalLM:
+    """random_weights: config.json only, weights drawn on the device (random_init.py)."""
     from safetensors import safe_open
 
     model_dir = Path(model_dir)
     spec = LlamaSpec.from_hf(load_hf_config(model_dir))
+    if random_weights:
+        return random_model(spec, ops, device, dtype, max_len)
     with torch.device("meta"):
         model = LlamaForCausalLM(spec, ops)
     model = model.to_empty(device=device).to(dtype)

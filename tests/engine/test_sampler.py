@@ -111,3 +111,25 @@ def test_logprobs_are_raw_model_logprobs():
     values, top_ids = raw[0].topk(3)
     assert [t for t, _ in lp.top] == top_ids.tolist()
     assert [v for _, v in lp.top] == pytest.approx(values.tolist(), abs=1e-6)
+
+
+def test_batched_rows_match_each_row_alone():
+    """Greedy, seeded and shared-stream rows in one batch: greedy rows are argmax (after the
+    penalty), a seeded row draws what it draws alone with its seed."""
+    sampler = Sampler(torch.device("cpu"))
+    logits = logits_of(4, rows=5)
+    params = [SamplingConfig(temperature=0.0), SamplingConfig(temperature=0.8, top_k=10, seed=3),
+              SamplingConfig(temperature=1.0), SamplingConfig(temperature=1.2, top_p=0.7, seed=9),
+              SamplingConfig(temperature=0.0, repetition_penalty=1.5)]
+    gens = [None, torch.Generator().manual_seed(3), None, torch.Generator().manual_seed(9), None]
+    histories = [[], [], [], [], [1, 2, 3]]
+    ids, _ = run(sampler, logits, params, gens, histories)
+    assert ids[0] == logits[0].argmax().item()
+    penalized = logits[4].clone()
+    apply_repetition_penalty(penalized, [1, 2, 3], 1.5)
+    assert ids[4] == penalized.argmax().item()
+    for i in (1, 3):
+        alone, _ = run(Sampler(torch.device("cpu")), logits[i:i + 1], [params[i]],
+                       [torch.Generator().manual_seed(params[i].seed)])
+        assert ids[i] == alone[0]
+    assert 0 <= ids[2] < V

@@ -1,0 +1,78 @@
+"""CUDA graphs of decode-only steps, one per batch-size bucket (and per LoRA on/off).
+
+Why: a decode step of an 8B model is ~1,000 small kernels; launched from Python the
+gaps between them cost about as much as the memory-bound work itself. A graph
+replays them with no host work. A graph fixes shapes and addresses, so a step of n
+decodes runs the graph of the smallest bucket b >= n over the runner's static input
+buffers (views of the first b entries), padded: input id 0, position 0, slot_mapping
+-1 (no KV write), context_len 0 (attention returns zeros), one LoRA segment per token
+(b segments, base = -1; the SGMV grid depends on (T, G) only, so it is fixed per b).
+Rows past n are computed and dropped. Steps with prefills, or more decodes than the
+largest bucket, run eagerly.
+
+Each bucket gets two graphs: with the LoRA kernels (some token has an adapter) and
+without (a base-only step skips 8 launches per layer). All graphs share one memory pool.
+"""
+from __future__ import annotations
+
+import bisect
+import logging
+import time
+from collections.abc import Callable
+
+import torch
+
+log = logging.getLogger(__name__)
+
+_SMALL_BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128)
+
+
+def default_buckets(max_num_seqs: int) -> tuple[int, ...]:
+    """1, 2, 4, 8, 16, 32, 48, 64, 96, 128, then every 64, ending at max_num_seqs."""
+    sizes = [b for b in _SMALL_BUCKETS if b < max_num_seqs]
+    sizes += range(192, max_num_seqs, 64)
+    return tuple(sizes) + (max_num_seqs,)
+
+
+def pick_bucket(buckets: tuple[int, ...], num_decodes: int) -> int | None:
+    """Smallest bucket >= num_decodes (buckets sorted); None when none is large enough."""
+    i = bisect.bisect_left(buckets, num_decodes)
+    return buckets[i] if i < len(buckets) else None
+
+
+class DecodeGraphs:
+    """Captured decode graphs; `run_step(b, has_lora)` (ModelRunner.static_decode_forward) runs
+    the model over the static buffers of bucket b and returns its logits [b, V]."""
+
+    def __init__(self, buckets: tuple[int, ...]) -> None:
+        self.buckets = tuple(sorted(set(buckets)))
+        self._graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+
+    def bucket_for(self, num_decodes: int) -> int | None:
+        return pick_bucket(self.buckets, num_decodes)
+
+    def capture(self, run_step: Callable[[int, bool], torch.Tensor]) -> None:
+        """Largest bucket first, so smaller graphs reuse its pool memory."""
+        start = time.perf_counter()
+        pool = torch.cuda.graph_pool_handle()
+        stream = torch.cuda.Stream()
+        for b in reversed(self.buckets):
+            for has_lora in (False, True):
+                stream.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(stream):
+                    run_step(b, has_lora)           # warm-up: compiles Triton kernels, fills caches
+                torch.cuda.current_stream().wait_stream(stream)
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool, stream=stream):
+                    logits = run_step(b, has_lora)
+                self._graphs[(b, has_lora)] = (graph, logits)
+        torch.cuda.synchronize()
+        log.info("captured %d decode CUDA graphs (buckets %s) in %.1f s", len(self._graphs), self.buckets,
+                 time.perf_counter() - start)
+
+    def replay(self, bucket: int, has_lora: bool) -> torch.Tensor:
+        """-> logits [bucket, V] float32 (a static buffer: overwritten by the next replay)."""
+        graph, logits = self._graphs[(bucket, has_lora)]
+        graph.replay()
+        return logits

@@ -1,0 +1,25 @@
+"""bench/engine.py --quick on the CPU: every workload runs and the report is complete."""
+from __future__ import annotations
+
+import json
+
+from bench import engine as bench_engine
+
+
+def test_quick_bench_writes_report(tmp_path):
+    out = tmp_path / "engine-cpu.json"
+    report = bench_engine.main(["--quick", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["workloads"].keys() == {"S0", "S1", "S100", "S1000"}
+    args = saved["args"]
+    for name, res in saved["workloads"].items():
+        assert "error" not in res, (name, res)
+        assert res["output_tokens"] == args["requests"] * args["output_len"]
+        assert res["decode_steps"] > 0 and res["decode_floor_ms_p50"] > 0
+    assert saved["workloads"]["S0"]["adapter_loads"] == 0
+    assert saved["workloads"]["S1000"]["adapter_loads"] >= 1
+    assert "S100_over_S0" in saved["ratios"]
+    for key in ("device", "date", "commit", "command", "torch", "triton", "copy_bw_TBps"):
+        assert key in saved
+    table = out.with_suffix(".md").read_text()
+    assert "| S1000 |" in table and report["device"] == "cpu"

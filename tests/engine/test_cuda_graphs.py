@@ -1,0 +1,75 @@
+"""Decode CUDA graphs, on the CPU: bucket choice, and padded graph steps (emulated by running
+the model over the same static buffers a capture records) give the eager engine's outputs."""
+from __future__ import annotations
+
+import torch
+
+from inference_worker.cuda_graphs import DecodeGraphs, default_buckets, pick_bucket
+from tests.engine.doubles import DirSource
+from tests.engine.harness import Driver
+from tests.engine.test_correctness import _workload
+
+
+def test_default_buckets():
+    assert default_buckets(64) == (1, 2, 4, 8, 16, 32, 48, 64)
+    assert default_buckets(300) == (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256, 300)
+    assert default_buckets(40) == (1, 2, 4, 8, 16, 32, 40)
+    assert default_buckets(1) == (1,)
+
+
+def test_pick_bucket():
+    buckets = (1, 2, 4, 8, 16)
+    assert [pick_bucket(buckets, n) for n in (1, 2, 3, 5, 8, 9, 16)] == [1, 2, 4, 8, 8, 16, 16]
+    assert pick_bucket(buckets, 17) is None
+
+
+class EmulatedGraphs(DecodeGraphs):
+    """replay = what the captured graph runs: the model over the runner's static buffers."""
+
+    def __init__(self, runner, buckets) -> None:
+        super().__init__(buckets)
+        self.runner = runner
+
+    def replay(self, bucket: int, has_lora: bool) -> torch.Tensor:
+        with torch.inference_mode():
+            return self.runner.static_decode_forward(bucket, has_lora)
+
+
+def test_padded_graph_steps_match_eager(family_model, adapters_of, make_engine):
+    model_dir = family_model("llama")
+    adapter_dirs = adapters_of(model_dir)
+    runs, buckets_used = {}, []
+    for name in ("eager", "graphs"):
+        engine = make_engine(model_dir, DirSource(adapter_dirs), max_adapter_slots=4, max_lora_rank=32)
+        if name == "graphs":
+            engine.runner.graphs = EmulatedGraphs(engine.runner, (2, 4, 16))
+            prepare = engine.runner.prepare
+
+            def recording_prepare(prefills, decodes, prepare=prepare, buckets_used=buckets_used):
+                batch = prepare(prefills, decodes)
+                if batch.graph_bucket is not None:
+                    buckets_used.append((batch.graph_bucket, len(decodes), batch.lora.has_lora))
+                return batch
+            engine.runner.prepare = recording_prepare
+        driver = Driver(engine)
+        arrivals, requests = _workload(driver, engine.tokenizer)
+        runs[name] = driver.run(arrivals)
+    assert any(bucket > n for bucket, n, _ in buckets_used)           # padded rows were run
+    assert {has_lora for _, _, has_lora in buckets_used} == {True}
+    for rid, want in runs["eager"].items():
+        got = runs["graphs"][rid]
+        assert got.token_ids == want.token_ids
+        torch.testing.assert_close(torch.stack(got.logits), torch.stack(want.logits), atol=1e-5, rtol=1e-5)
+
+
+def test_padded_base_only_steps_use_the_graph_without_lora(family_model, make_engine):
+    engine = make_engine(family_model("llama"))
+    engine.runner.graphs = EmulatedGraphs(engine.runner, (4,))
+    driver = Driver(engine)
+    reqs = [driver.request(f"b{i}", [5 + i, 9, 11], max_tokens=4, temperature=0.0) for i in range(3)]
+    batches = []
+    prepare = engine.runner.prepare
+    engine.runner.prepare = lambda p, d: batches.append(prepare(p, d)) or batches[-1]
+    driver.run({0: reqs})
+    graph_steps = [b for b in batches if b.graph_bucket is not None]
+    assert graph_steps and all(b.graph_bucket == 4 and not b.lora.has_lora for b in graph_steps)
