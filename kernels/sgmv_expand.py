@@ -104,7 +104,9 @@ def default_config(num_tokens: int, num_segs: int, n: int, max_rank: int) -> dic
     block_t = pick_block_t(num_tokens, num_segs)
     rank_p2 = triton.next_power_of_2(max_rank)
     if block_t >= 16:
-        block_r = max(16, min(64, rank_p2))
+        # BLOCK_R = 32 on the tl.dot path faults ("misaligned address") with triton 3.6 on the
+        # H200 (bf16/fp16 B, R = 32: tests/kernels/test_tiny_shapes_gpu.py); 16 or 64 only
+        block_r = 16 if rank_p2 <= 32 else 64
         block_n = 128                                   # [<=64 tokens, 128 columns] tiles
     else:
         block_r = min(16, rank_p2)
