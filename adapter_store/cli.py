@@ -8,6 +8,7 @@ from adapter_store.server import build_server
 from services.config import ServerConfig
 from services.logging_setup import setup_logging
 from services.server import serve_forever
+from services.telemetry import setup_telemetry
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,8 +29,10 @@ def run(args: argparse.Namespace) -> int:
     setup_logging("adapter_store")
     config = StoreConfig(data_dir=args.data, db_url=args.db_url, max_adapter_bytes=args.max_adapter_mb << 20,
                          max_rank=args.max_rank)
-    server, store = build_server(config, ServerConfig(listen=args.listen))
+    telemetry = setup_telemetry("openlora-store")
+    server, store = build_server(config, ServerConfig(listen=args.listen), telemetry)
     try:
         return serve_forever(server)
     finally:
         store.close()
+        telemetry.shutdown()

@@ -30,6 +30,7 @@ from inference_worker.adapter_weights import AdapterWeights, load_adapter_blob
 from inference_worker.disk_cache import DiskCache
 from inference_worker.interfaces import MergeRecipe
 from services.errors import InvalidArgument, OpenLoRAError, Unavailable, from_rpc_error
+from services.telemetry import Telemetry, current_context, global_telemetry
 
 log = logging.getLogger(__name__)
 
@@ -89,9 +90,11 @@ class Ticket:
 
 
 class AdapterManager:
-    def __init__(self, config: ManagerConfig, store, shapes: ModelShapes):
-        """`store`: a services.store_client.StoreClient (get(ref), download(ref, path, resume))."""
+    def __init__(self, config: ManagerConfig, store, shapes: ModelShapes, telemetry: Telemetry | None = None):
+        """`store`: a services.store_client.StoreClient (get(ref), download(ref, path, resume)).
+        telemetry: None uses the process's global providers."""
         self.config = config
+        self._tel = telemetry or global_telemetry()
         self.cpu = AdapterCache(config.cpu_cache_bytes)
         self.disk = DiskCache(config.data_dir, config.disk_cache_bytes)
         self._store = store
@@ -136,14 +139,17 @@ class AdapterManager:
                 return ticket
             ticket = self._inflight[fetch_id] = Ticket(provisional_key)
         try:
-            self._pool.submit(self._run, ticket, fetch_id, load, time.monotonic())
+            # the requester's trace: the fetch (and its store calls) join it from the pool thread
+            self._pool.submit(self._run, ticket, fetch_id, load, time.monotonic(), current_context())
         except RuntimeError:                 # closed: the worker is stopping
-            self._run(ticket, fetch_id, _raise_unavailable, time.monotonic())
+            self._run(ticket, fetch_id, _raise_unavailable, time.monotonic(), current_context())
         return ticket
 
-    def _run(self, ticket: Ticket, fetch_id: Hashable, load, t0: float) -> None:
+    def _run(self, ticket: Ticket, fetch_id: Hashable, load, t0: float, trace_context) -> None:
         try:
-            weights, tier = load()
+            with self._tel.span("adapter.fetch", context=trace_context, adapter=ticket.key) as span:
+                weights, tier = load()
+                span.set_attribute("tier", tier)
             self._settled(ticket, weights, tier, t0)
         except Exception as exc:
             ticket._error = _as_error(exc)
@@ -159,8 +165,16 @@ class AdapterManager:
         ticket.key, ticket.tier, ticket._weights = weights.key, tier, weights
         ticket.load_ms = (time.monotonic() - t0) * 1000.0
         weakref.finalize(ticket, self.cpu.unpin, weights.key)
+        self._record_lookup(weights.key, tier, ticket.load_ms / 1000.0)
         ticket._done.set()
         return ticket
+
+    def _record_lookup(self, key: str, tier: str, seconds: float) -> None:
+        """openlora.adapter.loads: a miss in each tier looked in before `tier`, a hit there (with
+        the time it took). The GPU tier is counted by the servicer, before this lookup."""
+        for missed in TIERS[1:TIERS.index(tier)]:
+            self._tel.metrics.adapter_load(missed, "miss", key)
+        self._tel.metrics.adapter_load(tier, "hit", key, seconds=seconds)
 
     def _load_ref(self, ref: str) -> tuple[AdapterWeights, str]:
         """Resolve, check, and return (weights, tier) holding one CPU-cache pin of the key."""

@@ -48,10 +48,15 @@ def config_from_args(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     from inference_worker.server import build_worker
     from services.logging_setup import setup_logging
+    from services.telemetry import setup_telemetry
 
     setup_logging("worker")
     try:
         config = config_from_args(args)
     except ValueError as exc:
         raise SystemExit(f"openlora worker: {exc}") from None
-    return build_worker(config).serve_forever()
+    telemetry = setup_telemetry("openlora-worker")
+    try:
+        return build_worker(config, telemetry).serve_forever()
+    finally:
+        telemetry.shutdown()

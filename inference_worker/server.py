@@ -12,11 +12,14 @@ import torch
 from inference_worker.adapter_checks import ModelShapes, base_model_name
 from inference_worker.adapter_manager import AdapterManager, ManagerConfig
 from inference_worker.config import EngineConfig
+from inference_worker.observe import EngineMonitor
 from inference_worker.service import InferenceWorkerServicer
 from protos import inference_worker_pb2, inference_worker_pb2_grpc
+from services.channels import insecure_channel
 from services.config import DEFAULT_WORKER, ServerConfig, store_address
 from services.server import GrpcServer
 from services.store_client import StoreClient
+from services.telemetry import Telemetry, global_telemetry
 
 log = logging.getLogger(__name__)
 
@@ -65,10 +68,12 @@ class Worker:
     manager: AdapterManager
     servicer: InferenceWorkerServicer
     store: StoreClient
+    monitor: EngineMonitor                # engine gauges and slot evictions
 
     def start(self) -> int:
         """Start the engine, bind, then report SERVING. Returns the port."""
         self.engine.start()
+        self.monitor.start()
         port = self.server.start()
         self.servicer.address = self.server.address
         self.servicer.worker_id = self.config.worker_id or f"{socket.gethostname()}:{port}"
@@ -78,6 +83,7 @@ class Worker:
     def stop(self, grace_s: float | None = None) -> None:
         """Drain (refuse new work, let running requests finish), then stop the engine."""
         self.server.drain(grace_s)
+        self.monitor.stop()
         self.engine.stop()
         self.manager.close()
         self.store.close()
@@ -91,17 +97,20 @@ class Worker:
         return 0
 
 
-def build_worker(config: WorkerConfig) -> Worker:
+def build_worker(config: WorkerConfig, telemetry: Telemetry | None = None) -> Worker:
+    """telemetry: None uses the process's global providers (set up by the CLI)."""
     from inference_worker.engine import LLMEngine
 
+    telemetry = telemetry or global_telemetry()
     base_model = base_model_name(config.model_dir, config.base_model)
     device = config.engine.torch_device
-    store = StoreClient(config.store)
+    # adapter fetches call the store under the request's trace
+    store = StoreClient(config.store, channel=telemetry.traced_channel(insecure_channel(config.store)))
     manager = AdapterManager(ManagerConfig(
         base_model=base_model, data_dir=config.resolved_data_dir(), cpu_cache_bytes=config.cpu_cache_bytes,
         disk_cache_bytes=config.disk_cache_bytes, max_lora_rank=config.engine.max_lora_rank,
         pin_memory=device.type == "cuda", merge_device=str(device)),
-        store, ModelShapes.from_model_dir(config.model_dir))
+        store, ModelShapes.from_model_dir(config.model_dir), telemetry)
     try:
         engine = LLMEngine(config.engine, config.model_dir, manager)
     except BaseException:
@@ -109,12 +118,12 @@ def build_worker(config: WorkerConfig) -> Worker:
         store.close()
         raise
     servicer = InferenceWorkerServicer(engine, manager, worker_id=config.worker_id, base_model=base_model,
-                                       device=_device_name(device))
+                                       device=_device_name(device), telemetry=telemetry)
     server = GrpcServer(config.server_config(),
                         [(inference_worker_pb2_grpc.add_InferenceWorkerServicer_to_server, servicer)],
-                        [SERVICE_NAME], on_drain=servicer.drain)
+                        [SERVICE_NAME], on_drain=servicer.drain, interceptors=[telemetry.server_interceptor()])
     log.info("worker for %s (base model %r) on %s", config.model_dir, base_model, config.engine.torch_device)
-    return Worker(config, server, engine, manager, servicer, store)
+    return Worker(config, server, engine, manager, servicer, store, EngineMonitor(engine, telemetry.metrics))
 
 
 def _device_name(device: torch.device) -> str:

@@ -14,6 +14,7 @@ import time
 import uuid
 
 from inference_worker.interfaces import AdapterSource, Engine, EngineRequest
+from inference_worker.observe import record_finished, record_gpu_lookup
 from inference_worker.protocol import (
     prompt_ids_from_proto,
     recipe_from_proto,
@@ -23,6 +24,8 @@ from inference_worker.protocol import (
 from protos import inference_worker_pb2 as pb
 from protos import inference_worker_pb2_grpc
 from services.errors import DeadlineExceeded, InvalidArgument, OpenLoRAError, Unavailable, grpc_errors
+from services.metrics import adapter_ref
+from services.telemetry import Telemetry, count_request, current_context, global_telemetry
 
 POLL_S = 0.25                 # how often a waiting stream checks that its client is still there
 MAX_LOAD_WAIT_S = 600.0       # LoadAdapter without a deadline still ends
@@ -31,8 +34,9 @@ DEFAULT_WATCH_MS, MIN_WATCH_MS = 200, 20
 
 class InferenceWorkerServicer(inference_worker_pb2_grpc.InferenceWorkerServicer):
     def __init__(self, engine: Engine, adapters: AdapterSource, *, worker_id: str, base_model: str,
-                 device: str, address: str = ""):
+                 device: str, address: str = "", telemetry: Telemetry | None = None):
         self._engine = engine
+        self._tel = telemetry or global_telemetry()
         self._adapters = adapters
         self.worker_id = worker_id            # set again once the port is known
         self.address = address
@@ -47,11 +51,20 @@ class InferenceWorkerServicer(inference_worker_pb2_grpc.InferenceWorkerServicer)
     # --- Generate --------------------------------------------------------------------------
     @grpc_errors
     def Generate(self, request, context):
+        adapter = adapter_ref(request)
+        yield from count_request(self._tel.metrics, adapter, context, self._generate(request, context, adapter))
+
+    def _generate(self, request, context, adapter: str):
         if self._draining.is_set():
             raise Unavailable("worker is draining")
         rid = request.request_id or uuid.uuid4().hex
         outputs: queue.Queue = queue.Queue()
         engine_request = self._engine_request(request, rid, outputs.put)
+        # the request's trace and wall-clock arrival: its phases become spans once it ends
+        trace_context = current_context()
+        arrival_ns = time.time_ns() - int((time.monotonic() - engine_request.arrival_time) * 1e9)
+        if request.adapter:
+            record_gpu_lookup(self._tel.metrics, self._engine, request.adapter)
         added, finished = threading.Event(), threading.Event()
 
         def abort_unless_finished():
@@ -73,6 +86,8 @@ class InferenceWorkerServicer(inference_worker_pb2_grpc.InferenceWorkerServicer)
                     continue
                 if out.finished or out.finish_reason == "error":
                     finished.set()                # the engine is done with it: nothing to abort
+                    record_finished(self._tel, out, adapter=adapter, request_id=rid,
+                                    context=trace_context, arrival_ns=arrival_ns)
                 if out.finish_reason == "error":
                     raise out.error or OpenLoRAError("engine error")
                 yield response_from_output(out, rid, self.worker_id, self._engine.tokenizer,

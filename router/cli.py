@@ -27,8 +27,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from router.server import RouterServer
+    from services.telemetry import setup_telemetry
 
     setup_logging("router")
     config = RouterConfig(listen=args.listen, workers=args.workers, resolve_interval_s=args.resolve_interval,
                           load_factor=args.load_factor, max_attempts=args.max_attempts, grace_s=args.grace)
-    return RouterServer(config).serve_forever()
+    telemetry = setup_telemetry("openlora-router")
+    try:
+        return RouterServer(config, telemetry=telemetry).serve_forever()
+    finally:
+        telemetry.shutdown()

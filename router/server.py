@@ -9,6 +9,7 @@ from router.discovery import Discovery, Resolver, parse_workers, resolve_dns
 from router.service import RouterServicer
 from router.worker_view import WorkerView
 from services.server import GrpcServer
+from services.telemetry import Telemetry, global_telemetry
 
 log = logging.getLogger(__name__)
 
@@ -16,14 +17,16 @@ SERVICE_NAME = router_pb2.DESCRIPTOR.services_by_name["Router"].full_name
 
 
 class RouterServer:
-    def __init__(self, config: RouterConfig, resolver: Resolver = resolve_dns):
+    def __init__(self, config: RouterConfig, resolver: Resolver = resolve_dns, telemetry: Telemetry | None = None):
+        """telemetry: None uses the process's global providers (set up by the CLI)."""
+        telemetry = telemetry or global_telemetry()
         self.config = config
-        self.view = WorkerView(config)
+        self.view = WorkerView(config, telemetry)
         self.discovery = Discovery(parse_workers(config.workers), self.view.set_addresses,
                                    config.resolve_interval_s, resolver)
-        self.grpc = GrpcServer(config.server_config(),
-                               [(router_pb2_grpc.add_RouterServicer_to_server, RouterServicer(self.view, config))],
-                               [SERVICE_NAME])
+        servicer = RouterServicer(self.view, config, telemetry.metrics)
+        self.grpc = GrpcServer(config.server_config(), [(router_pb2_grpc.add_RouterServicer_to_server, servicer)],
+                               [SERVICE_NAME], interceptors=[telemetry.server_interceptor()])
 
     def start(self) -> int:
         """Listen, give the workers a moment to report, then turn SERVING. Returns the port.

@@ -10,6 +10,7 @@ The router keeps no state of its own beyond the live worker view.
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 
 import grpc
@@ -20,6 +21,8 @@ from router.routing_key import routing_key
 from router.worker_view import WorkerView
 from services.config import WORKER_METADATA_KEY
 from services.errors import Unavailable, from_rpc_error, grpc_errors
+from services.metrics import Metrics, adapter_ref
+from services.telemetry import count_request, global_telemetry
 
 log = logging.getLogger(__name__)
 
@@ -36,12 +39,18 @@ def _remaining_s(context: grpc.ServicerContext) -> float | None:
 
 
 class RouterServicer(router_pb2_grpc.RouterServicer):
-    def __init__(self, view: WorkerView, config: RouterConfig):
+    def __init__(self, view: WorkerView, config: RouterConfig, metrics: Metrics | None = None):
         self.view = view
         self.config = config
+        self.metrics = metrics or global_telemetry().metrics
 
     @grpc_errors
     def Generate(self, request, context):
+        adapter = adapter_ref(request)
+        yield from count_request(self.metrics, adapter, context, self._generate(request, context, adapter))
+
+    def _generate(self, request, context, adapter: str):
+        arrived = time.monotonic()
         key = routing_key(request)
         salt = request.request_id or uuid.uuid4().hex
         tried: list[str] = []
@@ -59,12 +68,15 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                     first = next(call, None)
                 except grpc.RpcError as exc:
                     if exc.code() in RETRYABLE and context.is_active():
+                        self.metrics.request_retried(adapter, exc.code().name)
                         failures.append(f"{conn.worker_id} ({conn.address}): {exc.code().name}: {exc.details()}")
                         log.info("retrying elsewhere: %s", failures[-1])
                         continue
                     raise
                 worker_id = (first.worker_id if first is not None else "") or conn.worker_id
                 context.send_initial_metadata(((WORKER_METADATA_KEY, worker_id),))
+                if first is not None and first.token_ids:   # the client's view: arrival here -> first token
+                    self.metrics.time_to_first_token(adapter, time.monotonic() - arrived)
                 yield from self._forward(first, call, worker_id)
                 return
             finally:

@@ -30,6 +30,7 @@ from protos import inference_worker_pb2, inference_worker_pb2_grpc
 from router import policy
 from router.config import RouterConfig
 from services.channels import CHANNEL_OPTIONS
+from services.telemetry import Telemetry, global_telemetry
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,8 @@ class WorkerConnection:
     def __init__(self, address: str, view: WorkerView):
         self.address = address
         self.channel = grpc.insecure_channel(address, options=_WORKER_CHANNEL_OPTIONS)
-        self.stub = inference_worker_pb2_grpc.InferenceWorkerStub(self.channel)
+        # proxied requests continue the client's trace (health and WatchStatus are not traced)
+        self.stub = inference_worker_pb2_grpc.InferenceWorkerStub(view.telemetry.traced_channel(self.channel))
         self._view = view
         self.state = State.UNKNOWN
         self.status: inference_worker_pb2.WorkerStatus | None = None
@@ -140,8 +142,9 @@ class WorkerConnection:
 class WorkerView:
     """All workers the router knows, their state, and the choice of one per request."""
 
-    def __init__(self, config: RouterConfig):
+    def __init__(self, config: RouterConfig, telemetry: Telemetry | None = None):
         self.config = config
+        self.telemetry = telemetry or global_telemetry()
         self._lock = threading.Condition()
         self._workers: dict[str, WorkerConnection] = {}
         self._tickets = itertools.count()

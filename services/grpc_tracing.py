@@ -104,12 +104,20 @@ class _TracedResponses:
         """RPC terminated before the stream ended: the client cancelled or the deadline passed."""
         if not self._claim_end():
             return
-        code = self._context.code()
-        if code is None:
-            remaining = self._context.time_remaining()
-            expired = remaining is not None and remaining <= 0
-            code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
+        code = self._context.code() or ended_early_code(self._context)
         _end_span(self._span, code, code in _SERVER_ERRORS)
+
+
+def ended_early_code(context: grpc.ServicerContext) -> grpc.StatusCode:
+    """Why an RPC ended before its handler did: DEADLINE_EXCEEDED or CANCELLED.
+
+    The client's deadline and the server's copy of it run on different clocks, and the
+    server may see the call end a few ms before its own copy expires: count an RPC with
+    almost no time left (< 50 ms) as expired.
+    """
+    remaining = context.time_remaining()
+    expired = remaining is not None and remaining < 0.05
+    return grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
 
 
 _HANDLER_FACTORIES = {  # (request_streaming, response_streaming) -> (handler attribute, factory)

@@ -6,6 +6,7 @@ bytes and errors). Instruments with no recording are not exported.
 
 OTel name -> Prometheus name (dots become underscores, the unit becomes a suffix):
     openlora.requests                  openlora_requests_total{adapter,code}
+    openlora.router.retries            openlora_router_retries_total{adapter,code}
     openlora.prompt_tokens             openlora_prompt_tokens_total{adapter}
     openlora.output_tokens             openlora_output_tokens_total{adapter}
     openlora.time_to_first_token       openlora_time_to_first_token_seconds_bucket{adapter,le}
@@ -33,8 +34,23 @@ TPOT_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64
 LOAD_BUCKETS_S = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
-def _adapter(name: str) -> str:
-    return name or BASE_ADAPTER
+MERGED_ADAPTER = "merge"  # the `adapter` label of a merged recipe (one series for all recipes)
+
+
+def _adapter(ref: str) -> str:
+    """The `adapter` label of a ref or key: its name ("name@3" -> "name": one series per
+    adapter, not per version), "merge" for a merge ("merge:..."), "base" for none."""
+    if ref.startswith("merge:"):
+        return MERGED_ADAPTER
+    return ref.partition("@")[0] or BASE_ADAPTER
+
+
+def adapter_ref(request) -> str:
+    """What a GenerateRequest runs on, for labels and span attributes: its adapter ref,
+    "merge:a+b" for a merge (labelled "merge"), "" for the base model."""
+    if request.merge.adapters:
+        return "merge:" + "+".join(a.adapter for a in request.merge.adapters)
+    return request.adapter
 
 
 def _check(value: str, allowed: tuple[str, ...], what: str) -> None:
@@ -50,6 +66,10 @@ class Metrics:
         meter = meter or otel_metrics.get_meter("openlora")
         self._requests = meter.create_counter(
             "openlora.requests", "{request}", "Requests finished, by adapter and gRPC status code")
+        self._retries = meter.create_counter(
+            "openlora.router.retries", "{attempt}",
+            "Router attempts a worker failed before the first token with a retryable status "
+            "(another worker is tried while attempts remain)")
         self._prompt_tokens = meter.create_counter("openlora.prompt_tokens", "{token}", "Prompt tokens")
         self._output_tokens = meter.create_counter("openlora.output_tokens", "{token}", "Generated tokens")
         self._ttft = meter.create_histogram(
@@ -73,6 +93,10 @@ class Metrics:
     def request_finished(self, adapter: str, code: str = "OK") -> None:
         """code: the gRPC status code name (`grpc.StatusCode.X.name`)."""
         self._requests.add(1, {"adapter": _adapter(adapter), "code": code})
+
+    def request_retried(self, adapter: str, code: str) -> None:
+        """Router: a worker failed an attempt before its first token with retryable `code`."""
+        self._retries.add(1, {"adapter": _adapter(adapter), "code": code})
 
     def tokens(self, adapter: str, prompt: int = 0, output: int = 0) -> None:
         labels = {"adapter": _adapter(adapter)}

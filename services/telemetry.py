@@ -18,9 +18,10 @@ but nothing leaves the process.
 """
 from __future__ import annotations
 
+import functools
 import os
 import socket
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
@@ -35,7 +36,13 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor, SpanExporter
 from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 
-from services.grpc_tracing import ClientTracingInterceptor, ServerTracingInterceptor, traced_channel
+from services.errors import status_of
+from services.grpc_tracing import (
+    ClientTracingInterceptor,
+    ServerTracingInterceptor,
+    ended_early_code,
+    traced_channel,
+)
 from services.metrics import Metrics
 
 __all__ = [
@@ -44,7 +51,9 @@ __all__ = [
     "ServerTracingInterceptor",
     "Telemetry",
     "TelemetryConfig",
+    "count_request",
     "current_context",
+    "global_telemetry",
     "record_span",
     "setup_telemetry",
     "span",
@@ -151,6 +160,17 @@ def setup_telemetry(service_name: str, config: TelemetryConfig | None = None, *,
     return Telemetry(service_name, tracer_provider, meter_provider, http_server)
 
 
+@functools.cache
+def global_telemetry() -> Telemetry:
+    """The process's global providers as a Telemetry: what a service builder uses when given none.
+
+    No-op until setup_telemetry(set_global=True) runs, live after it (the global tracer
+    and meter delegate to whatever provider is set). Never shut it down: whoever called
+    setup_telemetry shuts that down.
+    """
+    return Telemetry("", trace.get_tracer_provider(), otel_metrics.get_meter_provider())
+
+
 def _otlp_exporters(endpoint: str):
     try:
         from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
@@ -204,3 +224,20 @@ def record_span(name: str, start_ns: int, end_ns: int, *, tracer: trace.Tracer |
 def current_context() -> otel_context.Context:
     """The caller's trace context, to carry with a request into another thread (the engine loop)."""
     return otel_context.get_current()
+
+
+def count_request(metrics: Metrics, adapter: str, context: grpc.ServicerContext,
+                  responses: Iterable) -> Iterator:
+    """Stream a handler's `responses`, then count the request in openlora.requests with the
+    status it ended with: OK, its error's code, or CANCELLED / DEADLINE_EXCEEDED when the
+    client went away (the stream was closed, or the handler returned early on seeing it)."""
+    code = grpc.StatusCode.OK
+    try:
+        yield from responses
+    except Exception as exc:
+        code = status_of(exc)[0]
+        raise
+    finally:
+        if code is grpc.StatusCode.OK and not context.is_active():
+            code = ended_early_code(context)
+        metrics.request_finished(adapter, code.name)
