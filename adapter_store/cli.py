@@ -26,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    setup_logging("adapter_store")
+    setup_logging("openlora-store")
     config = StoreConfig(data_dir=args.data, db_url=args.db_url, max_adapter_bytes=args.max_adapter_mb << 20,
                          max_rank=args.max_rank)
     telemetry = setup_telemetry("openlora-store")

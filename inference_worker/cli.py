@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     from services.logging_setup import setup_logging
     from services.telemetry import setup_telemetry
 
-    setup_logging("worker")
+    setup_logging("openlora-worker")
     try:
         config = config_from_args(args)
     except ValueError as exc:

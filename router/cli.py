@@ -29,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
     from router.server import RouterServer
     from services.telemetry import setup_telemetry
 
-    setup_logging("router")
+    setup_logging("openlora-router")
     config = RouterConfig(listen=args.listen, workers=args.workers, resolve_interval_s=args.resolve_interval,
                           load_factor=args.load_factor, max_attempts=args.max_attempts, grace_s=args.grace)
     telemetry = setup_telemetry("openlora-router")
