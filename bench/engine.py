@@ -32,7 +32,14 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.engine_setup import WORKLOADS, BenchAdapterSource, Workload, adapter_sequence, make_model_dir  # noqa: E402
+from bench.engine_setup import (  # noqa: E402
+    WORKLOADS,
+    BenchAdapterSource,
+    Workload,
+    adapter_sequence,
+    make_model_dir,
+    random_prompts,
+)
 from bench.engine_stats import StepRecorder, pct, summarize  # noqa: E402
 from inference_worker.config import EngineConfig  # noqa: E402
 from inference_worker.engine import LLMEngine  # noqa: E402
@@ -61,13 +68,13 @@ def copy_bandwidth(device: torch.device) -> float:
 class Run:
     """One workload's requests through the engine, closed or open loop."""
 
-    def __init__(self, engine: LLMEngine, recorder: StepRecorder, args, workload: Workload) -> None:
+    def __init__(self, engine: LLMEngine, recorder: StepRecorder, args, workload: Workload,
+                 adapters: list[str] | None = None) -> None:
+        """adapters: each request's adapter ref (default: the workload's sequence of its own keys)."""
         self.engine, self.recorder, self.args, self.workload = engine, recorder, args, workload
         self.source = recorder.source
-        rng = random.Random(args.seed)
-        vocab = engine.vocab_size
-        self.adapters = adapter_sequence(workload, args.requests, args.seed)
-        self.prompts = [[rng.randrange(vocab) for _ in range(args.prompt_len)] for _ in range(args.requests)]
+        self.adapters = adapters if adapters is not None else adapter_sequence(workload, args.requests, args.seed)
+        self.prompts = random_prompts(engine.vocab_size, args.requests, args.prompt_len, args.seed)
         self.token_times: dict[str, list[float]] = {}
         self.arrivals: dict[str, float] = {}
         self.finished: list[str] = []

@@ -162,3 +162,9 @@ def adapter_sequence(workload: Workload, num_requests: int, seed: int) -> list[s
         return [f"{workload.name}/{rng.randrange(n)}" for _ in range(num_requests)]
     weights = [1.0 / (k + 1) ** workload.zipf_alpha for k in range(n)]
     return [f"{workload.name}/{i}" for i in rng.choices(range(n), weights=weights, k=num_requests)]
+
+
+def random_prompts(vocab_size: int, num_requests: int, prompt_len: int, seed: int) -> list[list[int]]:
+    """Each request's prompt: prompt_len token ids drawn uniformly (the same for the same seed)."""
+    rng = random.Random(seed)
+    return [[rng.randrange(vocab_size) for _ in range(prompt_len)] for _ in range(num_requests)]
