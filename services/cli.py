@@ -8,7 +8,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import signal
 import sys
+
+# Set by services/local_cluster.py: the pid of the process that started us; we ask Linux
+# to SIGTERM us when it dies, so a killed `openlora up` (or test run) leaves no orphans.
+DIE_WITH_PARENT_ENV = "OPENLORA_DIE_WITH_PARENT"
 
 # subcommand -> (module with add_arguments/run, help)
 _SUBCOMMANDS = {
@@ -33,7 +39,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _die_with_parent() -> None:
+    parent = os.environ.pop(DIE_WITH_PARENT_ENV, "")
+    if not parent or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    if os.getppid() != int(parent):      # it died before prctl took effect
+        sys.exit("parent process is gone")
+
+
 def main(argv: list[str] | None = None) -> int:
+    _die_with_parent()
     args = build_parser().parse_args(argv)
     return int(args._run(args) or 0)
 

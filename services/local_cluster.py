@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from services.cli import DIE_WITH_PARENT_ENV
 from services.config import DEFAULT_ROUTER, DEFAULT_STORE, DEFAULT_WORKER
 from services.healthcheck import check
 
@@ -30,17 +31,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _die_with_parent():
-    """A preexec_fn asking Linux to SIGTERM the child when its parent dies (None elsewhere)."""
-    if not sys.platform.startswith("linux"):
-        return None
-    import ctypes
-
-    prctl = ctypes.CDLL(None, use_errno=True).prctl   # looked up before fork, only called after
-    pr_set_pdeathsig = 1
-    return lambda: prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 @dataclass
@@ -167,11 +157,12 @@ class LocalCluster:
         """Start `openlora <args>`. Call from the main thread: on Linux the child gets SIGTERM
         when the thread that spawned it dies, so a killed parent leaves no orphans."""
         self.log_path(name).parent.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "PYTHONUNBUFFERED": "1",
+        # the child asks Linux to SIGTERM it when we die (services/cli.py reads this): done by
+        # the child itself, since a preexec_fn can deadlock a fork from a threaded parent
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", DIE_WITH_PARENT_ENV: str(os.getpid()),
                "PYTHONPATH": os.pathsep.join(filter(None, [str(_ROOT), os.environ.get("PYTHONPATH")]))}
         with open(self.log_path(name), "ab") as log:
             # own session: a terminal's Ctrl-C reaches only us, and we stop them in order
             self.procs[name] = subprocess.Popen([sys.executable, "-m", "services.cli", *args], env=env,
                                                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                                start_new_session=True,
-                                                preexec_fn=_die_with_parent())  # noqa: PLW1509 (just prctl)
+                                                start_new_session=True)
