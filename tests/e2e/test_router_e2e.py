@@ -51,6 +51,12 @@ def gpu_holders(e2e, adapter: str) -> set[str]:
     return {wid for wid in WORKERS if any(k.startswith(adapter + "@") for k in status(e2e, wid).gpu_adapters)}
 
 
+def router_sees_idle(e2e) -> bool:
+    """The router's last status of every worker shows nothing running or waiting."""
+    reply = e2e.router.ListWorkers(router_pb2.ListWorkersRequest(), timeout=10)
+    return all(w.status.running_requests + w.status.waiting_requests == 0 for w in reply.workers)
+
+
 def idle(e2e, wid: str) -> bool:
     s = status(e2e, wid)
     return s.running_requests == 0 and s.waiting_requests == 0 and s.kv_blocks_used == 0
@@ -73,6 +79,9 @@ def test_repeated_requests_for_one_adapter_stay_on_one_worker(e2e):
 def test_hot_adapter_spreads_cold_one_does_not(e2e):
     hot_served, cold_served = set(), set()
     for _ in range(3):
+        # the router counts a worker's load from its last status: let the previous round's
+        # "running" statuses clear, or the cold adapter's home looks over its bound
+        wait_for(lambda: router_sees_idle(e2e), timeout=10, what="router's view of the workers idle")
         hot = [e2e.router.Generate(ask("hot", 64, ignore_eos=True), timeout=120) for _ in range(12)]
         hot_served |= {served_by(call) for call in hot}       # metadata: every hot request is streaming
         cold_served.add(run(e2e.router, ask("cold"))[0])      # one cold request under that load
