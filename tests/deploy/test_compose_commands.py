@@ -14,7 +14,6 @@ import os
 import re
 import subprocess
 import sys
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ from protos import generate_pb2, router_pb2_grpc
 from services.healthcheck import check
 from tests.deploy import checks
 from tests.deploy.util import free_port, wait_until
-from tests.helpers import make_adapter
+from tests.helpers import fresh_pg_schema, make_adapter
 
 SERVICES = ("store", "worker", "router")
 pytestmark = [
@@ -166,17 +165,8 @@ def db_url(tmp_path):
     if not base:
         yield f"sqlite:///{tmp_path / 'index.sqlite'}"
         return
-    from sqlalchemy import create_engine, text
-    schema = f"compose_{uuid.uuid4().hex[:16]}"
-    admin = create_engine(base)
-    with admin.begin() as conn:
-        conn.execute(text(f"CREATE SCHEMA {schema}"))
-    try:
-        yield f"{base}{'&' if '?' in base else '?'}options=-csearch_path%3D{schema}"
-    finally:
-        with admin.begin() as conn:
-            conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
-        admin.dispose()
+    with fresh_pg_schema(base, "compose") as url:
+        yield url
 
 
 def test_compose_commands_serve_a_request(tmp_path, db_url):

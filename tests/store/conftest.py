@@ -3,10 +3,10 @@ test); the PostgreSQL run skips when OPENLORA_TEST_PG_URL is unset (.ci/postgres
 from __future__ import annotations
 
 import os
-import uuid
 
 import pytest
 
+from tests.helpers import fresh_pg_schema
 from tests.store.harness import StoreHarness
 
 PG_ENV = "OPENLORA_TEST_PG_URL"
@@ -20,18 +20,9 @@ def db_url(request, tmp_path):
     base = os.environ.get(PG_ENV)
     if not base:
         pytest.skip(f"PostgreSQL not available: {PG_ENV} is unset (`source .ci/postgres.sh` starts one)")
-    from sqlalchemy import create_engine, text
-    schema = f"t_{uuid.uuid4().hex[:16]}"
-    admin = create_engine(base)
-    with admin.begin() as conn:
-        conn.execute(text(f"CREATE SCHEMA {schema}"))
-    try:
-        # every connection of the store under test lives in the fresh schema
-        yield f"{base}{'&' if '?' in base else '?'}options=-csearch_path%3D{schema}"
-    finally:
-        with admin.begin() as conn:
-            conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
-        admin.dispose()
+    # every connection of the store under test lives in a fresh schema
+    with fresh_pg_schema(base, "t") as url:
+        yield url
 
 
 @pytest.fixture
