@@ -159,6 +159,9 @@ def sgmv_expand(y: torch.Tensor, b_pool: torch.Tensor, out_offsets: tuple[int, .
     use_dot = block_t >= 16
     if use_dot and (block_n < 16 or block_r < 16):
         raise ValueError("tl.dot path (block_t >= 16) needs block_n, block_r >= 16")
+    if use_dot and block_r == 32 and b_pool.dtype != torch.float32:
+        # faults with "misaligned address" (triton 3.6, H200): see default_config
+        raise ValueError("tl.dot path with bf16/fp16 B does not support block_r = 32; use 16 or 64")
     widths = [b - a for a, b in itertools.pairwise(offsets)]
     blocks = [triton.cdiv(w, block_n) for w in widths]
     cum_blocks = [sum(blocks[: i + 1]) for i in range(len(blocks))]
