@@ -36,6 +36,10 @@ class EngineConfig:
     # CPU). Buckets: None = 1, 2, 4, 8, 16, 32, 48, 64, 96, 128, then every 64, up to max_num_seqs.
     cuda_graphs: bool = True
     cuda_graph_buckets: tuple[int, ...] | None = None
+    # Overlap a step's output work (detokenize, stop strings, stream out) with the next step's
+    # forward pass: outputs then leave one step later, and a stop string can cost one extra
+    # (dropped) token of compute. None = on for CUDA (where the GPU runs ahead), off on CPU.
+    overlap_outputs: bool | None = None
 
     def __post_init__(self) -> None:
         if self.device != "auto":
@@ -64,6 +68,10 @@ class EngineConfig:
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
+
+    @property
+    def overlaps_outputs(self) -> bool:
+        return self.torch_device.type == "cuda" if self.overlap_outputs is None else self.overlap_outputs
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -1,10 +1,12 @@
 """LLMEngine: requests in, streamed RequestOutputs out, one background thread running steps.
 
 A step: (under the lock) serve LoadAdapter pins, schedule, build inputs; (unlocked) run
-the model and sample; (under the lock) append tokens, detokenize, check stops, emit
-outputs, finish sequences. add/abort/pin/stats take the lock only briefly, so they
-never wait for a forward pass; an abort frees blocks and slot at once, and a step in
-flight drops that sequence's token.
+the model and queue sampling on the device; (under the lock, while the GPU runs) send
+the previous step's outputs: detokenize, stop strings, callbacks; then read the tokens
+and record them (stops by token id or length free the sequence at once). On CPU, or
+with overlap_outputs off, a step sends its own outputs. add/abort/pin/stats take the
+lock only briefly, so they never wait for a forward pass; an abort frees blocks and
+slot at once, and a step in flight drops that sequence's token.
 """
 from __future__ import annotations
 
@@ -89,6 +91,8 @@ class LLMEngine:
         self._seqs: dict[str, Sequence] = {}
         self._detoks: dict[str, IncrementalDetokenizer] = {}
         self._pin_requests: list[_PinRequest] = []
+        # recorded tokens whose text is not out yet: (seq, token id, logprobs, token-id stop reason)
+        self._unsent: list[tuple[Sequence, int, TokenLogprobs | None, str]] = []
         self._user_pins: dict[str, int] = {}          # LoadAdapter pins by key
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -111,6 +115,7 @@ class LLMEngine:
         if self._thread is not None:
             self._thread.join(timeout=60)
         with self._cond:
+            self._send_outputs()
             for request_id in list(self._seqs):
                 self._abort_locked(request_id)
             for pr in self._pin_requests:
@@ -183,13 +188,19 @@ class LLMEngine:
     # ---- the step ---------------------------------------------------------------------
     def step(self) -> bool:
         """Run one step; False when nothing could run. The engine thread calls it; tests may
-        call it directly instead of start()."""
+        call it directly instead of start().
+
+        With overlap_outputs, the previous step's outputs (detokenize, stop strings, callbacks)
+        are produced while this step's forward runs on the GPU; token-id stops (eos, stop ids,
+        length) still take a sequence out before the next schedule.
+        """
         with self._cond:
             self._serve_pin_requests()
             out = self.scheduler.schedule()
             for seq in out.failed:
                 self._finish(seq, "error", [], "")
             if out.is_empty:
+                self._send_outputs()
                 return False
             now = time.monotonic()
             for seq in out.prefills:
@@ -200,37 +211,56 @@ class LLMEngine:
             rows = logits.detach().cpu().clone()          # the sampler edits logits in place
             for seq, row in zip(batch.seqs, rows):
                 self.on_logits(seq.request_id, row)
-        token_ids, logprobs = self.sampler(
+        sampled = self.sampler.launch(
             logits, [s.request.sampling for s in batch.seqs], [s.generator for s in batch.seqs],
             [s.all_token_ids if s.request.sampling.repetition_penalty != 1.0 else [] for s in batch.seqs])
+        if self._unsent:
+            with self._cond:
+                self._send_outputs()                       # the GPU is busy with this step meanwhile
+        token_ids, logprobs = sampled.result()
         with self._cond:
             for seq, token_id, lp in zip(batch.seqs, token_ids, logprobs):
-                if not seq.is_finished:                  # aborted while the model ran
-                    self._append_token(seq, token_id, lp)
+                if not seq.is_finished:                  # aborted, or stopped by a string, meanwhile
+                    self._record_token(seq, token_id, lp)
+            if not self.config.overlaps_outputs or not self.scheduler.has_work():
+                self._send_outputs()
         return True
 
-    def _append_token(self, seq: Sequence, token_id: int, logprob: TokenLogprobs | None) -> None:
+    def _record_token(self, seq: Sequence, token_id: int, logprob: TokenLogprobs | None) -> None:
+        """The token joins the sequence now; its text goes out with _send_outputs. A stop by
+        token id or length frees the sequence's blocks and slot at once."""
         sampling = seq.request.sampling
         seq.num_cached = seq.num_tokens
         seq.output_token_ids.append(token_id)
         seq.first_token_at = seq.first_token_at or time.monotonic()
-        detok = self._detoks[seq.request_id]
-        reason, text = "", ""
+        reason = ""
         if token_id in sampling.stop_token_ids:
             reason = "stop"
         elif token_id in self.eos_token_ids and not sampling.ignore_eos:
             reason = "eos"
-        else:
-            text = detok.add(token_id)
-            if detok.stopped:
-                reason = "stop"
-            elif len(seq.output_token_ids) >= sampling.max_tokens or seq.num_tokens >= self.max_seq_tokens:
-                reason = "length"
-        lps = [logprob] if logprob is not None else []
+        elif len(seq.output_token_ids) >= sampling.max_tokens or seq.num_tokens >= self.max_seq_tokens:
+            reason = "length"
         if reason:
-            self._finish(seq, reason, [token_id], text + detok.flush(), lps)
-        else:
-            self._emit(seq, [token_id], text, lps)
+            self.scheduler.finish(seq)
+        self._unsent.append((seq, token_id, logprob, reason))
+
+    def _send_outputs(self) -> None:
+        """Detokenize and stream the recorded tokens; finish sequences that stopped."""
+        unsent, self._unsent = self._unsent, []
+        for seq, token_id, logprob, reason in unsent:
+            if self._seqs.get(seq.request_id) is not seq:
+                continue                                   # cancelled or failed since: already final
+            detok = self._detoks[seq.request_id]
+            text = ""
+            if reason not in ("stop", "eos"):              # stop/eos tokens are not text
+                text = detok.add(token_id)
+                if detok.stopped:
+                    reason = "stop"
+            lps = [logprob] if logprob is not None else []
+            if reason:
+                self._finish(seq, reason, [token_id], text + detok.flush(), lps)
+            else:
+                self._emit(seq, [token_id], text, lps)
 
     # ---- internals (under the lock) ----------------------------------------------------
     def _check_admissible(self, request_id: str) -> None:

@@ -21,16 +21,21 @@ class Sampler:
         # requests without a seed share one stream (reproducible per engine run, not per request)
         self.shared_generator = torch.Generator(device=device).manual_seed(seed)
 
-    @torch.no_grad()
     def __call__(self, logits: torch.Tensor, params: list[SamplingConfig],
                  generators: list[torch.Generator | None],
                  histories: list[list[int]]) -> tuple[list[int], list[TokenLogprobs | None]]:
         """logits [B, V] float32 (modified in place); histories[i]: prompt + output ids of row i
-        (read only for a repetition penalty). Returns token ids [B] and logprobs per row.
+        (read only for a repetition penalty). Returns token ids [B] and logprobs per row."""
+        return self.launch(logits, params, generators, histories).result()
 
-        Batched on the device; the only device->host copy is the token ids at the end (and the
-        logprobs when some row asks for them). Rows that share the engine's stream draw their
-        noise in one call; a seeded row draws its V exponentials from its own generator.
+    @torch.no_grad()
+    def launch(self, logits: torch.Tensor, params: list[SamplingConfig], generators: list[torch.Generator | None],
+               histories: list[list[int]]) -> SampledTokens:
+        """Queue the sampling on the device and return at once (no host sync): the engine does
+        host work while the GPU runs, then reads the tokens with `.result()`.
+
+        Rows that share the engine's stream draw their noise in one call; a seeded row draws
+        its V exponentials from its own generator.
         """
         num_rows = logits.shape[0]
         max_top = max((p.logprobs for p in params), default=0)
@@ -51,17 +56,7 @@ class Sampler:
                 token_ids = choice
             else:
                 token_ids[rows] = choice
-        ids = token_ids.tolist()                                          # the step's one sync
-        logprobs: list[TokenLogprobs | None] = [None] * num_rows
-        if raw_logprobs is not None:
-            top_values, top_ids = raw_logprobs.topk(max_top, dim=-1)
-            chosen = raw_logprobs.gather(1, token_ids[:, None])[:, 0].tolist()
-            top_values, top_ids = top_values.tolist(), top_ids.tolist()
-            for i, p in enumerate(params):
-                if p.logprobs:
-                    top = list(zip(top_ids[i][: p.logprobs], top_values[i][: p.logprobs]))
-                    logprobs[i] = TokenLogprobs(ids[i], chosen[i], top)
-        return ids, logprobs
+        return SampledTokens(token_ids, raw_logprobs, [p.logprobs for p in params])
 
     def _exponential_noise(self, probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
         """E ~ Exp(1) [Bs, V]: one draw from the shared stream for all unseeded rows, V draws
@@ -117,3 +112,25 @@ def processed_probs(logits: torch.Tensor, params: list[SamplingConfig]) -> torch
     sorted_probs = sorted_probs.masked_fill((mass_before >= top_p[:, None]) & (ranks > 0), 0.0)
     probs = torch.zeros_like(sorted_probs).scatter_(-1, order, sorted_probs)
     return probs / probs.sum(-1, keepdim=True)
+
+
+class SampledTokens:
+    """A step's sampled tokens, still on the device until `result()` (the step's one sync)."""
+
+    def __init__(self, token_ids: torch.Tensor, raw_logprobs: torch.Tensor | None, num_logprobs: list[int]) -> None:
+        self._token_ids, self._raw_logprobs, self._num_logprobs = token_ids, raw_logprobs, num_logprobs
+
+    @torch.no_grad()
+    def result(self) -> tuple[list[int], list[TokenLogprobs | None]]:
+        """-> token ids [B] and, per row, the logprobs it asked for (None when it asked none)."""
+        ids = self._token_ids.tolist()
+        logprobs: list[TokenLogprobs | None] = [None] * len(ids)
+        if self._raw_logprobs is not None:
+            raw = self._raw_logprobs
+            top_values, top_ids = raw.topk(max(self._num_logprobs), dim=-1)
+            chosen = raw.gather(1, self._token_ids[:, None])[:, 0].tolist()
+            top_values, top_ids = top_values.tolist(), top_ids.tolist()
+            for i, n in enumerate(self._num_logprobs):
+                if n:
+                    logprobs[i] = TokenLogprobs(ids[i], chosen[i], list(zip(top_ids[i][:n], top_values[i][:n])))
+        return ids, logprobs

@@ -52,13 +52,15 @@ def adapters_of(adapter_factory):
     return get
 
 
-@pytest.fixture
-def make_engine():
-    """make(model_dir, source, **config) -> LLMEngine (float32, CPU); stopped at teardown."""
+@pytest.fixture(params=[False, True], ids=["sync-outputs", "overlap-outputs"])
+def make_engine(request):
+    """make(model_dir, source, **config) -> LLMEngine (float32, CPU); stopped at teardown.
+    Every engine test runs twice: outputs sent in their own step, and overlapped with the next
+    step's forward (the CUDA default, EngineConfig.overlap_outputs)."""
     engines = []
 
     def make(model_dir, source=None, **overrides):
-        config = EngineConfig(**{"device": "cpu", "dtype": "float32", **overrides})
+        config = EngineConfig(**{"device": "cpu", "dtype": "float32", "overlap_outputs": request.param, **overrides})
         engine = LLMEngine(config, str(model_dir), source or DirSource({}))
         engines.append(engine)
         return engine

@@ -217,3 +217,23 @@ def test_pin_and_unpin_adapters(tiny_model_dir, adapters, make_engine):
     # pin=False loads without pinning: evictable
     engine.pin_adapter(source.request("c"), pin=False).result(WAIT_S)
     assert sorted(engine.stats().gpu_adapters) == ["b", "c"] and engine.stats().free_adapter_slots == 1
+
+
+def test_overlapped_outputs_leave_one_step_later(tiny_model_dir, make_engine):
+    engine = make_engine(tiny_model_dir, overlap_outputs=True)
+    s = submit(engine, "r", [5, 6, 7], max_tokens=3, ignore_eos=True)
+    engine.step()                       # prefill: token 1 recorded, its text waits for the next step
+    assert s.outputs == []
+    engine.step()                       # token 1 streamed while token 2 is computed
+    assert len(s.token_ids) == 1
+    engine.step()                       # token 3 hits the length: nothing left to run, all sent
+    last = s.wait()
+    assert last.finish_reason == "length" and len(s.token_ids) == 3
+    assert engine.stats().kv_blocks_used == 0
+    # a cancel while a token is unsent: the cancel is the only (final) output
+    c = submit(engine, "c", [5, 6, 7], max_tokens=10, ignore_eos=True)
+    engine.step()
+    engine.abort_request("c")
+    assert not engine.step()
+    assert [(o.finish_reason, o.token_ids) for o in c.outputs] == [("cancelled", [])]
+    assert engine.stats().kv_blocks_used == 0
