@@ -29,7 +29,10 @@ class AttentionMeta:
 
 
 class PagedAttention:
-    """Writes the step's K/V into the layer's cache and attends (GQA)."""
+    """Writes the step's K/V into the layer's cache and attends (GQA).
+
+    `attend` alone when the K/V are already in the cache (the model's fused rope_and_cache op).
+    """
 
     def __init__(self, ops: KernelOps, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
         self.ops = ops
@@ -40,6 +43,12 @@ class PagedAttention:
                  v_cache: torch.Tensor, meta: AttentionMeta) -> torch.Tensor:
         """q [T, Hq, D], k/v [T, Hkv, D], caches [num_blocks, block_size, Hkv, D] -> [T, Hq, D]."""
         self.ops.write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
+        return self.attend(q, k, v, k_cache, v_cache, meta)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+               v_cache: torch.Tensor, meta: AttentionMeta) -> torch.Tensor:
+        """As __call__, with this step's k, v already written into the caches at meta.slot_mapping:
+        prefill queries read k, v, decode queries the caches."""
         num_prefill = meta.num_prefill_tokens
         if meta.num_decodes == 0:
             return self.ops.prefill_attention(q, k, v, meta.cu_seqlens, self.scale)

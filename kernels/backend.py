@@ -21,6 +21,10 @@ class KernelOps:
     write_kv_cache: Callable
     paged_attention_decode: Callable
     prefill_attention: Callable
+    rms_norm: Callable
+    add_rms_norm: Callable
+    rope_and_cache: Callable
+    silu_and_mul: Callable
 
 
 REFERENCE_OPS = KernelOps(
@@ -30,6 +34,10 @@ REFERENCE_OPS = KernelOps(
     write_kv_cache=reference.write_kv_cache_ref,
     paged_attention_decode=reference.paged_attention_decode_ref,
     prefill_attention=reference.prefill_attention_ref,
+    rms_norm=reference.rms_norm_ref,
+    add_rms_norm=reference.add_rms_norm_ref,
+    rope_and_cache=reference.rope_and_cache_ref,
+    silu_and_mul=reference.silu_and_mul_ref,
 )
 
 

@@ -114,3 +114,50 @@ def prefill_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_
         o = torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale)
         out[s:e] = o.transpose(0, 1)
     return out
+
+
+def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' LlamaRMSNorm: normalize in fp32, round to x's dtype, times weight in the dtype.
+
+    x [T, H], weight [H]. Returns a new [T, H] tensor.
+    """
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def add_rms_norm_ref(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """residual += x (in place, rounded to its dtype), then returns rms_norm_ref(residual)."""
+    residual.add_(x)
+    return rms_norm_ref(residual, weight, eps)
+
+
+def rotate_half_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rope, rotate-half (NeoX) convention, in x's dtype. x [T, H, D], cos/sin [T, 1, D]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def rope_and_cache_ref(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                       k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                       num_heads: int, num_kv_heads: int, head_dim: int
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Split the fused projection, rotate q and k, write k and v into the paged cache.
+
+    qkv [T, (Hq + 2 Hkv) * D]; positions [T]; cos/sin [max_len, D] tables; caches and
+    slot_mapping as write_kv_cache_ref. Returns new contiguous q [T, Hq, D], k, v [T, Hkv, D].
+    """
+    q_out, kv_out = num_heads * head_dim, num_kv_heads * head_dim
+    cos, sin = cos[positions][:, None, :], sin[positions][:, None, :]          # [T, 1, D]
+    q = rotate_half_ref(qkv[:, :q_out].view(-1, num_heads, head_dim), cos, sin)
+    k = rotate_half_ref(qkv[:, q_out:q_out + kv_out].view(-1, num_kv_heads, head_dim), cos, sin)
+    v = qkv[:, q_out + kv_out:].view(-1, num_kv_heads, head_dim).contiguous()
+    write_kv_cache_ref(k, v, k_cache, v_cache, slot_mapping)
+    return q, k, v
+
+
+def silu_and_mul_ref(gate_up: torch.Tensor) -> torch.Tensor:
+    """gate_up [T, 2I] -> silu(gate) * up [T, I], each op rounded to the dtype (as transformers)."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up

@@ -2,8 +2,11 @@
 
 A step is a flat list of T tokens of many sequences (see attention.py for the
 layout); every projection is a LoRALinear (q/k/v fused, gate/up fused) so tokens of
-different adapters share one base matmul. Numerics follow transformers' modeling_llama
-(fp32 RMSNorm, fp32 rope angles cast to the model dtype) so float32 logits match it.
+different adapters share one base matmul. Everything between the matmuls goes through
+fused kernel ops (kernels.backend): residual add + RMSNorm, rope + KV-cache write,
+SiLU-and-mul, a few launches per layer (each launch costs µs in a decode step). Numerics
+follow transformers' modeling_llama (fp32 RMSNorm, fp32 rope angles cast to the model
+dtype): the reference ops reproduce it exactly, so float32 logits match it.
 """
 from __future__ import annotations
 
@@ -11,7 +14,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from inference_worker.attention import AttentionMeta, PagedAttention
@@ -90,72 +92,73 @@ def rope_inv_freq(spec: LlamaSpec) -> torch.Tensor:
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, size: int, eps: float) -> None:
+    """transformers' LlamaRMSNorm through the kernel ops, optionally fused with the residual add."""
+
+    def __init__(self, size: int, eps: float, ops: KernelOps) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(size))
         self.eps = eps
+        self.ops = ops
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
-
-
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rope, rotate-half convention. x [T, H, D], cos/sin [T, 1, D]."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """norm(x) [T, H]; with a residual: residual += x in place, then norm(residual)."""
+        if residual is None:
+            return self.ops.rms_norm(x, self.weight, self.eps)
+        return self.ops.add_rms_norm(x, residual, self.weight, self.eps)
 
 
 class LlamaAttention(nn.Module):
     def __init__(self, spec: LlamaSpec, ops: KernelOps) -> None:
         super().__init__()
         self.spec = spec
+        self.ops = ops
         q_out, kv_out = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
         self.qkv_proj = LoRALinear(nn.Linear(spec.hidden_size, q_out + 2 * kv_out, bias=spec.qkv_bias),
                                    ("q_proj", "k_proj", "v_proj"), (q_out, kv_out, kv_out), ops)
         self.o_proj = LoRALinear(nn.Linear(q_out, spec.hidden_size, bias=spec.o_bias), ("o_proj",), (spec.hidden_size,), ops)
         self.attn = PagedAttention(ops, spec.num_heads, spec.num_kv_heads, spec.head_dim)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor],
-                attn: AttentionMeta, lora: LoraBatchMeta) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                kv_cache: tuple[torch.Tensor, torch.Tensor], attn: AttentionMeta, lora: LoraBatchMeta) -> torch.Tensor:
         spec = self.spec
-        q_out, kv_out = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
         qkv = self.qkv_proj(x, lora)                                              # [T, q_out + 2 kv_out]
-        q = qkv[:, :q_out].view(-1, spec.num_heads, spec.head_dim)
-        k = qkv[:, q_out:q_out + kv_out].view(-1, spec.num_kv_heads, spec.head_dim)
-        v = qkv[:, q_out + kv_out:].view(-1, spec.num_kv_heads, spec.head_dim)
-        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
-        out = self.attn(q, k, v.contiguous(), kv_cache[0], kv_cache[1], attn)    # [T, Hq, D]
-        return self.o_proj(out.reshape(-1, q_out), lora)
+        # rotates q, k (cos/sin rows gathered by position in the op) and writes k, v into the cache
+        q, k, v = self.ops.rope_and_cache(qkv, positions, rope[0], rope[1], kv_cache[0], kv_cache[1],
+                                          attn.slot_mapping, spec.num_heads, spec.num_kv_heads, spec.head_dim)
+        out = self.attn.attend(q, k, v, kv_cache[0], kv_cache[1], attn)          # [T, Hq, D]
+        return self.o_proj(out.reshape(-1, spec.num_heads * spec.head_dim), lora)
 
 
 class LlamaMLP(nn.Module):
     def __init__(self, spec: LlamaSpec, ops: KernelOps) -> None:
         super().__init__()
         inter = spec.intermediate_size
+        self.ops = ops
         self.gate_up_proj = LoRALinear(nn.Linear(spec.hidden_size, 2 * inter, bias=spec.mlp_bias),
                                        ("gate_proj", "up_proj"), (inter, inter), ops)
         self.down_proj = LoRALinear(nn.Linear(inter, spec.hidden_size, bias=spec.mlp_bias), ("down_proj",),
                                     (spec.hidden_size,), ops)
 
     def forward(self, x: torch.Tensor, lora: LoraBatchMeta) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x, lora).chunk(2, dim=-1)                    # [T, inter] each
-        return self.down_proj(F.silu(gate) * up, lora)
+        return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x, lora)), lora)   # [T, 2 inter] -> [T, inter]
 
 
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, spec: LlamaSpec, ops: KernelOps) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, ops)
         self.self_attn = LlamaAttention(spec, ops)
-        self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, ops)
         self.mlp = LlamaMLP(spec, ops)
 
-    def forward(self, h: torch.Tensor, cos, sin, kv_cache, attn: AttentionMeta, lora: LoraBatchMeta) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, kv_cache, attn, lora)
-        return h + self.mlp(self.post_attention_layernorm(h), lora)
+    def forward(self, h: torch.Tensor, pending: torch.Tensor | None, positions, rope, kv_cache, attn: AttentionMeta,
+                lora: LoraBatchMeta) -> tuple[torch.Tensor, torch.Tensor]:
+        """Residual stream h [T, hidden] (updated in place) and the previous layer's MLP output
+        `pending` not yet added to it (None in the first layer): each add is fused with the norm
+        that reads its result. -> (h, this layer's MLP output: the next layer's pending)."""
+        x = self.input_layernorm(h) if pending is None else self.input_layernorm(pending, h)
+        x = self.post_attention_layernorm(self.self_attn(x, positions, rope, kv_cache, attn, lora), h)
+        return h, self.mlp(x, lora)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -164,7 +167,7 @@ class LlamaForCausalLM(nn.Module):
         self.spec = spec
         self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
         self.layers = nn.ModuleList(LlamaDecoderLayer(spec, ops) for _ in range(spec.num_layers))
-        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, ops)
         self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
         if spec.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
@@ -186,9 +189,11 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
                 attn: AttentionMeta, lora: LoraBatchMeta, logits_indices: torch.Tensor) -> torch.Tensor:
         """input_ids/positions [T] -> logits [B, V] float32 at logits_indices [B] (one row per sequence)."""
-        h = self.embed_tokens(input_ids)                                          # [T, hidden]
-        cos, sin = self.rope_cos[positions][:, None, :], self.rope_sin[positions][:, None, :]   # [T, 1, D]
+        h = self.embed_tokens(input_ids)                  # [T, hidden] a fresh tensor: the layers add into it
+        pending = None
+        rope = (self.rope_cos, self.rope_sin)
         for layer, kv_cache in zip(self.layers, kv_caches):
-            h = layer(h, cos, sin, kv_cache, attn, lora)
-        h = self.norm(h[logits_indices])                                          # norm is per token
+            h, pending = layer(h, pending, positions, rope, kv_cache, attn, lora)
+        # norm is per token: only the rows that give logits (gathers are copies, safe to add into)
+        h = self.norm(h[logits_indices]) if pending is None else self.norm(pending[logits_indices], h[logits_indices])
         return self.lm_head(h).float()

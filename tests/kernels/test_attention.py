@@ -100,14 +100,18 @@ def test_prefill_attention(heads, kv_heads):
 
 
 def test_backend_picks_reference_on_cpu_and_triton_ops_match_signatures():
+    import dataclasses
     import inspect
 
     from kernels import reference
-    from kernels.backend import get_ops
+    from kernels.backend import REFERENCE_OPS, KernelOps, get_ops
     from kernels.triton_ops import TRITON_OPS
 
     assert get_ops("cpu").name == "reference"
-    for op in ("sgmv_shrink", "sgmv_expand", "write_kv_cache", "paged_attention_decode", "prefill_attention"):
+    ops = [f.name for f in dataclasses.fields(KernelOps) if f.name != "name"]
+    assert {"rms_norm", "add_rms_norm", "rope_and_cache", "silu_and_mul"} <= set(ops)
+    for op in ops:
+        assert getattr(REFERENCE_OPS, op) is getattr(reference, op + "_ref"), op
         ours = [p for p in inspect.signature(getattr(TRITON_OPS, op)).parameters.values()
                 if p.kind is not p.KEYWORD_ONLY]
         ref = list(inspect.signature(getattr(reference, op + "_ref")).parameters.values())
