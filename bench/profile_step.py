@@ -87,8 +87,10 @@ def time_it(fn, iters: int) -> float:
 
 
 def profile_workload(engine, workload, args, eng_args) -> dict:
-    running = fill(engine, workload, args, eng_args)
-    runner = engine.runner
+    fill(engine, workload, args, eng_args)
+    step = engine.scheduler.schedule()                   # room for each sequence's next token
+    assert not step.prefills and not step.preempted, "profile a decode-only step"
+    running, runner = step.decodes, engine.runner
     graph_batch = runner.prepare([], running)
     graphs, runner.graphs = runner.graphs, None
     eager_batch = runner.prepare([], running)            # no bucket: the eager forward
@@ -112,9 +114,11 @@ def profile_workload(engine, workload, args, eng_args) -> dict:
         count[kind] += ev.count // 5
         kernels.append({"name": ev.key[:120], "kind": kind, "ms": us / 5 / 1000, "calls": ev.count // 5})
     kernels.sort(key=lambda k: -k["ms"])
+    num_adapters = len({s.slot for s in running if s.slot >= 0})
+    tile = graph_batch.lora.block_t
     for seq in running:
         engine.abort_request(seq.request_id)
-    return {"batch": len(running), "adapters": len({s.slot for s in running if s.slot >= 0}),
+    return {"batch": len(running), "adapters": num_adapters, "graph_lora_tile": tile,
             "graph_ms": graph_ms, "eager_ms": eager_ms, "kernel_ms": sum(by_kind.values()),
             "kernel_calls": sum(count.values()),
             "by_kind": {k: {"ms": by_kind[k], "calls": count[k]} for k in sorted(by_kind, key=lambda k: -by_kind[k])},

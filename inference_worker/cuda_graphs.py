@@ -1,17 +1,21 @@
-"""CUDA graphs of decode-only steps, one per batch-size bucket (and per LoRA on/off).
+"""CUDA graphs of decode-only steps, one per batch-size bucket and LoRA token tile.
 
 Why: a decode step of an 8B model is ~1,000 small kernels; launched from Python the
 gaps between them cost about as much as the memory-bound work itself. A graph
 replays them with no host work. A graph fixes shapes and addresses, so a step of n
 decodes runs the graph of the smallest bucket b >= n over the runner's static input
 buffers (views of the first b entries), padded: input id 0, position 0, slot_mapping
--1 (no KV write), context_len 0 (attention returns zeros), one LoRA segment per token
-(b segments, base = -1; the SGMV grid depends on (T, G) only, so it is fixed per b).
-Rows past n are computed and dropped. Steps with prefills, or more decodes than the
-largest bucket, run eagerly.
+-1 (no KV write), context_len 0 (attention returns zeros), base model. Rows past n are
+computed and dropped. Steps with prefills, or more decodes than the largest bucket,
+run eagerly.
 
-Each bucket gets two graphs: with the LoRA kernels (some token has an adapter) and
-without (a base-only step skips 8 launches per layer). All graphs share one memory pool.
+LoRA: the decodes are sorted by slot, one segment per adapter, the segment table padded
+to b entries with empty segments (the SGMV grid depends on (T, G, token tile) only).
+The token tile must suit the step: tiles of 1 token when every token has its own
+adapter, 16 when a few adapters hold many tokens each (an adapter's A/B are then read
+once per 16 tokens; per-token tiles made one shared adapter cost 3x more on the H200).
+So each bucket has a graph without LoRA (a base-only step skips 8 launches per layer)
+and one per tile in LORA_TILES. All graphs share one memory pool.
 """
 from __future__ import annotations
 
@@ -21,6 +25,8 @@ import time
 from collections.abc import Callable
 
 import torch
+
+from kernels._common import pick_block_t
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +40,17 @@ def default_buckets(max_num_seqs: int) -> tuple[int, ...]:
     return tuple(sizes) + (max_num_seqs,)
 
 
+LORA_TILES = (1, 2, 16)
+
+
+def lora_tile(num_lora_tokens: int, num_lora_segments: int) -> int | None:
+    """The graph tile for a step's adapter tokens (None: no adapter in the step)."""
+    if not num_lora_segments:
+        return None
+    block_t = pick_block_t(num_lora_tokens, num_lora_segments)
+    return max(t for t in LORA_TILES if t <= block_t)
+
+
 def pick_bucket(buckets: tuple[int, ...], num_decodes: int) -> int | None:
     """Smallest bucket >= num_decodes (buckets sorted); None when none is large enough."""
     i = bisect.bisect_left(buckets, num_decodes)
@@ -41,38 +58,39 @@ def pick_bucket(buckets: tuple[int, ...], num_decodes: int) -> int | None:
 
 
 class DecodeGraphs:
-    """Captured decode graphs; `run_step(b, has_lora)` (ModelRunner.static_decode_forward) runs
-    the model over the static buffers of bucket b and returns its logits [b, V]."""
+    """Captured decode graphs; `run_step(b, tile)` (ModelRunner.static_decode_forward) runs the
+    model over the static buffers of bucket b (LoRA with token tile `tile`, None = no LoRA)
+    and returns its logits [b, V]."""
 
     def __init__(self, buckets: tuple[int, ...]) -> None:
         self.buckets = tuple(sorted(set(buckets)))
-        self._graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._graphs: dict[tuple[int, int | None], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
 
     def bucket_for(self, num_decodes: int) -> int | None:
         return pick_bucket(self.buckets, num_decodes)
 
-    def capture(self, run_step: Callable[[int, bool], torch.Tensor]) -> None:
+    def capture(self, run_step: Callable[[int, int | None], torch.Tensor]) -> None:
         """Largest bucket first, so smaller graphs reuse its pool memory."""
         start = time.perf_counter()
         pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream()
         for b in reversed(self.buckets):
-            for has_lora in (False, True):
+            for tile in (None, *LORA_TILES):
                 stream.wait_stream(torch.cuda.current_stream())
                 with torch.cuda.stream(stream):
-                    run_step(b, has_lora)           # warm-up: compiles Triton kernels, fills caches
+                    run_step(b, tile)               # warm-up: compiles Triton kernels, fills caches
                 torch.cuda.current_stream().wait_stream(stream)
                 torch.cuda.synchronize()
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool, stream=stream):
-                    logits = run_step(b, has_lora)
-                self._graphs[(b, has_lora)] = (graph, logits)
+                    logits = run_step(b, tile)
+                self._graphs[(b, tile)] = (graph, logits)
         torch.cuda.synchronize()
-        log.info("captured %d decode CUDA graphs (buckets %s) in %.1f s", len(self._graphs), self.buckets,
-                 time.perf_counter() - start)
+        log.info("captured %d decode CUDA graphs (buckets %s, LoRA tiles %s) in %.1f s", len(self._graphs),
+                 self.buckets, LORA_TILES, time.perf_counter() - start)
 
-    def replay(self, bucket: int, has_lora: bool) -> torch.Tensor:
+    def replay(self, bucket: int, tile: int | None) -> torch.Tensor:
         """-> logits [bucket, V] float32 (a static buffer: overwritten by the next replay)."""
-        graph, logits = self._graphs[(bucket, has_lora)]
+        graph, logits = self._graphs[(bucket, tile)]
         graph.replay()
         return logits

@@ -15,7 +15,7 @@ import torch
 
 from inference_worker.attention import AttentionMeta
 from inference_worker.block_manager import blocks_for
-from inference_worker.cuda_graphs import DecodeGraphs
+from inference_worker.cuda_graphs import DecodeGraphs, lora_tile
 from inference_worker.lora.metadata import LoraBatchMeta, segments_of
 from inference_worker.lora.slot_pool import SlotPool
 from inference_worker.model.llama import LlamaForCausalLM
@@ -104,16 +104,20 @@ class ModelRunner:
             context_lens.append(n)
         logits_indices += range(num_prefill_tokens, num_prefill_tokens + len(decodes))
         seqs = prefills + decodes
-        if bucket is None:
-            indptr, seg_slots = segments_of([s.slot for s in seqs], [s.num_new_tokens for s in seqs])
-        else:
-            # padding rows: no KV write (slot -1), empty context, base model; a segment per token
+        indptr, seg_slots = segments_of([s.slot for s in seqs], [s.num_new_tokens for s in seqs])
+        tile = None
+        if bucket is not None:
+            # padding rows: no KV write (slot -1), empty context, base model (past the last
+            # segment); the segment table padded with empty segments to the graph's `bucket`
             input_ids += [0] * num_pad
             positions += [0] * num_pad
             slot_mapping += [-1] * num_pad
             context_lens += [0] * num_pad
             logits_indices += range(len(decodes), num_rows)
-            indptr, seg_slots = range(num_rows + 1), [s.slot for s in decodes] + [-1] * num_pad
+            lora_segs = [g for g, slot in enumerate(seg_slots) if slot >= 0]
+            tile = lora_tile(sum(indptr[g + 1] - indptr[g] for g in lora_segs), len(lora_segs))
+            indptr += [indptr[-1]] * (num_rows - len(seg_slots))
+            seg_slots += [-1] * (num_rows - len(seg_slots))
         dev_tables = self._dev["block_tables"][: num_rows * width]
         dev_tables.copy_(self._host["block_tables"][: num_rows * width], non_blocking=True)
         attn = AttentionMeta(
@@ -123,7 +127,7 @@ class ModelRunner:
         lora = LoraBatchMeta(
             has_lora=any(s >= 0 for s in seg_slots), seg_indptr=self._upload("seg_indptr", indptr),
             seg_slots=self._upload("seg_slots", seg_slots), slot_ranks=self.slot_pool.slot_ranks,
-            slot_scales=self.slot_pool.slot_scales)
+            slot_scales=self.slot_pool.slot_scales, block_t=tile)
         return StepBatch(seqs=seqs, input_ids=self._upload("input_ids", input_ids),
                          positions=self._upload("positions", positions),
                          logits_indices=self._upload("logits_indices", logits_indices), attn=attn, lora=lora,
@@ -134,22 +138,24 @@ class ModelRunner:
         """-> logits [B, V] float32, row i for batch.seqs[i]."""
         self.slot_pool.wait_for_loads()          # on the device: adapter copies of this step's slots
         if batch.graph_bucket is not None:
-            return self.graphs.replay(batch.graph_bucket, batch.lora.has_lora)[: len(batch.seqs)]
+            tile = batch.lora.block_t if batch.lora.has_lora else None
+            return self.graphs.replay(batch.graph_bucket, tile)[: len(batch.seqs)]
         return self.model(batch.input_ids, batch.positions, self.kv_caches, batch.attn, batch.lora,
                           batch.logits_indices)
 
     # ---- CUDA graphs ------------------------------------------------------------------
-    def static_decode_forward(self, bucket: int, has_lora: bool) -> torch.Tensor:
+    def static_decode_forward(self, bucket: int, tile: int | None) -> torch.Tensor:
         """The model over the static buffers' first `bucket` rows, as prepare fills them for a
-        padded decode step: what a decode graph captures. -> logits [bucket, V] float32."""
+        padded decode step, LoRA with token tile `tile` (None = none): what a decode graph
+        captures. -> logits [bucket, V] float32."""
         d, width = self._dev, self.max_blocks_per_seq
         attn = AttentionMeta(num_prefill_tokens=0, num_decodes=bucket, slot_mapping=d["slot_mapping"][:bucket],
                              cu_seqlens=d["cu_seqlens"][:1],
                              block_tables=d["block_tables"][: bucket * width].view(bucket, width),
                              context_lens=d["context_lens"][:bucket])
-        lora = LoraBatchMeta(has_lora=has_lora, seg_indptr=d["seg_indptr"][: bucket + 1],
+        lora = LoraBatchMeta(has_lora=tile is not None, seg_indptr=d["seg_indptr"][: bucket + 1],
                              seg_slots=d["seg_slots"][:bucket], slot_ranks=self.slot_pool.slot_ranks,
-                             slot_scales=self.slot_pool.slot_scales)
+                             slot_scales=self.slot_pool.slot_scales, block_t=tile)
         return self.model(d["input_ids"][:bucket], d["positions"][:bucket], self.kv_caches, attn, lora,
                           d["logits_indices"][:bucket])
 

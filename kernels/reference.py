@@ -24,11 +24,13 @@ def _segments(seg_indptr: torch.Tensor, seg_slots: torch.Tensor):
 
 
 def sgmv_shrink_ref(x: torch.Tensor, a_pool: torch.Tensor, seg_indptr: torch.Tensor,
-                    seg_slots: torch.Tensor, slot_ranks: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+                    seg_slots: torch.Tensor, slot_ranks: torch.Tensor, out: torch.Tensor, *,
+                    config: dict | None = None) -> torch.Tensor:
     """out[t, m, :r] = x[t] @ a_pool[slot(t), m, :r]ᵀ; out[t, m, r:] = 0; base tokens -> 0.
 
     x [T, H_in], a_pool [S, M, R, H_in], out [T, M, R] (overwritten).
-    M > 1 stacks modules that share an input (q/k/v, gate/up).
+    M > 1 stacks modules that share an input (q/k/v, gate/up). config: the Triton
+    launcher's tuning (ignored here).
     """
     out.zero_()
     for start, end, slot in _segments(seg_indptr, seg_slots):
@@ -41,10 +43,11 @@ def sgmv_shrink_ref(x: torch.Tensor, a_pool: torch.Tensor, seg_indptr: torch.Ten
 
 def sgmv_expand_ref(y: torch.Tensor, b_pool: torch.Tensor, out_offsets: tuple[int, ...],
                     seg_indptr: torch.Tensor, seg_slots: torch.Tensor, slot_ranks: torch.Tensor,
-                    slot_scales: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+                    slot_scales: torch.Tensor, out: torch.Tensor, *, config: dict | None = None) -> torch.Tensor:
     """out[t, off_m:off_m+1] += scale[slot] * y[t, m, :r] @ b_pool[slot, off_m:off_m+1, :r]ᵀ.
 
     y [T, M, R], b_pool [S, N, R] with N = out_offsets[-1], out [T, N] (added in place).
+    config: the Triton launcher's tuning (ignored here).
     """
     for start, end, slot in _segments(seg_indptr, seg_slots):
         r = int(slot_ranks[slot])

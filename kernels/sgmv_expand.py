@@ -99,9 +99,10 @@ def _vec(max_rank: int, block_r: int) -> int:
     return vec
 
 
-def default_config(num_tokens: int, num_segs: int, n: int, max_rank: int) -> dict:
-    """Block sizes from host-known shapes (tuned on an H200, see bench/notes/kernels.md)."""
-    block_t = pick_block_t(num_tokens, num_segs)
+def default_config(num_tokens: int, num_segs: int, n: int, max_rank: int, block_t: int | None = None) -> dict:
+    """Block sizes from host-known shapes (tuned on an H200, see bench/notes/kernels.md);
+    block_t given: the other sizes for that token tile."""
+    block_t = block_t or pick_block_t(num_tokens, num_segs)
     rank_p2 = triton.next_power_of_2(max_rank)
     if block_t >= 16:
         # BLOCK_R = 32 on the tl.dot path faults ("misaligned address") with triton 3.6 on the
@@ -153,7 +154,7 @@ def sgmv_expand(y: torch.Tensor, b_pool: torch.Tensor, out_offsets: tuple[int, .
     num_segs = check_lora_meta(seg_indptr, seg_slots, slot_ranks, num_slots, slot_scales)
     if num_tokens == 0:
         return out
-    cfg = default_config(num_tokens, num_segs, n, max_rank)
+    cfg = default_config(num_tokens, num_segs, n, max_rank, (config or {}).get("block_t"))
     cfg.update(config or {})
     block_t, block_n, block_r = cfg["block_t"], cfg["block_n"], cfg["block_r"]
     use_dot = block_t >= 16

@@ -106,9 +106,10 @@ def _sgmv_shrink_kernel(x_ptr, a_ptr, y_ptr, indptr_ptr, slots_ptr, ranks_ptr,
 
 
 def default_config(num_tokens: int, num_segs: int, ncol: int, max_rank: int, h_in: int,
-                   atomic_ok: bool) -> dict:
-    """Block sizes from host-known shapes (tuned on an H200, see bench/notes/kernels.md)."""
-    block_t = pick_block_t(num_tokens, num_segs)
+                   atomic_ok: bool, block_t: int | None = None) -> dict:
+    """Block sizes from host-known shapes (tuned on an H200, see bench/notes/kernels.md);
+    block_t given: the other sizes for that token tile."""
+    block_t = block_t or pick_block_t(num_tokens, num_segs)
     if block_t >= 16:
         # long segments: x tiles of up to 64 tokens. Split H_in 4 ways at 4096, 8 at 14336
         # when there are many tiles (prefill), 16 ways when few (a 64-token decode batch of
@@ -159,7 +160,8 @@ def sgmv_shrink(x: torch.Tensor, a_pool: torch.Tensor, seg_indptr: torch.Tensor,
     if num_tokens == 0:
         return out
     ncol = num_mods * max_rank
-    cfg = default_config(num_tokens, num_segs, ncol, max_rank, h_in, out.dtype == torch.float32)
+    cfg = default_config(num_tokens, num_segs, ncol, max_rank, h_in, out.dtype == torch.float32,
+                         (config or {}).get("block_t"))
     cfg.update(config or {})
     block_t, block_n, block_k, split_k = cfg["block_t"], cfg["block_n"], cfg["block_k"], cfg["split_k"]
     use_dot = block_t >= 16

@@ -44,7 +44,8 @@ class LoRALinear(nn.Module):
         num_modules, max_rank = self.a_pool.shape[1], self.a_pool.shape[2]
         # fp32 intermediate: the Triton shrink needs it for split-K, and it keeps precision in bf16
         y = self.shrink_scratch[: x.shape[0] * num_modules * max_rank].view(x.shape[0], num_modules, max_rank)
-        self.ops.sgmv_shrink(x, self.a_pool, lora.seg_indptr, lora.seg_slots, lora.slot_ranks, y)
+        config = None if lora.block_t is None else {"block_t": lora.block_t}
+        self.ops.sgmv_shrink(x, self.a_pool, lora.seg_indptr, lora.seg_slots, lora.slot_ranks, y, config=config)
         self.ops.sgmv_expand(y, self.b_pool, self.out_offsets, lora.seg_indptr, lora.seg_slots,
-                             lora.slot_ranks, lora.slot_scales, out)
+                             lora.slot_ranks, lora.slot_scales, out, config=config)
         return out

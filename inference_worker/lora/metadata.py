@@ -19,6 +19,10 @@ class LoraBatchMeta:
     seg_slots: torch.Tensor               # [G] int32 slot of segment g, -1 = base model
     slot_ranks: torch.Tensor              # [S] int32 true rank of each slot (the pool's, not per step)
     slot_scales: torch.Tensor             # [S] float32 alpha/r (or alpha/sqrt(r)) of each slot
+    # token tile of the SGMV kernels; None = the kernels pick it from T and G. A decode CUDA graph
+    # fixes it at capture (its grid depends on it), so the runner picks the graph whose tile
+    # suits the step's tokens per segment.
+    block_t: int | None = None
 
 
 def segments_of(slots: list[int], num_tokens: list[int]) -> tuple[list[int], list[int]]:

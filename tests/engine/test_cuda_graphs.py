@@ -2,9 +2,10 @@
 the model over the same static buffers a capture records) give the eager engine's outputs."""
 from __future__ import annotations
 
+import pytest
 import torch
 
-from inference_worker.cuda_graphs import DecodeGraphs, default_buckets, pick_bucket
+from inference_worker.cuda_graphs import DecodeGraphs, default_buckets, lora_tile, pick_bucket
 from tests.engine.doubles import DirSource
 from tests.engine.harness import Driver
 from tests.engine.test_correctness import _workload
@@ -30,12 +31,20 @@ class EmulatedGraphs(DecodeGraphs):
         super().__init__(buckets)
         self.runner = runner
 
-    def replay(self, bucket: int, has_lora: bool) -> torch.Tensor:
+    def replay(self, bucket: int, tile: int | None) -> torch.Tensor:
         with torch.inference_mode():
-            return self.runner.static_decode_forward(bucket, has_lora)
+            return self.runner.static_decode_forward(bucket, tile)
 
 
-def test_padded_graph_steps_match_eager(family_model, adapters_of, make_engine):
+def one_adapter_workload(driver: Driver, tokenizer):
+    """12 requests on one adapter + 2 base: a graph step's adapter tokens share one segment."""
+    reqs = [driver.request(f"s{i}", tokenizer(f"request {i} of a popular adapter").input_ids,
+                           "" if i % 7 == 0 else "a8", max_tokens=6 + i % 3, temperature=0.0) for i in range(14)]
+    return {0: reqs[:8], 1: reqs[8:]}, reqs
+
+
+@pytest.mark.parametrize("workload,tiles", [(_workload, {1, 2}), (one_adapter_workload, {16})])
+def test_padded_graph_steps_match_eager(family_model, adapters_of, make_engine, workload, tiles):
     model_dir = family_model("llama")
     adapter_dirs = adapters_of(model_dir)
     runs, buckets_used = {}, []
@@ -48,14 +57,14 @@ def test_padded_graph_steps_match_eager(family_model, adapters_of, make_engine):
             def recording_prepare(prefills, decodes, prepare=prepare, buckets_used=buckets_used):
                 batch = prepare(prefills, decodes)
                 if batch.graph_bucket is not None:
-                    buckets_used.append((batch.graph_bucket, len(decodes), batch.lora.has_lora))
+                    buckets_used.append((batch.graph_bucket, len(decodes), batch.lora.block_t))
                 return batch
             engine.runner.prepare = recording_prepare
         driver = Driver(engine)
-        arrivals, requests = _workload(driver, engine.tokenizer)
+        arrivals, requests = workload(driver, engine.tokenizer)
         runs[name] = driver.run(arrivals)
     assert any(bucket > n for bucket, n, _ in buckets_used)           # padded rows were run
-    assert {has_lora for _, _, has_lora in buckets_used} == {True}
+    assert {tile for _, _, tile in buckets_used} & tiles              # the tile of the workload's shape
     for rid, want in runs["eager"].items():
         got = runs["graphs"][rid]
         assert got.token_ids == want.token_ids
@@ -72,4 +81,10 @@ def test_padded_base_only_steps_use_the_graph_without_lora(family_model, make_en
     engine.runner.prepare = lambda p, d: batches.append(prepare(p, d)) or batches[-1]
     driver.run({0: reqs})
     graph_steps = [b for b in batches if b.graph_bucket is not None]
-    assert graph_steps and all(b.graph_bucket == 4 and not b.lora.has_lora for b in graph_steps)
+    assert graph_steps and all(b.graph_bucket == 4 and not b.lora.has_lora and b.lora.block_t is None
+                               for b in graph_steps)
+
+
+def test_lora_tile_follows_tokens_per_adapter():
+    assert lora_tile(0, 0) is None
+    assert [lora_tile(64, g) for g in (64, 47, 32, 8, 4, 1)] == [1, 1, 2, 2, 16, 16]

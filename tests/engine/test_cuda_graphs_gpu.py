@@ -9,11 +9,12 @@ from inference_worker.engine import LLMEngine
 from tests.engine.doubles import DirSource
 from tests.engine.harness import Driver
 from tests.engine.test_correctness import _workload
+from tests.engine.test_cuda_graphs import one_adapter_workload
 
 pytestmark = pytest.mark.gpu
 
 
-def _run(model_dir, adapter_dirs, dtype, cuda_graphs):
+def _run(model_dir, adapter_dirs, dtype, cuda_graphs, workload=_workload):
     config = EngineConfig(device="cuda", dtype=dtype, max_adapter_slots=2, max_lora_rank=32, max_num_seqs=16,
                           max_model_len=128, cuda_graphs=cuda_graphs)
     engine = LLMEngine(config, str(model_dir), DirSource(adapter_dirs))
@@ -21,22 +22,24 @@ def _run(model_dir, adapter_dirs, dtype, cuda_graphs):
         replays = []
         if engine.runner.graphs is not None:
             replay = engine.runner.graphs.replay
-            engine.runner.graphs.replay = lambda b, lora: replays.append((b, lora)) or replay(b, lora)
+            engine.runner.graphs.replay = lambda b, tile: replays.append((b, tile)) or replay(b, tile)
         driver = Driver(engine)
-        arrivals, _ = _workload(driver, engine.tokenizer)
+        arrivals, _ = workload(driver, engine.tokenizer)
         return driver.run(arrivals), replays, engine.slot_pool.num_evictions
     finally:
         engine.stop()
 
 
+@pytest.mark.parametrize("workload,tiles", [(_workload, {1, 2}), (one_adapter_workload, {16})])
 @pytest.mark.parametrize("dtype,tol", [("float32", 1e-3), ("bfloat16", 0.1)])
-def test_graph_replay_matches_eager(family_model, adapters_of, dtype, tol):
+def test_graph_replay_matches_eager(family_model, adapters_of, dtype, tol, workload, tiles):
     model_dir = family_model("llama")
     adapter_dirs = adapters_of(model_dir)
-    eager, no_replays, _ = _run(model_dir, adapter_dirs, dtype, cuda_graphs=False)
-    graphs, replays, evictions = _run(model_dir, adapter_dirs, dtype, cuda_graphs=True)
-    assert not no_replays and replays and {lora for _, lora in replays} >= {True}
-    assert evictions > 0                                # adapters swapped through the async copy path
+    eager, no_replays, _ = _run(model_dir, adapter_dirs, dtype, cuda_graphs=False, workload=workload)
+    graphs, replays, evictions = _run(model_dir, adapter_dirs, dtype, cuda_graphs=True, workload=workload)
+    assert not no_replays and replays and {tile for _, tile in replays} & tiles
+    if workload is _workload:
+        assert evictions > 0                            # adapters swapped through the async copy path
     for rid, want in eager.items():
         got = graphs[rid]
         if dtype == "float32":

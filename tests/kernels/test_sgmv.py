@@ -224,3 +224,32 @@ def test_sgmv_gpu_cuda_graph_no_sync():
                                   torch.zeros(tokens, n_out, device="cuda"))
         assert rel_err(y, y_ref) < 1e-2
         assert rel_err(out, out_ref) < 2e-2
+
+
+@pytest.mark.parametrize("block_t", [1, 2, 16])
+def test_graph_layout_any_tile(block_t):
+    """A decode graph's layout: segments sorted by slot, the table padded with empty segments to
+    G = T, padding tokens past the last real segment; any token tile gives the reference."""
+    seed = random.randrange(1 << 30)
+    gen = torch.Generator().manual_seed(seed)
+    lens, slots = [2, 5, 1, 3], [-1, 0, 2, 1]                  # 11 real tokens, base first
+    num_tokens = 14                                            # + 3 padding rows
+    indptr = [0]
+    for n in lens:
+        indptr.append(indptr[-1] + n)
+    indptr += [indptr[-1]] * (num_tokens - len(lens))
+    slots += [-1] * (num_tokens - len(lens))
+    indptr = torch.tensor(indptr, dtype=torch.int32, device=DEV)
+    slots = torch.tensor(slots, dtype=torch.int32, device=DEV)
+    a, b, ranks, scales = make_pools(3, 2, 16, 24, 40, [16, 4, 9], torch.float32, DEV, gen)
+    x = torch.randn(num_tokens, 24, generator=gen).to(DEV)
+    y = torch.full((num_tokens, 2, 16), float("nan"), device=DEV)
+    sgmv_shrink(x, a, indptr, slots, ranks, y, config={"block_t": block_t})
+    y_ref = sgmv_shrink_ref(x, a, indptr, slots, ranks, torch.empty_like(y))
+    assert rel_err(y, y_ref) < 1e-4, f"seed {seed}"
+    out0 = torch.randn(num_tokens, 40, generator=gen).to(DEV)
+    out = out0.clone()
+    sgmv_expand(y, b, (0, 24, 40), indptr, slots, ranks, scales, out, config={"block_t": block_t})
+    want = sgmv_expand_ref(y_ref, b, (0, 24, 40), indptr, slots, ranks, scales, out0.clone())
+    assert rel_err(out, want) < 1e-4, f"seed {seed}"
+    assert torch.equal(out[11:], out0[11:]) and torch.equal(out[:2], out0[:2])   # padding and base rows
