@@ -26,6 +26,9 @@ class AttentionMeta:
     cu_seqlens: torch.Tensor              # [P+1] int32 prefill sequence bounds in [0, Tp)
     block_tables: torch.Tensor            # [D, max_blocks_per_seq] int32 decode sequences' blocks
     context_lens: torch.Tensor            # [D] int32 cached tokens of each decode sequence, new one included
+    # cu_seqlens as host ints (the runner knows them): prefill attention then needs no host sync;
+    # None = read cu_seqlens back
+    prefill_bounds: tuple[int, ...] | None = None
 
 
 class PagedAttention:
@@ -50,14 +53,19 @@ class PagedAttention:
         """As __call__, with this step's k, v already written into the caches at meta.slot_mapping:
         prefill queries read k, v, decode queries the caches."""
         num_prefill = meta.num_prefill_tokens
+        # host-known bounds: reading cu_seqlens back would sync every layer (the GPU then idles
+        # while the host launches the rest of the layer)
+        bounds = meta.prefill_bounds
+        hints = {} if bounds is None else {"seq_bounds": list(bounds),
+                                           "max_seqlen": max((e - s for s, e in zip(bounds, bounds[1:])), default=0)}
         if meta.num_decodes == 0:
-            return self.ops.prefill_attention(q, k, v, meta.cu_seqlens, self.scale)
+            return self.ops.prefill_attention(q, k, v, meta.cu_seqlens, self.scale, **hints)
         if num_prefill == 0:
             return self.ops.paged_attention_decode(q, k_cache, v_cache, meta.block_tables,
                                                    meta.context_lens, self.scale)
         out = torch.empty_like(q)
         out[:num_prefill] = self.ops.prefill_attention(q[:num_prefill], k[:num_prefill], v[:num_prefill],
-                                                       meta.cu_seqlens, self.scale)
+                                                       meta.cu_seqlens, self.scale, **hints)
         out[num_prefill:] = self.ops.paged_attention_decode(q[num_prefill:], k_cache, v_cache,
                                                             meta.block_tables, meta.context_lens, self.scale)
         return out

@@ -26,7 +26,7 @@ from collections.abc import Callable
 
 import torch
 
-from kernels._common import pick_block_t
+from kernels.tiles import pick_block_t
 
 log = logging.getLogger(__name__)
 

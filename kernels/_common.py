@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.tiles import pick_block_t  # noqa: F401  (re-exported: the launchers import it from here)
+
 
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -52,16 +54,6 @@ def check_lora_meta(seg_indptr: torch.Tensor, seg_slots: torch.Tensor, slot_rank
                          f"{tuple(slot_scales.shape)} {slot_scales.dtype}")
     check_contiguous(seg_indptr=seg_indptr, seg_slots=seg_slots, slot_ranks=slot_ranks)
     return num_segs
-
-
-def pick_block_t(num_tokens: int, num_segs: int) -> int:
-    """Token tile from the average segment length (host ints only; any real mix stays correct)."""
-    avg = num_tokens / max(num_segs, 1)
-    if avg < 1.5:
-        return 1
-    if avg < 12:
-        return 2          # H200 sweep: 2-token tiles beat 4 and 8 for 4..8-token segments
-    return min(64, max(16, triton.next_power_of_2(int(avg))))
 
 
 def num_tiles_bound(num_tokens: int, num_segs: int, block_t: int) -> int:

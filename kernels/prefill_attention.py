@@ -44,14 +44,13 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
         return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
                                       softmax_scale=scale, causal=True)
     bounds = seq_bounds if seq_bounds is not None else cu_seqlens.tolist()
-    group = q.shape[1] // k.shape[1]
+    gqa = q.shape[1] != k.shape[1]
     out = torch.empty_like(q)
     for s, e in itertools.pairwise(bounds):
         if e == s:
             continue
         qs, ks, vs = (t[s:e].transpose(0, 1) for t in (q, k, v))            # [H, n, D]
-        if group > 1:
-            ks = ks.repeat_interleave(group, dim=0)
-            vs = vs.repeat_interleave(group, dim=0)
-        out[s:e] = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale).transpose(0, 1)
+        # enable_gqa: SDPA maps query heads to KV heads itself (no repeated K/V copies)
+        out[s:e] = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale,
+                                                  enable_gqa=gqa).transpose(0, 1)
     return out

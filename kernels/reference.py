@@ -100,14 +100,15 @@ def paged_attention_decode_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
 
 
 def prefill_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
-                          scale: float) -> torch.Tensor:
+                          scale: float, *, max_seqlen: int | None = None,
+                          seq_bounds: list[int] | None = None) -> torch.Tensor:
     """Causal attention within each packed sequence (varlen).
 
     q [T, Hq, D], k/v [T, Hkv, D], cu_seqlens [B+1] int32. Returns [T, Hq, D].
     """
     group = q.shape[1] // k.shape[1]
     out = torch.empty_like(q)
-    bounds = cu_seqlens.tolist()
+    bounds = seq_bounds if seq_bounds is not None else cu_seqlens.tolist()   # max_seqlen: unused here
     for s, e in itertools.pairwise(bounds):
         if e == s:
             continue

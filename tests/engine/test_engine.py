@@ -237,3 +237,25 @@ def test_overlapped_outputs_leave_one_step_later(tiny_model_dir, make_engine):
     assert not engine.step()
     assert [(o.finish_reason, o.token_ids) for o in c.outputs] == [("cancelled", [])]
     assert engine.stats().kv_blocks_used == 0
+
+
+def test_prefill_attention_gets_host_bounds(tiny_model_dir, make_engine):
+    """The runner hands prefill attention its sequence bounds as host ints: reading cu_seqlens
+    back would be a host sync in every layer of a prompt step on a GPU."""
+    import dataclasses
+
+    engine = make_engine(tiny_model_dir)
+    calls = []
+    for layer in engine.model.layers:
+        attn = layer.self_attn.attn
+        ref = attn.ops.prefill_attention
+
+        def recording(q, k, v, cu_seqlens, scale, ref=ref, **hints):
+            calls.append((cu_seqlens.tolist(), hints))
+            return ref(q, k, v, cu_seqlens, scale, **hints)
+        attn.ops = dataclasses.replace(attn.ops, prefill_attention=recording)
+    for i, n in enumerate((5, 3, 7)):
+        submit(engine, f"r{i}", [5 + j for j in range(n)], max_tokens=2)
+    engine.step()
+    assert calls and all(h == {"seq_bounds": [0, 5, 8, 15], "max_seqlen": 7} and b == [0, 5, 8, 15]
+                         for b, h in calls)
