@@ -43,5 +43,17 @@ def test_graph_replay_matches_eager(family_model, adapters_of, dtype, tol, workl
     for rid, want in eager.items():
         got = graphs[rid]
         if dtype == "float32":
-            assert got.token_ids == want.token_ids
+            assert_same_greedy_tokens(rid, got, want, tie=1e-4)
         torch.testing.assert_close(got.logits[0], want.logits[0], atol=tol, rtol=tol)   # same inputs
+
+
+def assert_same_greedy_tokens(rid, got, want, tie: float) -> None:
+    """Equal greedy tokens, except that a near-tie in the eager logits (top-2 gap < tie) may
+    go either way; the sequences differ from there on, so comparison stops there. (Split-K
+    shrinks add with fp32 atomics: the last bits of a run are not deterministic.)"""
+    for i, (a, b) in enumerate(zip(got.token_ids, want.token_ids)):
+        if a != b:
+            top2 = want.logits[i].topk(2).values
+            assert float(top2[0] - top2[1]) < tie, f"{rid}: token {i} differs ({a} vs {b}) without a near-tie"
+            return
+    assert len(got.token_ids) == len(want.token_ids), rid
