@@ -57,8 +57,15 @@ def check_lora_meta(seg_indptr: torch.Tensor, seg_slots: torch.Tensor, slot_rank
 
 
 def num_tiles_bound(num_tokens: int, num_segs: int, block_t: int) -> int:
-    """Upper bound of sum_g ceil(len_g / BLOCK_T) over the G segments plus the tail one."""
-    return num_tokens // block_t + num_segs + 1
+    """Upper bound of the tiles sum_g ceil(len_g / BLOCK_T) over the G segments plus the tail.
+
+    Each of the G+1 terms is at most (len_g + BLOCK_T - 1) / BLOCK_T, so the sum is at most
+    (T + (G+1)(BLOCK_T-1)) / BLOCK_T: exactly T for 1-token tiles (a decode graph pads its
+    segment table to G = T; the looser T + G + 1 launched twice the programs, half of them
+    empty), and never more than the old T // BLOCK_T + G + 1.
+    """
+    tight = (num_tokens + (num_segs + 1) * (block_t - 1)) // block_t
+    return min(tight, num_tokens // block_t + num_segs + 1)
 
 
 @triton.jit

@@ -253,3 +253,21 @@ def test_graph_layout_any_tile(block_t):
     want = sgmv_expand_ref(y_ref, b, (0, 24, 40), indptr, slots, ranks, scales, out0.clone())
     assert rel_err(out, want) < 1e-4, f"seed {seed}"
     assert torch.equal(out[11:], out0[11:]) and torch.equal(out[:2], out0[:2])   # padding and base rows
+
+
+def test_num_tiles_bound_covers_every_layout():
+    """The grid bound holds for any segment lengths (empty ones and a tail included), and is
+    exactly T for 1-token tiles (no empty programs in a padded decode graph)."""
+    import math
+
+    from kernels._common import num_tiles_bound
+
+    rng = random.Random(random.randrange(1 << 30))
+    for _ in range(3000):
+        num_segs, block_t = rng.randint(0, 70), rng.choice([1, 2, 4, 16, 32, 64])
+        lens = [rng.choice([0, 0, 1, 1, 2, 3, 5, 17, 64, 100]) for _ in range(num_segs)]
+        tail = rng.choice([0, 0, 1, 3, 20])
+        num_tokens = sum(lens) + tail
+        tiles = sum(math.ceil(n / block_t) for n in lens) + math.ceil(tail / block_t)
+        assert tiles <= num_tiles_bound(num_tokens, num_segs, block_t), (lens, tail, block_t)
+        assert num_tiles_bound(num_tokens, num_segs, 1) == num_tokens
