@@ -5,7 +5,7 @@ Math (reference: kernels.reference.prefill_attention_ref):
     for every sequence [s, e) of cu_seqlens; q [T, Hq, D], k/v [T, Hkv, D].
 
 flash-attn's `flash_attn_varlen_func` when it is importable (one launch, GQA native),
-else PyTorch SDPA per sequence. Prefill is not captured in CUDA graphs: the SDPA path
+else PyTorch SDPA per sequence (4-D, so its fused kernels apply). Prefill is not captured in CUDA graphs: the SDPA path
 reads cu_seqlens on the host (pass `seq_bounds` to avoid that sync), flash-attn needs
 max_seqlen (pass `max_seqlen`, else it is read from the device).
 """
@@ -49,8 +49,10 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
     for s, e in itertools.pairwise(bounds):
         if e == s:
             continue
-        qs, ks, vs = (t[s:e].transpose(0, 1) for t in (q, k, v))            # [H, n, D]
-        # enable_gqa: SDPA maps query heads to KV heads itself (no repeated K/V copies)
+        qs, ks, vs = (t[s:e].transpose(0, 1)[None] for t in (q, k, v))      # [1, H, n, D]
+        # 4-D inputs: SDPA's fused (flash / memory-efficient) kernels take only 4-D tensors, 3-D
+        # ones fall back to the unfused math path (~a dozen kernels and an n x n matrix per head).
+        # enable_gqa: SDPA maps query heads to KV heads itself (no repeated K/V copies).
         out[s:e] = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale,
-                                                  enable_gqa=gqa).transpose(0, 1)
+                                                  enable_gqa=gqa)[0].transpose(0, 1)
     return out
