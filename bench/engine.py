@@ -227,6 +227,8 @@ def parse_args(argv=None):
     p.add_argument("--peft-adapters", type=int, default=16)
     p.add_argument("--peft-batch", type=int, default=32)
     p.add_argument("--peft-output-len", type=int, default=128)
+    p.add_argument("--adapter-load-thread", action="store_true",
+                   help="issue adapter copies from a loader thread (EngineConfig.adapter_load_thread)")
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="CPU smoke: tiny model, a few requests")
@@ -252,7 +254,8 @@ def build_engine(args, model_dir: Path, source: BenchAdapterSource) -> LLMEngine
                           max_model_len=max_len, max_num_batched_tokens=max(2048, max_len, args.concurrency),
                           num_kv_blocks=args.concurrency * (max_len // block) + 1,
                           max_adapter_slots=args.max_slots, max_lora_rank=args.max_rank,
-                          cuda_graphs=args.graph_buckets != "none", cuda_graph_buckets=buckets)
+                          cuda_graphs=args.graph_buckets != "none", cuda_graph_buckets=buckets,
+                          adapter_load_thread=args.adapter_load_thread)
     return LLMEngine(config, str(model_dir), source, random_weights=True)
 
 

@@ -26,7 +26,7 @@ class TicketGate:
             return AdapterState.FAILED
         if not seq.ticket.ready():
             return AdapterState.PENDING
-        if self.slot_pool.loads_async:
+        if self.slot_pool.loads_in_background:
             return self._prefetch(seq)
         return AdapterState.READY
 
@@ -54,7 +54,13 @@ class TicketGate:
                 return AdapterState.FAILED
             self.slot_pool.release(key)
             self._prefetched[key] = None
-        return AdapterState.READY if self.slot_pool.is_loaded(key) else AdapterState.PENDING
+        try:
+            loaded = self.slot_pool.is_loaded(key)
+        except Exception as exc:  # noqa: BLE001 - a failed copy: this request fails, not the step
+            self._prefetched.pop(key, None)
+            seq.error = OpenLoRAError(f"adapter {key}: copying it into a device slot failed: {exc}")
+            return AdapterState.FAILED
+        return AdapterState.READY if loaded else AdapterState.PENDING
 
     def acquire(self, seq: Sequence) -> bool:
         if seq.ticket is None:

@@ -40,6 +40,10 @@ class EngineConfig:
     # forward pass: outputs then leave one step later, and a stop string can cost one extra
     # (dropped) token of compute. None = on for CUDA (where the GPU runs ahead), off on CPU.
     overlap_outputs: bool | None = None
+    # Issue adapter copies into device slots from a loader thread (~10 ms of host time per
+    # Llama-3-8B adapter kept off the engine thread). Off by default until it has run on a GPU
+    # (tested on CPU only; `bench/engine.py --adapter-load-thread` measures it).
+    adapter_load_thread: bool = False
 
     def __post_init__(self) -> None:
         if self.device != "auto":

@@ -70,7 +70,8 @@ class LLMEngine:
         self.ops = get_ops(device)                    # reference kernels on CPU, Triton on CUDA
         self.model = load_model(model_dir, self.ops, device, dtype, config.max_model_len, random_weights=random_weights)
         self.slot_pool = SlotPool(self.model.lora_layers(), config.max_adapter_slots, config.max_lora_rank,
-                                  config.max_num_batched_tokens, device, dtype)
+                                  config.max_num_batched_tokens, device, dtype,
+                                  load_thread=config.adapter_load_thread)
         num_blocks = _num_kv_blocks(config, spec, device, dtype)
         buckets = None
         if config.cuda_graphs and device.type == "cuda":
@@ -121,6 +122,7 @@ class LLMEngine:
             for pr in self._pin_requests:
                 pr.future.set_exception(Unavailable("engine stopped"))
             self._pin_requests.clear()
+        self.slot_pool.close()
 
     def add_request(self, request: EngineRequest) -> None:
         if not request.arrival_time:

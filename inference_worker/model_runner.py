@@ -137,7 +137,8 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, batch: StepBatch) -> torch.Tensor:
         """-> logits [B, V] float32, row i for batch.seqs[i]."""
-        self.slot_pool.wait_for_loads()          # on the device: adapter copies of this step's slots
+        # on the device: the adapter copies of this step's slots
+        self.slot_pool.wait_for_loads({s.slot for s in batch.seqs if s.slot >= 0})
         if batch.graph_bucket is not None:
             tile = batch.lora.block_t if batch.lora.has_lora else None
             return self.graphs.replay(batch.graph_bucket, tile)[: len(batch.seqs)]

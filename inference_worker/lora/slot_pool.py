@@ -11,13 +11,20 @@ add nothing). Nothing is allocated after start, so the buffers' addresses are st
 On CUDA a load is asynchronous: its copies (from pinned CPU memory) run on a side
 stream and end with an event. `is_loaded` polls that event (the scheduler admits a
 sequence only once its adapter is in, so no step waits for a copy), and
-`wait_for_loads` makes the compute stream wait for every load since the last step
-on the device, never on the host (LoadAdapter pins may be used by the next step).
+`wait_for_loads` makes the compute stream wait for the loads of a step's slots on the
+device (LoadAdapter pins may be used by the next step).
+
+With load_thread, the copies are issued by a loader thread: a Llama-3-8B adapter is
+~450 copies, ~10 ms of host time even issued from C++ (the GIL is released meanwhile),
+which on the engine thread would hold up the running batch's next step. A load is then
+a Future of its done event; `wait_for_loads` waits on the host only for a load the step
+needs that is not issued yet (a sequence admitted with its adapter in the same step).
 """
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
@@ -30,7 +37,8 @@ from services.errors import FailedPrecondition
 class SlotPool:
     def __init__(self, lora_layers: list[tuple[int, LoRALinear]], num_slots: int, max_rank: int,
                  max_tokens: int, device: torch.device, dtype: torch.dtype,
-                 policy: CachePolicy | None = None) -> None:
+                 policy: CachePolicy | None = None, load_thread: bool = False) -> None:
+        """load_thread: issue loads from a loader thread (EngineConfig.adapter_load_thread)."""
         self.num_slots, self.max_rank = num_slots, max_rank
         self.policy = policy or LRUPolicy()
         self.num_layers = 1 + max((i for i, _ in lora_layers), default=-1)
@@ -56,8 +64,11 @@ class SlotPool:
         self.num_evictions = 0
         self.loads_async = device.type == "cuda"
         self._copy_stream = torch.cuda.Stream(device) if self.loads_async else None
-        self._in_flight: dict[int, torch.cuda.Event] = {}     # slot -> event after its copies
-        self._unwaited: list[torch.cuda.Event] = []          # loads the compute stream has not waited for
+        # slot -> its load: the event after its copies, or (loader thread) a Future of that event
+        # (None on CPU)
+        self._in_flight: dict[int, Future | torch.cuda.Event] = {}
+        self._unwaited: dict[int, Future | torch.cuda.Event] = {}   # loads the compute stream has not waited for
+        self._loader = ThreadPoolExecutor(1, thread_name_prefix="slot-loader") if load_thread else None
         self._dirty_rank = [0] * num_slots                    # rows [0, r) of a slot may be non-zero
         # Set to a list to record loads (benchmarks): (start, end) CUDA events with timing, or
         # (None, seconds) on CPU; plus the host time the load took to issue.
@@ -73,24 +84,60 @@ class SlotPool:
     def resident(self) -> list[str]:
         return list(self._slot_of)
 
+    @property
+    def loads_in_background(self) -> bool:
+        """A load returns before its copies are done (poll is_loaded)."""
+        return self.loads_async or self._loader is not None
+
+    def close(self) -> None:
+        if self._loader is not None:
+            self._loader.shutdown(wait=True)
+
     def is_loaded(self, key: str) -> bool:
-        """Resident and its copies done (always, once resident, on CPU)."""
+        """Resident and its copies done (on CPU: issued, i.e. done)."""
         slot = self._slot_of.get(key)
         if slot is None:
             return False
-        event = self._in_flight.get(slot)
-        if event is not None and event.query():
-            del self._in_flight[slot]
-            event = None
-        return event is None
+        load = self._in_flight.get(slot)
+        if isinstance(load, Future):
+            if not load.done():
+                return False
+            load = self._loaded_event(slot, load)
+        if load is not None and not load.query():
+            return False
+        self._in_flight.pop(slot, None)
+        return True
 
-    def wait_for_loads(self) -> None:
-        """The compute stream waits (on the device) for every load issued so far."""
-        if self._unwaited:
-            stream = torch.cuda.current_stream(self._copy_stream.device)
-            for event in self._unwaited:
-                stream.wait_event(event)
-            self._unwaited.clear()
+    def wait_for_loads(self, slots: Iterable[int] | None = None) -> None:
+        """The compute stream waits (on the device) for the loads of `slots` (None: every load
+        issued so far); on the host only for such a load that the loader has not issued yet."""
+        if not self._unwaited:
+            return
+        wanted = list(self._unwaited) if slots is None else [s for s in slots if s in self._unwaited]
+        for slot in wanted:
+            load = self._unwaited.pop(slot)
+            if isinstance(load, Future):
+                load = self._loaded_event(slot, load)
+            if load is not None:
+                torch.cuda.current_stream(self._copy_stream.device).wait_event(load)
+
+    def _loaded_event(self, slot: int, future: Future) -> torch.cuda.Event | None:
+        """The done event of a loader-thread load (None on CPU), waiting for the loader to issue
+        it if need be. A failed load frees its slot (its rows are unknown: the next load zeroes
+        them) and raises."""
+        try:
+            event = future.result()
+        except Exception:
+            self._in_flight.pop(slot, None)
+            self._unwaited.pop(slot, None)
+            self._dirty_rank[slot] = self.max_rank
+            key = next((k for k, s in self._slot_of.items() if s == slot), None)
+            if key is not None:
+                self._evict(key)
+            raise
+        if self._in_flight.get(slot) is future:          # later polls query the event itself
+            self._in_flight[slot] = event
+        return event
 
     def num_unpinned(self) -> int:
         """Slots a new adapter could take now (empty, or holding an idle adapter)."""
@@ -158,7 +205,16 @@ class SlotPool:
     @torch.no_grad()
     def _load(self, slot: int, adapter: AdapterWeights, rank: int) -> None:
         host_start = time.perf_counter()
-        if self._copy_stream is None:
+        if self._loader is not None:
+            # the copies must follow the work already queued (a step may still read the evicted
+            # adapter's slot): an event on the compute stream now, waited by the copy stream
+            queued = None
+            if self._copy_stream is not None:
+                queued = torch.cuda.Event()
+                queued.record(torch.cuda.current_stream(self._copy_stream.device))
+            future = self._loader.submit(self._issue_load, slot, adapter, rank, queued, host_start)
+            self._in_flight[slot] = self._unwaited[slot] = future
+        elif self._copy_stream is None:
             self._copy_into(slot, adapter, rank)
             if self.load_timings is not None:
                 self.load_timings.append((None, time.perf_counter() - host_start, 0.0))
@@ -173,11 +229,31 @@ class SlotPool:
                 self._copy_into(slot, adapter, rank)
                 done = torch.cuda.Event(enable_timing=start is not None)
                 done.record()
-            self._in_flight[slot] = done
-            self._unwaited.append(done)
+            self._in_flight[slot] = self._unwaited[slot] = done
             if start is not None:
                 self.load_timings.append((start, done, time.perf_counter() - host_start))
         self.num_loads += 1
+
+    @torch.no_grad()
+    def _issue_load(self, slot: int, adapter: AdapterWeights, rank: int, queued: torch.cuda.Event | None,
+                    host_start: float) -> torch.cuda.Event | None:
+        """(loader thread) The copies of one load; -> the event after them (None on CPU)."""
+        if self._copy_stream is None:
+            self._copy_into(slot, adapter, rank)
+            if self.load_timings is not None:
+                self.load_timings.append((None, time.perf_counter() - host_start, 0.0))
+            return None
+        with torch.cuda.stream(self._copy_stream):
+            self._copy_stream.wait_event(queued)
+            start = torch.cuda.Event(enable_timing=True) if self.load_timings is not None else None
+            if start is not None:
+                start.record()
+            self._copy_into(slot, adapter, rank)
+            done = torch.cuda.Event(enable_timing=start is not None)
+            done.record()
+        if start is not None:
+            self.load_timings.append((start, done, time.perf_counter() - host_start))
+        return done
 
     def _copy_into(self, slot: int, adapter: AdapterWeights, rank: int) -> None:
         # Zero the slot only when a row the new adapter does not overwrite may be non-zero: a

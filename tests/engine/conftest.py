@@ -52,15 +52,17 @@ def adapters_of(adapter_factory):
     return get
 
 
-@pytest.fixture(params=[False, True], ids=["sync-outputs", "overlap-outputs"])
+@pytest.fixture(params=[False, True], ids=["sync", "background"])
 def make_engine(request):
     """make(model_dir, source, **config) -> LLMEngine (float32, CPU); stopped at teardown.
-    Every engine test runs twice: outputs sent in their own step, and overlapped with the next
-    step's forward (the CUDA default, EngineConfig.overlap_outputs)."""
+    Every engine test runs twice: with the CPU defaults, and with the engine's background work
+    on (outputs overlapped with the next step's forward, as on CUDA; adapter copies issued by a
+    loader thread)."""
     engines = []
 
     def make(model_dir, source=None, **overrides):
-        config = EngineConfig(**{"device": "cpu", "dtype": "float32", "overlap_outputs": request.param, **overrides})
+        cuda_like = {"overlap_outputs": request.param, "adapter_load_thread": request.param}
+        config = EngineConfig(**{"device": "cpu", "dtype": "float32", **cuda_like, **overrides})
         engine = LLMEngine(config, str(model_dir), source or DirSource({}))
         engines.append(engine)
         return engine

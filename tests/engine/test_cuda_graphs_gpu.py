@@ -14,9 +14,9 @@ from tests.engine.test_cuda_graphs import one_adapter_workload
 pytestmark = pytest.mark.gpu
 
 
-def _run(model_dir, adapter_dirs, dtype, cuda_graphs, workload=_workload):
+def _run(model_dir, adapter_dirs, dtype, cuda_graphs, workload=_workload, load_thread=False):
     config = EngineConfig(device="cuda", dtype=dtype, max_adapter_slots=2, max_lora_rank=32, max_num_seqs=16,
-                          max_model_len=128, cuda_graphs=cuda_graphs)
+                          max_model_len=128, cuda_graphs=cuda_graphs, adapter_load_thread=load_thread)
     engine = LLMEngine(config, str(model_dir), DirSource(adapter_dirs))
     try:
         replays = []
@@ -57,3 +57,15 @@ def assert_same_greedy_tokens(rid, got, want, tie: float) -> None:
             assert float(top2[0] - top2[1]) < tie, f"{rid}: token {i} differs ({a} vs {b}) without a near-tie"
             return
     assert len(got.token_ids) == len(want.token_ids), rid
+
+
+def test_loader_thread_gives_the_same_outputs(family_model, adapters_of):
+    """Adapter copies issued by the loader thread (EngineConfig.adapter_load_thread), swapped
+    through 2 slots: the same greedy tokens as loads issued by the engine thread."""
+    model_dir = family_model("llama")
+    adapter_dirs = adapters_of(model_dir)
+    want, _, _ = _run(model_dir, adapter_dirs, "float32", cuda_graphs=True)
+    got, _, evictions = _run(model_dir, adapter_dirs, "float32", cuda_graphs=True, load_thread=True)
+    assert evictions > 0
+    for rid, w in want.items():
+        assert_same_greedy_tokens(rid, got[rid], w, tie=1e-4)

@@ -259,3 +259,24 @@ def test_prefill_attention_gets_host_bounds(tiny_model_dir, make_engine):
     engine.step()
     assert calls and all(h == {"seq_bounds": [0, 5, 8, 15], "max_seqlen": 7} and b == [0, 5, 8, 15]
                          for b, h in calls)
+
+
+def test_failed_background_slot_load_fails_only_its_request(tiny_model_dir, adapters, make_engine):
+    """A copy into a device slot that fails in the loader thread ends that request with an error;
+    requests in flight (and later loads into the same slot) go on."""
+    from inference_worker.adapter_weights import load_peft_dir
+
+    good = load_peft_dir(adapters["a"], "a")
+    broken = load_peft_dir(adapters["a"], "broken")
+    module, (a, b) = next(iter(broken.modules.items()))
+    broken.modules[module] = (a.to("meta"), b)               # passes the shape checks, cannot be copied
+    engine = make_engine(tiny_model_dir, DirSource({}, weights={"a": good, "broken": broken}),
+                         adapter_load_thread=True, max_adapter_slots=2)
+    engine.start()
+    base = submit(engine, "base", [5, 6, 7], max_tokens=30, ignore_eos=True)
+    bad = submit(engine, "bad", [5, 6, 7], adapter="broken", max_tokens=4)
+    last = bad.wait()
+    assert last.finish_reason == "error" and "device slot" in str(last.error)
+    ok = submit(engine, "ok", [5, 6, 7], adapter="a", max_tokens=4, ignore_eos=True)
+    assert ok.wait().finish_reason == "length" and len(ok.token_ids) == 4
+    assert base.wait().finish_reason == "length" and len(base.token_ids) == 30

@@ -58,10 +58,10 @@ def adapter(key, rank, modules=("q_proj", "v_proj", "o_proj"), scaling=2.0, seed
         for layer in range(num_layers) for m in modules})
 
 
-def make_pool(num_slots=2, max_rank=8):
+def make_pool(num_slots=2, max_rank=8, load_thread=False):
     layers = make_layers()
     return SlotPool(layers, num_slots, max_rank, max_tokens=16, device=torch.device("cpu"),
-                    dtype=torch.float32), layers
+                    dtype=torch.float32, load_thread=load_thread), layers
 
 
 def test_load_layout_zero_padding_and_missing_modules():
@@ -161,3 +161,43 @@ def test_reload_zeroes_only_rows_it_does_not_overwrite():
             torch.testing.assert_close(lin.a_pool, ref.a_pool, rtol=0, atol=0)
             torch.testing.assert_close(lin.b_pool, ref.b_pool, rtol=0, atol=0)
         fresh_pool, fresh_layers = make_pool(num_slots=1)      # next comparison: a never-used pool
+
+
+def test_loader_thread_loads_in_background_and_steps_wait_for_their_slots():
+    import threading
+
+    pool, layers = make_pool(num_slots=2, load_thread=True)
+    qkv = layers[0][1]
+    try:
+        gate = threading.Event()
+        pool._loader.submit(gate.wait)                      # hold the loader: the load stays queued
+        w = adapter("x", rank=4)
+        slot = pool.acquire("x", lambda: w)                 # returns at once
+        assert pool.loads_in_background and not pool.is_loaded("x")
+        assert not qkv.a_pool[slot].any()                   # not copied yet
+        pool.wait_for_loads({1 - slot})                     # another slot: no wait
+        threading.Timer(0.2, gate.set).start()
+        pool.wait_for_loads({slot})                         # a step reading the slot waits for its load
+        assert torch.equal(qkv.a_pool[slot, 0, :4], w.modules[(0, "q_proj")][0])
+        assert pool.is_loaded("x") and pool.slot_ranks[slot] == 4
+    finally:
+        pool.close()
+
+
+def test_failed_background_load_frees_its_slot_and_raises():
+    pool, _ = make_pool(num_slots=1, load_thread=True)
+    try:
+        bad = adapter("bad", rank=2)
+        a, b = bad.modules[(0, "q_proj")]
+        bad.modules[(0, "q_proj")] = (a.to("meta"), b)        # passes the shape checks, fails to copy
+        pool.acquire("bad", lambda: bad)
+        pool._loader.submit(lambda: None).result()          # the load has run
+        with pytest.raises(NotImplementedError, match="meta"):
+            pool.is_loaded("bad")
+        assert pool.resident() == [] and pool.num_unpinned() == 1
+        good = adapter("good", rank=2)
+        slot = pool.acquire("good", lambda: good)
+        pool.wait_for_loads({slot})
+        assert pool.is_loaded("good")
+    finally:
+        pool.close()
