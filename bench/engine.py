@@ -308,13 +308,17 @@ def main(argv=None) -> dict:
         except Exception as exc:
             report["peft_baseline"] = {"error": f"{type(exc).__name__}: {exc}"}
     report["ratios"] = ratios(report)
-    table = summarize(report)
-    print(table)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=2))
-        Path(args.out).with_suffix(".md").write_text(table + "\n")
+    write_report(report, summarize(report), args.out)
     return report
+
+
+def write_report(report: dict, table: str, out: str) -> None:
+    """Print the table; with `out`, the JSON there and the table beside it (.md)."""
+    print(table)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(report, indent=2))
+        Path(out).with_suffix(".md").write_text(table + "\n")
 
 
 def ratios(report: dict) -> dict:

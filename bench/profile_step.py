@@ -177,12 +177,7 @@ def main(argv=None) -> dict:
             report["workloads"][name] = profile_workload(engine, WORKLOADS[name], args, eng_args)
             print(name, json.dumps({k: v for k, v in report["workloads"][name].items() if k != "top_kernels"}),
                   flush=True)
-    table = summarize(report)
-    print(table)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=2))
-        Path(args.out).with_suffix(".md").write_text(table + "\n")
+    engine_bench.write_report(report, summarize(report), args.out)
     return report
 
 

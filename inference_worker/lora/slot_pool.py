@@ -205,39 +205,25 @@ class SlotPool:
     @torch.no_grad()
     def _load(self, slot: int, adapter: AdapterWeights, rank: int) -> None:
         host_start = time.perf_counter()
-        if self._loader is not None:
+        queued = None
+        if self._copy_stream is not None:
             # the copies must follow the work already queued (a step may still read the evicted
             # adapter's slot): an event on the compute stream now, waited by the copy stream
-            queued = None
-            if self._copy_stream is not None:
-                queued = torch.cuda.Event()
-                queued.record(torch.cuda.current_stream(self._copy_stream.device))
-            future = self._loader.submit(self._issue_load, slot, adapter, rank, queued, host_start)
-            self._in_flight[slot] = self._unwaited[slot] = future
-        elif self._copy_stream is None:
-            self._copy_into(slot, adapter, rank)
-            if self.load_timings is not None:
-                self.load_timings.append((None, time.perf_counter() - host_start, 0.0))
+            queued = torch.cuda.Event()
+            queued.record(torch.cuda.current_stream(self._copy_stream.device))
+        if self._loader is not None:
+            load = self._loader.submit(self._issue_load, slot, adapter, rank, queued, host_start)
         else:
-            # the side stream first waits for work already queued (a step may still read the
-            # evicted adapter's slot), then copies; the event tells who needs the slot
-            self._copy_stream.wait_stream(torch.cuda.current_stream(self._copy_stream.device))
-            with torch.cuda.stream(self._copy_stream):
-                start = torch.cuda.Event(enable_timing=True) if self.load_timings is not None else None
-                if start is not None:
-                    start.record()
-                self._copy_into(slot, adapter, rank)
-                done = torch.cuda.Event(enable_timing=start is not None)
-                done.record()
-            self._in_flight[slot] = self._unwaited[slot] = done
-            if start is not None:
-                self.load_timings.append((start, done, time.perf_counter() - host_start))
+            load = self._issue_load(slot, adapter, rank, queued, host_start)
+        if load is not None:                              # the event (or its Future) who needs the slot waits for
+            self._in_flight[slot] = self._unwaited[slot] = load
         self.num_loads += 1
 
     @torch.no_grad()
     def _issue_load(self, slot: int, adapter: AdapterWeights, rank: int, queued: torch.cuda.Event | None,
                     host_start: float) -> torch.cuda.Event | None:
-        """(loader thread) The copies of one load; -> the event after them (None on CPU)."""
+        """The copies of one load (on the loader thread, if any); -> the event after them on the
+        copy stream (None on CPU, where the copies are done on return)."""
         if self._copy_stream is None:
             self._copy_into(slot, adapter, rank)
             if self.load_timings is not None:
