@@ -33,7 +33,9 @@ from kernels._common import (
 MAX_MODULES = 4
 
 
-@triton.jit
+# T and G change every prompt step: not specialized on (T % 16, T == 1, ...), so a new
+# batch shape does not compile a new variant in the middle of serving (a JIT stall)
+@triton.jit(do_not_specialize=["T", "G"])
 def _sgmv_expand_kernel(y_ptr, b_ptr, out_ptr, indptr_ptr, slots_ptr, ranks_ptr, scales_ptr,
                         T, G, N, MR, NUM_NB,
                         off1, off2, off3, off4, cb1, cb2, cb3,

@@ -32,7 +32,9 @@ from kernels._common import (
 )
 
 
-@triton.jit
+# T and G change every prompt step: not specialized on (T % 16, T == 1, ...), so a new
+# batch shape does not compile a new variant in the middle of serving (a JIT stall)
+@triton.jit(do_not_specialize=["T", "G"])
 def _sgmv_shrink_kernel(x_ptr, a_ptr, y_ptr, indptr_ptr, slots_ptr, ranks_ptr,
                         T, G, H_in, NCOL, K_PER_SPLIT,
                         R: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
