@@ -229,6 +229,8 @@ def parse_args(argv=None):
     p.add_argument("--peft-output-len", type=int, default=128)
     p.add_argument("--adapter-load-thread", action="store_true",
                    help="issue adapter copies from a loader thread (EngineConfig.adapter_load_thread)")
+    p.add_argument("--async-scheduling", action="store_true",
+                   help="schedule each step before the previous one's tokens are read back")
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="CPU smoke: tiny model, a few requests")
@@ -255,7 +257,7 @@ def build_engine(args, model_dir: Path, source: BenchAdapterSource) -> LLMEngine
                           num_kv_blocks=args.concurrency * (max_len // block) + 1,
                           max_adapter_slots=args.max_slots, max_lora_rank=args.max_rank,
                           cuda_graphs=args.graph_buckets != "none", cuda_graph_buckets=buckets,
-                          adapter_load_thread=args.adapter_load_thread)
+                          adapter_load_thread=args.adapter_load_thread, async_scheduling=args.async_scheduling)
     return LLMEngine(config, str(model_dir), source, random_weights=True)
 
 

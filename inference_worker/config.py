@@ -44,6 +44,11 @@ class EngineConfig:
     # Llama-3-8B adapter kept off the engine thread). Off by default until it has run on a GPU
     # (tested on CPU only; `bench/engine.py --adapter-load-thread` measures it).
     adapter_load_thread: bool = False
+    # Schedule and prepare step N+1 while step N runs on the GPU: its decode inputs are step N's
+    # sampled tokens, gathered on the device, so the host never waits between steps. Finished
+    # sequences are noticed one step later (their extra token is dropped). Off by default until
+    # it has run on a GPU (tested on CPU only; `bench/engine.py --async-scheduling` measures it).
+    async_scheduling: bool = False
 
     def __post_init__(self) -> None:
         if self.device != "auto":

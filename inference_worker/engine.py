@@ -79,13 +79,13 @@ class LLMEngine:
         self.runner = ModelRunner(self.model, self.slot_pool, num_blocks, config.block_size, config.max_num_seqs,
                                   config.max_num_batched_tokens, config.max_model_len, cuda_graph_buckets=buckets)
         self.block_manager = BlockManager(num_blocks, config.block_size)
+        self.max_seq_tokens = min(self.max_model_len, num_blocks * config.block_size)
         self.scheduler = Scheduler(self.block_manager, TicketGate(self.slot_pool), config.max_num_seqs,
-                                   config.max_num_batched_tokens)
+                                   config.max_num_batched_tokens, self.max_seq_tokens)
         self.sampler = Sampler(device, config.seed)
         self.device = device
         self.vocab_size = spec.vocab_size
         self.eos_token_ids = _eos_ids(model_dir, hf_config, self.tokenizer)
-        self.max_seq_tokens = min(self.max_model_len, num_blocks * config.block_size)
         # Test hook: called with (request_id, logits [V] float32 on CPU) for every sampled token.
         self.on_logits: Callable[[str, torch.Tensor], None] | None = None
         self._cond = threading.Condition(threading.RLock())   # reentrant: callbacks may abort
@@ -94,6 +94,7 @@ class LLMEngine:
         self._pin_requests: list[_PinRequest] = []
         # recorded tokens whose text is not out yet: (seq, token id, logprobs, token-id stop reason)
         self._unsent: list[tuple[Sequence, int, TokenLogprobs | None, str]] = []
+        self._inflight: tuple | None = None          # (StepBatch, SampledTokens) of the step not read back
         self._user_pins: dict[str, int] = {}          # LoadAdapter pins by key
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -194,45 +195,75 @@ class LLMEngine:
 
         With overlap_outputs, the previous step's outputs (detokenize, stop strings, callbacks)
         are produced while this step's forward runs on the GPU; token-id stops (eos, stop ids,
-        length) still take a sequence out before the next schedule.
+        length) still take a sequence out before the next schedule. With async_scheduling this
+        step is scheduled and launched before the previous one's tokens are read back.
         """
         with self._cond:
             self._serve_pin_requests()
             out = self.scheduler.schedule()
             for seq in out.failed:
                 self._finish(seq, "error", [], "")
-            if out.is_empty:
+            batch = None
+            if not out.is_empty:
+                now = time.monotonic()
+                for seq in out.prefills:
+                    seq.first_scheduled_at = seq.first_scheduled_at or now
+                batch = self.runner.prepare(out.prefills, out.decodes)
+        inflight, self._inflight = self._inflight, None
+        if batch is None and inflight is None:
+            with self._cond:
                 self._send_outputs()
-                return False
-            now = time.monotonic()
-            for seq in out.prefills:
-                seq.first_scheduled_at = seq.first_scheduled_at or now
-            batch = self.runner.prepare(out.prefills, out.decodes)
+            return False
+        if inflight is not None and batch is not None and (self.on_logits is not None or any(
+                s.request.sampling.repetition_penalty != 1.0 for s in batch.seqs)):
+            self._read_back(*inflight)                     # the history must be on the host first
+            inflight = None
+        if batch is not None:
+            self._launch(batch)
+            if self._unsent:
+                with self._cond:
+                    self._send_outputs()                   # the GPU is busy with this step meanwhile
+            if not self.config.async_scheduling:
+                inflight, self._inflight = self._inflight, None
+        if inflight is not None:
+            self._read_back(*inflight)
+        with self._cond:
+            if self.config.async_scheduling or not self.config.overlaps_outputs or not self.scheduler.has_work():
+                self._send_outputs()
+        return True
+
+    def _launch(self, batch) -> None:
+        """Forward and sampling queued on the device; the step is then in flight."""
         logits = self.runner.forward(batch)
         if self.on_logits is not None:
             rows = logits.detach().cpu().clone()          # the sampler edits logits in place
             for seq, row in zip(batch.seqs, rows):
-                self.on_logits(seq.request_id, row)
+                if not seq.is_finished:                  # (async: may have ended since it was scheduled)
+                    self.on_logits(seq.request_id, row)
         sampled = self.sampler.launch(
             logits, [s.request.sampling for s in batch.seqs], [s.generator for s in batch.seqs],
             [s.all_token_ids if s.request.sampling.repetition_penalty != 1.0 else [] for s in batch.seqs])
-        if self._unsent:
-            with self._cond:
-                self._send_outputs()                       # the GPU is busy with this step meanwhile
+        with self._cond:
+            for row, seq in enumerate(batch.seqs):
+                # this step's inputs are (or will be, in stream order) cached; its token is pending
+                seq.num_cached, seq.pending_row = seq.num_tokens, row
+                seq.num_pending += 1
+        self.runner.prev_tokens = sampled.token_ids
+        self._inflight = (batch, sampled)
+
+    def _read_back(self, batch, sampled) -> None:
+        """Wait for an in-flight step's tokens and record them."""
         token_ids, logprobs = sampled.result()
         with self._cond:
             for seq, token_id, lp in zip(batch.seqs, token_ids, logprobs):
                 if not seq.is_finished:                  # aborted, or stopped by a string, meanwhile
+                    seq.num_pending -= 1
                     self._record_token(seq, token_id, lp)
-            if not self.config.overlaps_outputs or not self.scheduler.has_work():
-                self._send_outputs()
-        return True
 
     def _record_token(self, seq: Sequence, token_id: int, logprob: TokenLogprobs | None) -> None:
         """The token joins the sequence now; its text goes out with _send_outputs. A stop by
         token id or length frees the sequence's blocks and slot at once."""
         sampling = seq.request.sampling
-        seq.num_cached = seq.num_tokens
         seq.output_token_ids.append(token_id)
         seq.first_token_at = seq.first_token_at or time.monotonic()
         reason = ""
@@ -240,7 +271,8 @@ class LLMEngine:
             reason = "stop"
         elif token_id in self.eos_token_ids and not sampling.ignore_eos:
             reason = "eos"
-        elif len(seq.output_token_ids) >= sampling.max_tokens or seq.num_tokens >= self.max_seq_tokens:
+        elif len(seq.output_token_ids) >= sampling.max_tokens or \
+                len(seq.prompt_token_ids) + len(seq.output_token_ids) >= self.max_seq_tokens:
             reason = "length"
         if reason:
             self.scheduler.finish(seq)

@@ -52,11 +52,19 @@ class ModelRunner:
                  "slot_mapping": (max_num_batched_tokens, torch.int64), "logits_indices": (max_num_seqs, torch.int64),
                  "cu_seqlens": (max_num_seqs + 1, torch.int32), "context_lens": (max_num_seqs, torch.int32),
                  "seg_indptr": (max_num_seqs + 1, torch.int32), "seg_slots": (max_num_seqs, torch.int32),
-                 "block_tables": (max_num_seqs * self.max_blocks_per_seq, torch.int32)}
+                 "block_tables": (max_num_seqs * self.max_blocks_per_seq, torch.int32),
+                 "gather_dst": (max_num_seqs, torch.int64), "gather_src": (max_num_seqs, torch.int64)}
         pin = self.device.type == "cuda"
         self._dev = {k: torch.zeros(n, dtype=dt, device=self.device) for k, (n, dt) in sizes.items()}
-        self._host = {k: torch.zeros(n, dtype=dt, pin_memory=pin) for k, (n, dt) in sizes.items()}
-        self._host_np = {k: t.numpy() for k, t in self._host.items()}
+        # Two staging sets, alternating per step: with async scheduling a step is prepared while
+        # the previous one's uploads may not have run yet (the host waited only for the one before)
+        self._host_sets = [{k: torch.zeros(n, dtype=dt, pin_memory=pin) for k, (n, dt) in sizes.items()}
+                           for _ in range(2)]
+        self._host_np_sets = [{k: t.numpy() for k, t in host.items()} for host in self._host_sets]
+        self._host, self._host_np = self._host_sets[0], self._host_np_sets[0]
+        # the newest step's sampled tokens on the device [B]: inputs of decodes whose last token
+        # is still pending (async scheduling), gathered by row (Sequence.pending_row)
+        self.prev_tokens: torch.Tensor | None = None
         self.graphs: DecodeGraphs | None = None
         buckets = tuple(b for b in cuda_graph_buckets or () if b <= max_num_seqs)
         if buckets:
@@ -76,6 +84,8 @@ class ModelRunner:
     def prepare(self, prefills: list[Sequence], decodes: list[Sequence]) -> StepBatch:
         """Host-side work of a step (reads sequences: call under the engine's lock)."""
         bs = self.block_size
+        flip = self._host is self._host_sets[0]
+        self._host, self._host_np = self._host_sets[flip], self._host_np_sets[flip]
         prefills = sorted(prefills, key=lambda s: s.slot)
         decodes = sorted(decodes, key=lambda s: s.slot)
         bucket = None
@@ -85,6 +95,7 @@ class ModelRunner:
         num_pad = num_rows - len(decodes)
         input_ids, positions, slot_mapping, cu_seqlens, logits_indices = [], [], [], [0], []
         for seq in prefills:
+            assert not seq.num_pending, "a prefill needs all its tokens on the host"
             n, table = seq.num_tokens, seq.block_table
             input_ids += seq.all_token_ids
             positions += range(n)
@@ -94,10 +105,15 @@ class ModelRunner:
         num_prefill_tokens = cu_seqlens[-1]
         width = self.max_blocks_per_seq
         block_tables = self._host_np["block_tables"][: num_rows * width].reshape(num_rows, width)
-        context_lens = []
+        context_lens, gather_dst, gather_src = [], [], []
         for j, seq in enumerate(decodes):
             n, table = seq.num_tokens, seq.block_table
-            input_ids.append(seq.output_token_ids[-1])         # a decode follows a sampled token
+            if seq.num_pending:                                # its input is still on the device
+                gather_dst.append(num_prefill_tokens + j)
+                gather_src.append(seq.pending_row)
+                input_ids.append(0)
+            else:
+                input_ids.append(seq.output_token_ids[-1])     # a decode follows a sampled token
             positions.append(n - 1)
             slot_mapping.append(table[(n - 1) // bs] * bs + (n - 1) % bs)
             block_tables[j, : len(table)] = table
@@ -129,7 +145,11 @@ class ModelRunner:
             has_lora=any(s >= 0 for s in seg_slots), seg_indptr=self._upload("seg_indptr", indptr),
             seg_slots=self._upload("seg_slots", seg_slots), slot_ranks=self.slot_pool.slot_ranks,
             slot_scales=self.slot_pool.slot_scales, block_t=tile)
-        return StepBatch(seqs=seqs, input_ids=self._upload("input_ids", input_ids),
+        ids = self._upload("input_ids", input_ids)
+        if gather_dst:
+            ids.index_copy_(0, self._upload("gather_dst", gather_dst),
+                            self.prev_tokens.index_select(0, self._upload("gather_src", gather_src)))
+        return StepBatch(seqs=seqs, input_ids=ids,
                          positions=self._upload("positions", positions),
                          logits_indices=self._upload("logits_indices", logits_indices), attn=attn, lora=lora,
                          graph_bucket=bucket)

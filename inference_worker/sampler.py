@@ -115,20 +115,32 @@ def processed_probs(logits: torch.Tensor, params: list[SamplingConfig]) -> torch
 
 
 class SampledTokens:
-    """A step's sampled tokens, still on the device until `result()` (the step's one sync)."""
+    """A step's sampled tokens, still on the device until `result()` (the step's one sync).
+
+    On CUDA their copy to the host is queued at once, with an event: `result()` waits for
+    this step only, even when the next step was queued after it (async scheduling).
+    """
 
     def __init__(self, token_ids: torch.Tensor, raw_logprobs: torch.Tensor | None, num_logprobs: list[int]) -> None:
-        self._token_ids, self._raw_logprobs, self._num_logprobs = token_ids, raw_logprobs, num_logprobs
+        self.token_ids = token_ids                    # [B] int64 on the device: the next step's inputs
+        self._raw_logprobs, self._num_logprobs = raw_logprobs, num_logprobs
+        self._host, self._copied = token_ids, None
+        if token_ids.is_cuda:
+            self._host = token_ids.to("cpu", non_blocking=True)
+            self._copied = torch.cuda.Event()
+            self._copied.record()
 
     @torch.no_grad()
     def result(self) -> tuple[list[int], list[TokenLogprobs | None]]:
         """-> token ids [B] and, per row, the logprobs it asked for (None when it asked none)."""
-        ids = self._token_ids.tolist()
+        if self._copied is not None:
+            self._copied.synchronize()
+        ids = self._host.tolist()
         logprobs: list[TokenLogprobs | None] = [None] * len(ids)
         if self._raw_logprobs is not None:
             raw = self._raw_logprobs
             top_values, top_ids = raw.topk(max(self._num_logprobs), dim=-1)
-            chosen = raw.gather(1, self._token_ids[:, None])[:, 0].tolist()
+            chosen = raw.gather(1, self.token_ids[:, None])[:, 0].tolist()
             top_values, top_ids = top_values.tolist(), top_ids.tolist()
             for i, n in enumerate(self._num_logprobs):
                 if n:

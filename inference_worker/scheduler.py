@@ -56,9 +56,10 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, gate: AdapterGate, max_num_seqs: int,
-                 max_num_batched_tokens: int) -> None:
+                 max_num_batched_tokens: int, max_seq_tokens: int | None = None) -> None:
         self.block_manager = block_manager
         self.gate = gate
+        self.max_seq_tokens = max_seq_tokens      # a sequence never grows past it
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -89,6 +90,10 @@ class Scheduler:
 
     def _schedule_decodes(self, preempted: list[Sequence]) -> list[Sequence]:
         queue = sorted(self.running, key=lambda s: s.arrival_index)
+        # tokens still in flight already end these (async scheduling): they wait for their
+        # last token to be read back, without a step or a block more
+        ending = [s for s in queue if s.num_pending and s.length_reached(self.max_seq_tokens or 1 << 62)]
+        queue = [s for s in queue if s not in ending]
         kept: list[Sequence] = []
         while queue:
             seq = queue.pop(0)
@@ -101,7 +106,7 @@ class Scheduler:
             else:
                 self.block_manager.append_slot(seq)
                 kept.append(seq)
-        self.running = list(kept)              # admissions append to running, not to the decodes
+        self.running = kept + ending           # admissions append to running, not to the decodes
         return kept
 
     def _preempt(self, seq: Sequence) -> None:

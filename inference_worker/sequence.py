@@ -29,7 +29,9 @@ class Sequence:
     output_token_ids: list[int] = field(default_factory=list)
     status: SeqStatus = SeqStatus.WAITING
     block_table: list[int] = field(default_factory=list)   # KV block ids, position p in block p // block_size
-    num_cached: int = 0                   # tokens whose K/V are in the cache
+    num_cached: int = 0                   # tokens whose K/V are in the cache (or written by a step in flight)
+    num_pending: int = 0                  # tokens sampled by steps in flight, not yet read back
+    pending_row: int = -1                 # this sequence's row in the newest step in flight
     slot: int = -1                        # device LoRA slot while running; -1 = base model
     adapter_key: str = ""                 # resolved ticket key once its slot is held
     num_preemptions: int = 0
@@ -49,7 +51,13 @@ class Sequence:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.request.prompt_token_ids) + len(self.output_token_ids)
+        """Prompt + outputs, pending ones included (what the next step's positions and blocks need)."""
+        return len(self.request.prompt_token_ids) + len(self.output_token_ids) + self.num_pending
+
+    def length_reached(self, max_seq_tokens: int) -> bool:
+        """Its tokens, pending ones included, already end it by max_tokens or the model's length."""
+        return (len(self.output_token_ids) + self.num_pending >= self.request.sampling.max_tokens
+                or self.num_tokens >= max_seq_tokens)
 
     @property
     def all_token_ids(self) -> list[int]:

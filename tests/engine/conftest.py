@@ -57,11 +57,12 @@ def make_engine(request):
     """make(model_dir, source, **config) -> LLMEngine (float32, CPU); stopped at teardown.
     Every engine test runs twice: with the CPU defaults, and with the engine's background work
     on (outputs overlapped with the next step's forward, as on CUDA; adapter copies issued by a
-    loader thread)."""
+    loader thread; each step scheduled before the previous one's tokens are read back)."""
     engines = []
 
     def make(model_dir, source=None, **overrides):
-        cuda_like = {"overlap_outputs": request.param, "adapter_load_thread": request.param}
+        cuda_like = {"overlap_outputs": request.param, "adapter_load_thread": request.param,
+                     "async_scheduling": request.param}
         config = EngineConfig(**{"device": "cpu", "dtype": "float32", **cuda_like, **overrides})
         engine = LLMEngine(config, str(model_dir), source or DirSource({}))
         engines.append(engine)

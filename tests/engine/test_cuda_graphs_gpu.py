@@ -14,9 +14,9 @@ from tests.engine.test_cuda_graphs import one_adapter_workload
 pytestmark = pytest.mark.gpu
 
 
-def _run(model_dir, adapter_dirs, dtype, cuda_graphs, workload=_workload, load_thread=False):
+def _run(model_dir, adapter_dirs, dtype, cuda_graphs, workload=_workload, **config_flags):
     config = EngineConfig(device="cuda", dtype=dtype, max_adapter_slots=2, max_lora_rank=32, max_num_seqs=16,
-                          max_model_len=128, cuda_graphs=cuda_graphs, adapter_load_thread=load_thread)
+                          max_model_len=128, cuda_graphs=cuda_graphs, **config_flags)
     engine = LLMEngine(config, str(model_dir), DirSource(adapter_dirs))
     try:
         replays = []
@@ -59,13 +59,16 @@ def assert_same_greedy_tokens(rid, got, want, tie: float) -> None:
     assert len(got.token_ids) == len(want.token_ids), rid
 
 
-def test_loader_thread_gives_the_same_outputs(family_model, adapters_of):
-    """Adapter copies issued by the loader thread (EngineConfig.adapter_load_thread), swapped
-    through 2 slots: the same greedy tokens as loads issued by the engine thread."""
+@pytest.mark.parametrize("flags", [{"adapter_load_thread": True}, {"async_scheduling": True},
+                                   {"adapter_load_thread": True, "async_scheduling": True}])
+def test_background_work_gives_the_same_outputs(family_model, adapters_of, flags):
+    """Adapter copies issued by the loader thread, and/or steps scheduled before the previous
+    one's tokens are read back (the EngineConfig flags), adapters swapped through 2 slots:
+    the same greedy tokens as the synchronous engine."""
     model_dir = family_model("llama")
     adapter_dirs = adapters_of(model_dir)
     want, _, _ = _run(model_dir, adapter_dirs, "float32", cuda_graphs=True)
-    got, _, evictions = _run(model_dir, adapter_dirs, "float32", cuda_graphs=True, load_thread=True)
+    got, _, evictions = _run(model_dir, adapter_dirs, "float32", cuda_graphs=True, **flags)
     assert evictions > 0
     for rid, w in want.items():
         assert_same_greedy_tokens(rid, got[rid], w, tie=1e-4)

@@ -220,7 +220,7 @@ def test_pin_and_unpin_adapters(tiny_model_dir, adapters, make_engine):
 
 
 def test_overlapped_outputs_leave_one_step_later(tiny_model_dir, make_engine):
-    engine = make_engine(tiny_model_dir, overlap_outputs=True)
+    engine = make_engine(tiny_model_dir, overlap_outputs=True, async_scheduling=False)
     s = submit(engine, "r", [5, 6, 7], max_tokens=3, ignore_eos=True)
     engine.step()                       # prefill: token 1 recorded, its text waits for the next step
     assert s.outputs == []
@@ -280,3 +280,21 @@ def test_failed_background_slot_load_fails_only_its_request(tiny_model_dir, adap
     ok = submit(engine, "ok", [5, 6, 7], adapter="a", max_tokens=4, ignore_eos=True)
     assert ok.wait().finish_reason == "length" and len(ok.token_ids) == 4
     assert base.wait().finish_reason == "length" and len(base.token_ids) == 30
+
+
+def test_async_scheduling_reads_tokens_back_one_step_late(tiny_model_dir, make_engine):
+    """Each step is launched before the previous one's tokens are read back; a sequence whose
+    pending tokens end it is not scheduled again. Same tokens as the synchronous engine."""
+    prompt = [5, 6, 7]
+    sync_engine = make_engine(tiny_model_dir, async_scheduling=False)
+    want = submit(sync_engine, "w", prompt, max_tokens=3, ignore_eos=True)
+    while sync_engine.step():
+        pass
+    engine = make_engine(tiny_model_dir, async_scheduling=True, overlap_outputs=True)
+    s = submit(engine, "r", prompt, max_tokens=3, ignore_eos=True)
+    assert engine.step() and s.outputs == []            # the prefill is in flight
+    assert engine.step() and len(s.token_ids) == 1      # decode 1 launched, then token 1 read back
+    assert engine.step() and len(s.token_ids) == 2
+    assert engine.step()                                # token 3 is pending: only a read-back
+    assert s.outputs[-1].finish_reason == "length" and s.token_ids == want.token_ids
+    assert not engine.step() and engine.stats().kv_blocks_used == 0
