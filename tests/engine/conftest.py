@@ -52,18 +52,23 @@ def adapters_of(adapter_factory):
     return get
 
 
-@pytest.fixture(params=[False, True], ids=["sync", "background"])
+MODES = {
+    "cpu-defaults": {},
+    "cuda-defaults": {"overlap_outputs": True},            # what EngineConfig turns on for CUDA
+    "background": {"overlap_outputs": True, "adapter_load_thread": True, "async_scheduling": True},
+}
+
+
+@pytest.fixture(params=list(MODES))
 def make_engine(request):
     """make(model_dir, source, **config) -> LLMEngine (float32, CPU); stopped at teardown.
-    Every engine test runs twice: with the CPU defaults, and with the engine's background work
-    on (outputs overlapped with the next step's forward, as on CUDA; adapter copies issued by a
-    loader thread; each step scheduled before the previous one's tokens are read back)."""
+    Every engine test runs in three modes: the CPU defaults; the CUDA defaults (outputs
+    overlapped with the next step's forward); and all background work on (also adapter copies
+    from a loader thread, and each step scheduled before the previous one's tokens are read back)."""
     engines = []
 
     def make(model_dir, source=None, **overrides):
-        cuda_like = {"overlap_outputs": request.param, "adapter_load_thread": request.param,
-                     "async_scheduling": request.param}
-        config = EngineConfig(**{"device": "cpu", "dtype": "float32", **cuda_like, **overrides})
+        config = EngineConfig(**{"device": "cpu", "dtype": "float32", **MODES[request.param], **overrides})
         engine = LLMEngine(config, str(model_dir), source or DirSource({}))
         engines.append(engine)
         return engine
