@@ -79,6 +79,8 @@ def parse_args(argv=None):
     p.add_argument("--max-adapter-slots", type=int, default=128)
     p.add_argument("--max-lora-rank", type=int, default=64)
     p.add_argument("--kv-cache-mb", type=int, default=0, help="0 = the worker's default budget")
+    p.add_argument("--engine-flag", action="append", default=[], metavar="FLAG",
+                   help="an extra worker flag for both runs, e.g. --engine-flag=--async-scheduling (repeatable)")
     p.add_argument("--cpu-threads", type=int, default=-1,
                    help="torch intra-op threads of every engine (workers and the in-process one); -1 = on CPU "
                         "cores - 1, leaving a core to the router, store and clients (torch's default elsewhere); "
@@ -106,7 +108,7 @@ def parse_args(argv=None):
 def worker_flags(args) -> list[str]:
     flags = ["--device", args.device, "--max-num-seqs", str(args.max_num_seqs),
              "--max-adapter-slots", str(args.max_adapter_slots), "--max-lora-rank", str(args.max_lora_rank)]
-    return flags + (["--kv-cache-mb", str(args.kv_cache_mb)] if args.kv_cache_mb else [])
+    return flags + (["--kv-cache-mb", str(args.kv_cache_mb)] if args.kv_cache_mb else []) + list(args.engine_flag)
 
 
 def make_adapters(model_dir: Path, out: Path, num: int, rank: int, seed: int) -> list[Path]:

@@ -28,6 +28,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cpu-cache-mb", type=int, default=4096, help="CPU adapter cache budget")
     parser.add_argument("--disk-cache-mb", type=int, default=51200, help="disk adapter cache budget")
     parser.add_argument("--grace-s", type=float, default=10.0, help="drain: time running requests get to finish")
+    parser.add_argument("--no-cuda-graphs", action="store_true", help="run decode steps eagerly (debugging)")
+    parser.add_argument("--async-scheduling", action="store_true",
+                        help="schedule each step before the previous one's tokens are read back (not yet "
+                             "validated on a GPU)")
+    parser.add_argument("--adapter-load-thread", action="store_true",
+                        help="issue adapter copies into device slots from a loader thread (not yet validated "
+                             "on a GPU)")
 
 
 def config_from_args(args: argparse.Namespace):
@@ -38,7 +45,9 @@ def config_from_args(args: argparse.Namespace):
         device=args.device, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, max_waiting=args.max_waiting,
         kv_cache_bytes=args.kv_cache_mb * MB if args.kv_cache_mb else None,
-        max_adapter_slots=args.max_adapter_slots, max_lora_rank=args.max_lora_rank)
+        max_adapter_slots=args.max_adapter_slots, max_lora_rank=args.max_lora_rank,
+        cuda_graphs=not args.no_cuda_graphs, async_scheduling=args.async_scheduling,
+        adapter_load_thread=args.adapter_load_thread)
     return WorkerConfig(
         model_dir=args.model, store=args.store, listen=args.listen, worker_id=args.worker_id,
         base_model=args.base_model, data_dir=args.data_dir, cpu_cache_bytes=args.cpu_cache_mb * MB,

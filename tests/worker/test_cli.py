@@ -93,6 +93,11 @@ def test_worker_config_validates(tiny_model_dir, tmp_path):
     config = config_from_args(args)
     assert config.cpu_cache_bytes == 64 << 20 and config.engine.kv_cache_bytes == 8 << 20
     assert config.engine.max_adapter_slots == 3 and config.listen == "0.0.0.0:50053"
+    assert config.engine.cuda_graphs and not config.engine.async_scheduling and not config.engine.adapter_load_thread
+    flags = config_from_args(build_parser().parse_args(
+        ["worker", "--model", str(tiny_model_dir), "--store", "127.0.0.1:1", "--no-cuda-graphs",
+         "--async-scheduling", "--adapter-load-thread"])).engine
+    assert not flags.cuda_graphs and flags.async_scheduling and flags.adapter_load_thread
     for bad in (["--model", str(tmp_path)], ["--model", str(tiny_model_dir), "--listen", "nope"],
                 ["--model", str(tiny_model_dir), "--max-num-seqs", "0"]):
         with pytest.raises(ValueError):
