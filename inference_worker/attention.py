@@ -26,9 +26,10 @@ class AttentionMeta:
     cu_seqlens: torch.Tensor              # [P+1] int32 prefill sequence bounds in [0, Tp)
     block_tables: torch.Tensor            # [D, max_blocks_per_seq] int32 decode sequences' blocks
     context_lens: torch.Tensor            # [D] int32 cached tokens of each decode sequence, new one included
-    # cu_seqlens as host ints (the runner knows them): prefill attention then needs no host sync;
-    # None = read cu_seqlens back
-    prefill_bounds: tuple[int, ...] | None = None
+    # cu_seqlens as host ints and the longest prefill (the runner knows them): prefill attention
+    # then needs no host sync; None = read cu_seqlens back
+    prefill_bounds: list[int] | None = None
+    prefill_max_len: int = 0
 
 
 class PagedAttention:
@@ -55,9 +56,8 @@ class PagedAttention:
         num_prefill = meta.num_prefill_tokens
         # host-known bounds: reading cu_seqlens back would sync every layer (the GPU then idles
         # while the host launches the rest of the layer)
-        bounds = meta.prefill_bounds
-        hints = {} if bounds is None else {"seq_bounds": list(bounds),
-                                           "max_seqlen": max((e - s for s, e in zip(bounds, bounds[1:])), default=0)}
+        hints = {} if meta.prefill_bounds is None else {"seq_bounds": meta.prefill_bounds,
+                                                        "max_seqlen": meta.prefill_max_len}
         if meta.num_decodes == 0:
             return self.ops.prefill_attention(q, k, v, meta.cu_seqlens, self.scale, **hints)
         if num_prefill == 0:

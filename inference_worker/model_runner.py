@@ -140,7 +140,7 @@ class ModelRunner:
             num_prefill_tokens=num_prefill_tokens, num_decodes=num_rows,
             slot_mapping=self._upload("slot_mapping", slot_mapping), cu_seqlens=self._upload("cu_seqlens", cu_seqlens),
             block_tables=dev_tables.view(num_rows, width), context_lens=self._upload("context_lens", context_lens),
-            prefill_bounds=tuple(cu_seqlens))
+            prefill_bounds=cu_seqlens, prefill_max_len=max((s.num_tokens for s in prefills), default=0))
         lora = LoraBatchMeta(
             has_lora=any(s >= 0 for s in seg_slots), seg_indptr=self._upload("seg_indptr", indptr),
             seg_slots=self._upload("seg_slots", seg_slots), slot_ranks=self.slot_pool.slot_ranks,

@@ -15,8 +15,6 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.tiles import pick_block_t  # noqa: F401  (re-exported: the launchers import it from here)
-
 
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"

@@ -26,9 +26,9 @@ from kernels._common import (
     check_device,
     check_lora_meta,
     num_tiles_bound,
-    pick_block_t,
     segment_tile,
 )
+from kernels.tiles import pick_block_t
 
 MAX_MODULES = 4
 

@@ -27,9 +27,9 @@ from kernels._common import (
     check_device,
     check_lora_meta,
     num_tiles_bound,
-    pick_block_t,
     segment_tile,
 )
+from kernels.tiles import pick_block_t
 
 
 # T and G change every prompt step: not specialized on (T % 16, T == 1, ...), so a new

@@ -108,13 +108,10 @@ class SlotPool:
         self._in_flight.pop(slot, None)
         return True
 
-    def wait_for_loads(self, slots: Iterable[int] | None = None) -> None:
-        """The compute stream waits (on the device) for the loads of `slots` (None: every load
-        issued so far); on the host only for such a load that the loader has not issued yet."""
-        if not self._unwaited:
-            return
-        wanted = list(self._unwaited) if slots is None else [s for s in slots if s in self._unwaited]
-        for slot in wanted:
+    def wait_for_loads(self, slots: Iterable[int]) -> None:
+        """The compute stream waits (on the device) for the loads of `slots` (a step's); on the
+        host only for such a load that the loader has not issued yet."""
+        for slot in [s for s in slots if s in self._unwaited]:
             load = self._unwaited.pop(slot)
             if isinstance(load, Future):
                 load = self._loaded_event(slot, load)

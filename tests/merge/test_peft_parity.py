@@ -47,12 +47,18 @@ def _id(recipe: MergeRecipe) -> str:
     return f"{recipe.strategy}-{'+'.join(recipe.adapters)}"
 
 
-@pytest.mark.parametrize("recipe", EXACT, ids=_id)
-def test_factorwise_and_cat_equal_peft_exactly(parts, peft_model, recipe):
+def _ours_and_peft(parts, peft_model, recipe):
+    """Our merged adapter and PEFT's modules: same scaling (1.0) and the same module keys."""
     merged = _ours(parts, recipe)
     _, peft_modules, peft_scalings = peft_merge(peft_model, recipe)
     assert peft_scalings == {merged.scaling} == {1.0}
     assert set(merged.modules) == set(peft_modules)
+    return merged, peft_modules
+
+
+@pytest.mark.parametrize("recipe", EXACT, ids=_id)
+def test_factorwise_and_cat_equal_peft_exactly(parts, peft_model, recipe):
+    merged, peft_modules = _ours_and_peft(parts, peft_model, recipe)
     for mkey, (peft_a, peft_b) in peft_modules.items():
         a, b = merged.modules[mkey]
         assert torch.equal(a, peft_a), f"A of {mkey}"
@@ -62,10 +68,7 @@ def test_factorwise_and_cat_equal_peft_exactly(parts, peft_model, recipe):
 
 @pytest.mark.parametrize("recipe", SVD, ids=_id)
 def test_svd_strategies_equal_peft_delta(parts, peft_model, recipe):
-    merged = _ours(parts, recipe)
-    _, peft_modules, peft_scalings = peft_merge(peft_model, recipe)
-    assert peft_scalings == {merged.scaling} == {1.0}
-    assert set(merged.modules) == set(peft_modules)
+    merged, peft_modules = _ours_and_peft(parts, peft_model, recipe)
     for mkey, (peft_a, peft_b) in peft_modules.items():
         a, b = merged.modules[mkey]
         assert a.shape == peft_a.shape and b.shape == peft_b.shape
