@@ -227,10 +227,10 @@ def parse_args(argv=None):
     p.add_argument("--peft-adapters", type=int, default=16)
     p.add_argument("--peft-batch", type=int, default=32)
     p.add_argument("--peft-output-len", type=int, default=128)
-    p.add_argument("--adapter-load-thread", action="store_true",
-                   help="issue adapter copies from a loader thread (EngineConfig.adapter_load_thread)")
-    p.add_argument("--async-scheduling", action="store_true",
-                   help="schedule each step before the previous one's tokens are read back")
+    p.add_argument("--adapter-load-thread", action=argparse.BooleanOptionalAction, default=None,
+                   help="issue adapter copies from a loader thread (EngineConfig.adapter_load_thread; default: on for CUDA)")
+    p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                   help="schedule each step before the previous one's tokens are read back (default: on for CUDA)")
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="CPU smoke: tiny model, a few requests")

@@ -29,12 +29,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--disk-cache-mb", type=int, default=51200, help="disk adapter cache budget")
     parser.add_argument("--grace-s", type=float, default=10.0, help="drain: time running requests get to finish")
     parser.add_argument("--no-cuda-graphs", action="store_true", help="run decode steps eagerly (debugging)")
-    parser.add_argument("--async-scheduling", action="store_true",
-                        help="schedule each step before the previous one's tokens are read back (not yet "
-                             "validated on a GPU)")
-    parser.add_argument("--adapter-load-thread", action="store_true",
-                        help="issue adapter copies into device slots from a loader thread (not yet validated "
-                             "on a GPU)")
+    parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                        help="schedule each step before the previous one's tokens are read back (default: on "
+                             "for CUDA)")
+    parser.add_argument("--adapter-load-thread", action=argparse.BooleanOptionalAction, default=None,
+                        help="issue adapter copies into device slots from a loader thread (default: on for CUDA)")
 
 
 def config_from_args(args: argparse.Namespace):

@@ -36,19 +36,21 @@ class EngineConfig:
     # CPU). Buckets: None = 1, 2, 4, 8, 16, 32, 48, 64, 96, 128, then every 64, up to max_num_seqs.
     cuda_graphs: bool = True
     cuda_graph_buckets: tuple[int, ...] | None = None
-    # Overlap a step's output work (detokenize, stop strings, stream out) with the next step's
-    # forward pass: outputs then leave one step later, and a stop string can cost one extra
-    # (dropped) token of compute. None = on for CUDA (where the GPU runs ahead), off on CPU.
+    # Background work, each None = on for CUDA (where the GPU runs ahead of the host), off on
+    # CPU (a synchronous forward leaves nothing to overlap). Measured on an H200 with all three
+    # on: S0 decode step 6.70 -> 5.62 ms, S1000 2946 -> 3409 tok/s (bench/results/engine-h200-runs.md).
+    # - overlap_outputs: a step's output work (detokenize, stop strings, stream out) runs during
+    #   the next step's forward; outputs leave one step later, and a stop string can cost one
+    #   extra (dropped) token of compute.
     overlap_outputs: bool | None = None
-    # Issue adapter copies into device slots from a loader thread (~10 ms of host time per
-    # Llama-3-8B adapter kept off the engine thread). Off by default until it has run on a GPU
-    # (tested on CPU only; `bench/engine.py --adapter-load-thread` measures it).
-    adapter_load_thread: bool = False
-    # Schedule and prepare step N+1 while step N runs on the GPU: its decode inputs are step N's
-    # sampled tokens, gathered on the device, so the host never waits between steps. Finished
-    # sequences are noticed one step later (their extra token is dropped). Off by default until
-    # it has run on a GPU (tested on CPU only; `bench/engine.py --async-scheduling` measures it).
-    async_scheduling: bool = False
+    # - adapter_load_thread: adapter copies into device slots are issued from a loader thread
+    #   (~7-10 ms of host time per Llama-3-8B adapter kept off the engine thread).
+    adapter_load_thread: bool | None = None
+    # - async_scheduling: step N+1 is scheduled, prepared and launched while step N runs on the
+    #   GPU; its decode inputs are step N's sampled tokens, gathered on the device, so the host
+    #   never waits between steps. Finished sequences are noticed one step later (their extra
+    #   token is dropped).
+    async_scheduling: bool | None = None
 
     def __post_init__(self) -> None:
         if self.device != "auto":
@@ -79,10 +81,6 @@ class EngineConfig:
         return torch.device(self.device)
 
     @property
-    def overlaps_outputs(self) -> bool:
-        return self.torch_device.type == "cuda" if self.overlap_outputs is None else self.overlap_outputs
-
-    @property
     def torch_dtype(self) -> torch.dtype:
         if self.dtype == "auto":
             return torch.bfloat16 if self.torch_device.type == "cuda" else torch.float32
@@ -101,4 +99,7 @@ class EngineConfig:
         if batched < max_model_len:
             raise ValueError(f"max_num_batched_tokens {batched} < max_model_len {max_model_len} "
                              "(a step must fit a whole sequence: no chunked prefill)")
-        return dataclasses.replace(self, max_model_len=max_model_len, max_num_batched_tokens=batched)
+        on_cuda = self.torch_device.type == "cuda"
+        background = {name: on_cuda if getattr(self, name) is None else getattr(self, name)
+                      for name in ("overlap_outputs", "adapter_load_thread", "async_scheduling")}
+        return dataclasses.replace(self, max_model_len=max_model_len, max_num_batched_tokens=batched, **background)

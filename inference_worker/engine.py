@@ -228,7 +228,7 @@ class LLMEngine:
         if inflight is not None:
             self._read_back(*inflight)
         with self._cond:
-            if self.config.async_scheduling or not self.config.overlaps_outputs or not self.scheduler.has_work():
+            if self.config.async_scheduling or not self.config.overlap_outputs or not self.scheduler.has_work():
                 self._send_outputs()
         return True
 

@@ -54,17 +54,18 @@ def adapters_of(adapter_factory):
 
 MODES = {
     "cpu-defaults": {},
-    "cuda-defaults": {"overlap_outputs": True},            # what EngineConfig turns on for CUDA
-    "background": {"overlap_outputs": True, "adapter_load_thread": True, "async_scheduling": True},
+    "overlap-only": {"overlap_outputs": True, "adapter_load_thread": False, "async_scheduling": False},
+    "cuda-defaults": {"overlap_outputs": True, "adapter_load_thread": True, "async_scheduling": True},
 }
 
 
 @pytest.fixture(params=list(MODES))
 def make_engine(request):
     """make(model_dir, source, **config) -> LLMEngine (float32, CPU); stopped at teardown.
-    Every engine test runs in three modes: the CPU defaults; the CUDA defaults (outputs
-    overlapped with the next step's forward); and all background work on (also adapter copies
-    from a loader thread, and each step scheduled before the previous one's tokens are read back)."""
+    Every engine test runs in three modes: the CPU defaults (no background work); outputs
+    overlapped with the next step's forward only; and the CUDA defaults, all background work on
+    (also adapter copies from a loader thread, and each step scheduled before the previous one's
+    tokens are read back)."""
     engines = []
 
     def make(model_dir, source=None, **overrides):

@@ -34,3 +34,11 @@ def test_kv_blocks_from_a_byte_budget(tiny_model_dir, make_engine):
     # never more blocks than max_num_seqs full-length sequences use
     engine = make_engine(tiny_model_dir, max_num_seqs=2, max_model_len=64)
     assert engine.block_manager.num_blocks == 2 * 4
+
+
+@pytest.mark.parametrize("device,on", [("cpu", False), ("cuda", True), ("cuda:0", True)])
+def test_background_work_defaults_follow_the_device(device, on):
+    resolved = EngineConfig(device=device).resolved(4096)      # no GPU needed: nothing is allocated
+    assert resolved.overlap_outputs is on and resolved.adapter_load_thread is on and resolved.async_scheduling is on
+    chosen = EngineConfig(device=device, async_scheduling=False, adapter_load_thread=True).resolved(4096)
+    assert chosen.async_scheduling is False and chosen.adapter_load_thread is True

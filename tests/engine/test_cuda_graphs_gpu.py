@@ -59,15 +59,17 @@ def assert_same_greedy_tokens(rid, got, want, tie: float) -> None:
     assert len(got.token_ids) == len(want.token_ids), rid
 
 
-@pytest.mark.parametrize("flags", [{"adapter_load_thread": True}, {"async_scheduling": True},
-                                   {"adapter_load_thread": True, "async_scheduling": True}])
+SYNC = {"overlap_outputs": False, "adapter_load_thread": False, "async_scheduling": False}
+
+
+@pytest.mark.parametrize("flags", [{}, {"adapter_load_thread": False}, {"async_scheduling": False}])
 def test_background_work_gives_the_same_outputs(family_model, adapters_of, flags):
     """Adapter copies issued by the loader thread, and/or steps scheduled before the previous
-    one's tokens are read back (the EngineConfig flags), adapters swapped through 2 slots:
-    the same greedy tokens as the synchronous engine."""
+    one's tokens are read back (the EngineConfig flags; {} = the CUDA defaults, all on),
+    adapters swapped through 2 slots: the same greedy tokens as the synchronous engine."""
     model_dir = family_model("llama")
     adapter_dirs = adapters_of(model_dir)
-    want, _, _ = _run(model_dir, adapter_dirs, "float32", cuda_graphs=True)
+    want, _, _ = _run(model_dir, adapter_dirs, "float32", cuda_graphs=True, **SYNC)
     got, _, evictions = _run(model_dir, adapter_dirs, "float32", cuda_graphs=True, **flags)
     assert evictions > 0
     for rid, w in want.items():

@@ -25,6 +25,10 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # casts truncate under the interpreter, rounding each of two or three roundings down)
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.bfloat16: dict(rtol=2.5e-2, atol=1e-2),
        torch.float16: dict(rtol=2e-3, atol=2e-3)}
+# rope: x1*cos - x2*sin can cancel to a small value, and the reference rounds each product first
+# (as transformers does): the error then scales with the inputs (randn, up to ~5 over millions of
+# samples, where a bf16 half-ulp is 2^-6), not with the output (seen on the H200: 0.0122 at 0.03)
+ROPE_TOL = {**TOL, torch.bfloat16: dict(rtol=2.5e-2, atol=2 ** -5), torch.float16: dict(rtol=2e-3, atol=4e-3)}
 EPS = 1e-5
 
 
@@ -123,8 +127,8 @@ def test_rope_and_cache(tokens, heads, kv_heads, head_dim, dtype):
                                                        heads, kv_heads, head_dim)
     msg = lambda m: f"seed {seed}: {m}"  # noqa: E731
     assert q.shape == (tokens, heads, head_dim) and q.is_contiguous() and k.is_contiguous()
-    torch.testing.assert_close(q, q_ref, **TOL[dtype], msg=msg)
-    torch.testing.assert_close(k, k_ref, **TOL[dtype], msg=msg)
+    torch.testing.assert_close(q, q_ref, **ROPE_TOL[dtype], msg=msg)
+    torch.testing.assert_close(k, k_ref, **ROPE_TOL[dtype], msg=msg)
     assert torch.equal(v, v_ref), f"seed {seed}: v is a copy"
     # rows named by slot_mapping hold k and v exactly; every other row is untouched (still NaN)
     written = torch.zeros(cache.shape[0] * cache.shape[1], dtype=torch.bool, device=DEV)
@@ -266,7 +270,7 @@ class TestLlama8BSizes:
         want = reference.rope_and_cache_ref(qkv, positions, cos, sin, kc_ref, vc_ref, slots, self.HQ, self.HKV,
                                             self.D)
         for a, b in zip((*got, kc, vc), (*want, kc_ref, vc_ref)):
-            torch.testing.assert_close(a, b, equal_nan=True, **TOL[torch.bfloat16],
+            torch.testing.assert_close(a, b, equal_nan=True, **ROPE_TOL[torch.bfloat16],
                                        msg=lambda m: f"seed {seed}: {m}")
 
     @pytest.mark.parametrize("tokens", [64, 2048])

@@ -93,11 +93,15 @@ def test_worker_config_validates(tiny_model_dir, tmp_path):
     config = config_from_args(args)
     assert config.cpu_cache_bytes == 64 << 20 and config.engine.kv_cache_bytes == 8 << 20
     assert config.engine.max_adapter_slots == 3 and config.listen == "0.0.0.0:50053"
-    assert config.engine.cuda_graphs and not config.engine.async_scheduling and not config.engine.adapter_load_thread
+    # background work: None = the device's default (on for CUDA, off on CPU; see EngineConfig)
+    assert config.engine.cuda_graphs and config.engine.async_scheduling is None
+    assert config.engine.adapter_load_thread is None
+    on_cpu = config.engine.resolved(128)
+    assert not on_cpu.async_scheduling and not on_cpu.adapter_load_thread and not on_cpu.overlap_outputs
     flags = config_from_args(build_parser().parse_args(
         ["worker", "--model", str(tiny_model_dir), "--store", "127.0.0.1:1", "--no-cuda-graphs",
-         "--async-scheduling", "--adapter-load-thread"])).engine
-    assert not flags.cuda_graphs and flags.async_scheduling and flags.adapter_load_thread
+         "--async-scheduling", "--no-adapter-load-thread"])).engine
+    assert not flags.cuda_graphs and flags.async_scheduling and flags.adapter_load_thread is False
     for bad in (["--model", str(tmp_path)], ["--model", str(tiny_model_dir), "--listen", "nope"],
                 ["--model", str(tiny_model_dir), "--max-num-seqs", "0"]):
         with pytest.raises(ValueError):
