@@ -111,7 +111,7 @@ def empty_node_us() -> float:
 
 
 class Pools:
-    """LoRA slot pools of one rank for all four groups: A [S, M, R, H_in], B [S, N, R] (bf16)."""
+    """LoRA slot pools of one rank for all four groups: A [S, M, R, H_in], B [S, R, N] (bf16)."""
 
     def __init__(self, rank: int, num_slots: int = POOL_SLOTS):
         self.rank = rank
@@ -119,7 +119,7 @@ class Pools:
         for name, (h_in, widths) in GROUPS.items():
             self.a[name] = torch.randn(num_slots, len(widths), rank, h_in, device=DEV,
                                        dtype=torch.bfloat16).mul_(h_in ** -0.5)
-            self.b[name] = torch.randn(num_slots, sum(widths), rank, device=DEV,
+            self.b[name] = torch.randn(num_slots, rank, sum(widths), device=DEV,
                                        dtype=torch.bfloat16).mul_(rank ** -0.5)
         self.ranks = torch.full((num_slots,), rank, dtype=torch.int32, device=DEV)
         self.scales = torch.full((num_slots,), 2.0, dtype=torch.float32, device=DEV)
@@ -178,10 +178,11 @@ def bmm_step(pools, layer, meta):
         r = pools.rank
         a_tok = pools.a[g].view(pools.a[g].shape[0], -1, h_in)[idx]              # [T, M*R, H_in]
         y = torch.bmm(a_tok, layer.x[g][:, :, None])                              # [T, M*R, 1]
-        b_tok = pools.b[g][idx]                                                    # [T, N, R]
+        b_tok = pools.b[g][idx]                                                    # [T, R, N]
         offs = offsets_of(widths)
         for m in range(len(widths)):
-            delta = torch.bmm(b_tok[:, offs[m]:offs[m + 1]], y[:, m * r:(m + 1) * r]).squeeze(-1)
+            y_m = y[:, m * r:(m + 1) * r].transpose(1, 2)                          # [T, 1, R]
+            delta = torch.bmm(y_m, b_tok[:, :, offs[m]:offs[m + 1]]).squeeze(1)
             layer.out[g][:, offs[m]:offs[m + 1]] += (scale * delta).to(torch.bfloat16)
 
 
@@ -194,8 +195,8 @@ def loop_step(pools, layer, meta):
             y = layer.x[g][start:end] @ a.t()
             offs = offsets_of(widths)
             for m in range(len(widths)):
-                b = pools.b[g][slot, offs[m]:offs[m + 1]]
-                layer.out[g][start:end, offs[m]:offs[m + 1]] += 2.0 * (y[:, m * pools.rank:(m + 1) * pools.rank] @ b.t())
+                b = pools.b[g][slot, :, offs[m]:offs[m + 1]]                        # [R, N_m]
+                layer.out[g][start:end, offs[m]:offs[m + 1]] += 2.0 * (y[:, m * pools.rank:(m + 1) * pools.rank] @ b)
         start = end
 
 

@@ -23,7 +23,7 @@ TOKENS, RANK, SLOTS, SETS = 64, 16, 512, 4
 def pools(max_rank: int):
     a = {g: torch.randn(SLOTS, len(w), max_rank, h, device="cuda", dtype=torch.bfloat16) * h ** -0.5
          for g, (h, w) in bk.GROUPS.items()}
-    b = {g: torch.randn(SLOTS, sum(w), max_rank, device="cuda", dtype=torch.bfloat16) * 0.25
+    b = {g: torch.randn(SLOTS, max_rank, sum(w), device="cuda", dtype=torch.bfloat16) * 0.25
          for g, (_, w) in bk.GROUPS.items()}
     return a, b
 

@@ -44,9 +44,9 @@ def sgmv_shrink_ref(x: torch.Tensor, a_pool: torch.Tensor, seg_indptr: torch.Ten
 def sgmv_expand_ref(y: torch.Tensor, b_pool: torch.Tensor, out_offsets: tuple[int, ...],
                     seg_indptr: torch.Tensor, seg_slots: torch.Tensor, slot_ranks: torch.Tensor,
                     slot_scales: torch.Tensor, out: torch.Tensor, *, config: dict | None = None) -> torch.Tensor:
-    """out[t, off_m:off_m+1] += scale[slot] * y[t, m, :r] @ b_pool[slot, off_m:off_m+1, :r]ᵀ.
+    """out[t, off_m:off_m+1] += scale[slot] * y[t, m, :r] @ b_pool[slot, :r, off_m:off_m+1].
 
-    y [T, M, R], b_pool [S, N, R] with N = out_offsets[-1], out [T, N] (added in place).
+    y [T, M, R], b_pool [S, R, N] (rank-major) with N = out_offsets[-1], out [T, N] (added in place).
     config: the Triton launcher's tuning (ignored here).
     """
     for start, end, slot in _segments(seg_indptr, seg_slots):
@@ -54,7 +54,7 @@ def sgmv_expand_ref(y: torch.Tensor, b_pool: torch.Tensor, out_offsets: tuple[in
         scale = float(slot_scales[slot])
         for m in range(len(out_offsets) - 1):
             lo, hi = out_offsets[m], out_offsets[m + 1]
-            delta = y[start:end, m, :r].float() @ b_pool[slot, lo:hi, :r].float().t()
+            delta = y[start:end, m, :r].float() @ b_pool[slot, :r, lo:hi].float()
             out[start:end, lo:hi] += (scale * delta).to(out.dtype)
     return out
 

@@ -1,17 +1,20 @@
 """SGMV expand: the LoRA B product, scaled and added in place to the layer output.
 
 Math (reference: kernels.reference.sgmv_expand_ref):
-    out[t, off_m:off_m+1] += scale[slot(t)] * y[t, m, :r] @ B[slot(t), off_m:off_m+1, :r]ᵀ
-    y [T, M, R], B pool [S, N, R] with N = out_offsets[-1], out [T, N]; base tokens untouched.
+    out[t, off_m:off_m+1] += scale[slot(t)] * y[t, m, :r] @ B[slot(t), :r, off_m:off_m+1]
+    y [T, M, R], B pool [S, R, N] with N = out_offsets[-1], out [T, N]; base tokens untouched.
 
 Design. 1-D grid over (token tile, output column block), sized from host ints only
 (capturable in a CUDA graph; kernels/_common.py says how a program finds its segment).
 Column blocks never straddle two modules: module m owns blocks [cb_m, cb_{m+1}), so
-the fused q/k/v or gate/up expand is one launch (M <= 4). Each program streams its
-slot's B rows [BLOCK_N, :rank] once for all BLOCK_T tokens of its tile; the rank loop
-stops at the slot's rank (no work for padding). BLOCK_T >= 16 uses tl.dot with y cast
-to B's dtype, smaller tiles a multiply-reduce in fp32. Accumulation is fp32; out is
-read, added to and rounded once.
+the fused q/k/v or gate/up expand is one launch (M <= 4). B is rank-major: rank row r of
+a slot is N contiguous values, so a program reads whole contiguous rows [BLOCK_N] for the
+slot's first `rank` rows only, whatever the pool's max rank R (an [S, N, R] pool sized
+for rank 64 made a rank-16 adapter read 32 of every 128 bytes). The rank loop stops at
+the slot's rank (no work for padding; rows past it are never loaded, so they may hold
+anything). BLOCK_T >= 16 uses tl.dot ([BLOCK_T, BLOCK_R] x [BLOCK_R, BLOCK_N], y cast to
+B's dtype); smaller tiles (decode) accumulate BLOCK_R unrolled row loads per step in fp32,
+each row scaled by its y value. Accumulation is fp32; out is read, added to and rounded once.
 """
 from __future__ import annotations
 
@@ -40,7 +43,7 @@ def _sgmv_expand_kernel(y_ptr, b_ptr, out_ptr, indptr_ptr, slots_ptr, ranks_ptr,
                         T, G, N, MR, NUM_NB,
                         off1, off2, off3, off4, cb1, cb2, cb3,
                         R: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_R: tl.constexpr, VEC_R: tl.constexpr, NB_PER_PROG: tl.constexpr,
+                        BLOCK_R: tl.constexpr, NB_PER_PROG: tl.constexpr,
                         USE_DOT: tl.constexpr, IEEE: tl.constexpr):
     pid = tl.program_id(0)
     num_groups = tl.cdiv(NUM_NB, NB_PER_PROG)
@@ -52,12 +55,8 @@ def _sgmv_expand_kernel(y_ptr, b_ptr, out_ptr, indptr_ptr, slots_ptr, ranks_ptr,
         return
     scale = tl.load(scales_ptr + slot)
     offs_t = tile_start + tl.arange(0, BLOCK_T)
-    offs_r = tl.arange(0, BLOCK_R)
     t_mask = offs_t < tile_end
-    # loads are masked at rank rounded up to VEC_R (a divisor of R) so they stay vectorized;
-    # the padding values read past the rank (any bits, NaN too) are then replaced by zeros
-    rank_vec = ((rank + VEC_R - 1) // VEC_R) * VEC_R
-    b_slot = b_ptr + slot.to(tl.int64) * N * R
+    b_slot = b_ptr + slot.to(tl.int64) * R * N
     # a program does NB_PER_PROG column blocks of one token tile: the tile lookup above is
     # paid once for several blocks
     for j in range(NB_PER_PROG):
@@ -72,71 +71,75 @@ def _sgmv_expand_kernel(y_ptr, b_ptr, out_ptr, indptr_ptr, slots_ptr, ranks_ptr,
         o_ptrs = out_ptr + offs_t[:, None].to(tl.int64) * N + offs_n[None, :]
         o_mask = t_mask[:, None] & n_mask[None, :]
         cur = tl.load(o_ptrs, mask=o_mask, other=0.0)          # issued first: independent of B
-        y_ptrs = y_ptr + offs_t[:, None].to(tl.int64) * MR + m * R + offs_r[None, :]
-        b_ptrs = b_slot + offs_n[:, None].to(tl.int64) * R + offs_r[None, :]
+        y_rows = y_ptr + offs_t.to(tl.int64) * MR + m * R       # [BLOCK_T] row starts of module m
         acc = tl.zeros((BLOCK_T, BLOCK_N), tl.float32)
         for r0 in range(0, rank, BLOCK_R):
-            r_load = (r0 + offs_r) < rank_vec
-            r_keep = (r0 + offs_r) < rank
-            yv = tl.load(y_ptrs + r0, mask=t_mask[:, None] & r_load[None, :], other=0.0)
-            yv = tl.where(r_keep[None, :], yv, 0.0)
-            bv = tl.load(b_ptrs + r0, mask=n_mask[:, None] & r_load[None, :], other=0.0)
-            bv = tl.where(r_keep[None, :], bv, 0.0)
             if USE_DOT:
+                offs_r = r0 + tl.arange(0, BLOCK_R)
+                r_mask = offs_r < rank
+                yv = tl.load(y_rows[:, None] + offs_r[None, :], mask=t_mask[:, None] & r_mask[None, :], other=0.0)
+                bv = tl.load(b_slot + offs_r[:, None].to(tl.int64) * N + offs_n[None, :],
+                             mask=r_mask[:, None] & n_mask[None, :], other=0.0)
                 if IEEE:
-                    acc += tl.dot(yv.to(bv.dtype), tl.trans(bv), input_precision="ieee")
+                    acc += tl.dot(yv.to(bv.dtype), bv, input_precision="ieee")
                 else:
-                    acc += tl.dot(yv.to(bv.dtype), tl.trans(bv))
+                    acc += tl.dot(yv.to(bv.dtype), bv)
             else:
-                prod = yv[:, None, :].to(tl.float32) * bv[None, :, :].to(tl.float32)
-                acc += tl.sum(prod, axis=2)
+                # unrolled: the BLOCK_R row loads are independent, so they are all in flight at once
+                for i in tl.static_range(BLOCK_R):
+                    on = (r0 + i) < rank     # (where, not &: the interpreter rejects a scalar & a vector)
+                    yv = tl.load(y_rows + r0 + i, mask=tl.where(on, t_mask, False), other=0.0)   # [BLOCK_T]
+                    bv = tl.load(b_slot + (r0 + i) * N + offs_n, mask=tl.where(on, n_mask, False),   # R*N < 2^31
+                                 other=0.0)
+                    acc += yv[:, None].to(tl.float32) * bv[None, :].to(tl.float32)
         tl.store(o_ptrs, (cur.to(tl.float32) + scale * acc).to(out_ptr.dtype.element_ty), mask=o_mask)
 
 
-def _vec(max_rank: int, block_r: int) -> int:
-    """Largest power of two <= 8 (16 bytes of bf16) that divides R and BLOCK_R."""
-    vec = 8
-    while max_rank % vec or block_r % vec:
-        vec //= 2
-    return vec
-
-
 def default_config(num_tokens: int, num_segs: int, n: int, max_rank: int, block_t: int | None = None) -> dict:
-    """Block sizes from host-known shapes (tuned on an H200, see bench/notes/kernels.md);
-    block_t given: the other sizes for that token tile."""
+    """Block sizes from host-known shapes (tuned on an H200 with the rank-major B pool, see
+    bench/notes/kernels.md); block_t given: the other sizes for that token tile."""
     block_t = block_t or pick_block_t(num_tokens, num_segs)
     rank_p2 = triton.next_power_of_2(max_rank)
+    num_stages = 3
     if block_t >= 16:
-        # BLOCK_R = 32 on the tl.dot path faults ("misaligned address") with triton 3.6 on the
-        # H200 (bf16/fp16 B, R = 32: tests/kernels/test_tiny_shapes_gpu.py); 16 or 64 only
+        # BLOCK_R = 32 on the tl.dot path faulted ("misaligned address") with triton 3.6 on the
+        # H200 (bf16/fp16 B, R = 32: tests/kernels/test_tiny_shapes_gpu.py); 16 or 64 only.
+        # 2048 x 8 sweep: 256 columns and 2 stages beat 128 and 3 by ~15 % (not for gate_up)
         block_r = 16 if rank_p2 <= 32 else 64
-        block_n = 128                                   # [<=64 tokens, 128 columns] tiles
+        block_n = 256 if n <= 8192 else 128
+        num_stages, num_warps = 2, 4
+    elif block_t == 2:
+        block_r, block_n, num_warps = min(16, rank_p2), 512, 4      # 64 x 8 sweep: 5.6 vs 7.4 µs (qkv)
     else:
-        block_r = min(16, rank_p2)
-        # 8 K (BLOCK_T=1) or 4 K (BLOCK_T=2) B elements a block
-        block_n = 8192 // block_r if block_t == 1 else 4096 // (block_t * block_r)
-    # up to 4 column blocks a program (the tile lookup paid once) while >= ~1024 programs
-    # remain, and only when the rank fits one step (else the loads of a program serialize)
+        # ~1500 column-block programs: 256 columns (qkv/o/down at 64 tokens) with 8 warps, up to
+        # 1024 for gate_up's 28672 columns (26 vs 31 µs at 64 x 64), where 8-row steps keep
+        # registers low
+        tiles = triton.cdiv(num_tokens, block_t)
+        block_n = max(256, min(1024, 1 << max(0, (n * tiles // 1536).bit_length() - 1)))
+        block_r = min(16 if block_n <= 512 else 8, rank_p2)
+        num_warps = 8 if block_n <= 256 else 4
+    # two column blocks a program (the tile lookup paid once) while >= ~1024 programs remain
     blocks = triton.cdiv(num_tokens, block_t) * triton.cdiv(n, block_n)
-    nb_per_prog = max(1, min(4, blocks // 1024)) if max_rank <= block_r else 1
-    return {"block_t": block_t, "block_n": block_n, "block_r": block_r, "nb_per_prog": nb_per_prog, "num_warps": 4}
+    nb_per_prog = 2 if blocks >= 1024 else 1
+    return {"block_t": block_t, "block_n": block_n, "block_r": block_r, "nb_per_prog": nb_per_prog,
+            "num_warps": num_warps, "num_stages": num_stages}
 
 
 def sgmv_expand(y: torch.Tensor, b_pool: torch.Tensor, out_offsets: tuple[int, ...], seg_indptr: torch.Tensor,
                 seg_slots: torch.Tensor, slot_ranks: torch.Tensor, slot_scales: torch.Tensor,
                 out: torch.Tensor, *, config: dict | None = None) -> torch.Tensor:
-    """out[t, off_m:off_m+1] += scale * y[t, m, :r] @ b_pool[slot, off_m:off_m+1, :r]ᵀ (module docstring).
+    """out[t, off_m:off_m+1] += scale * y[t, m, :r] @ b_pool[slot, :r, off_m:off_m+1] (module docstring).
 
-    y [T, M, R] fp32 or B's dtype, b_pool [S, N, R] bf16/fp16/fp32, out [T, N] B's dtype,
+    y [T, M, R] fp32 or B's dtype, b_pool [S, R, N] bf16/fp16/fp32, out [T, N] B's dtype,
     out_offsets a tuple of M+1 ints (M <= 4) from 0 to N. All contiguous. No host-device
     sync; capturable in a CUDA graph.
     """
     check_device(y, b_pool, seg_indptr, seg_slots, slot_ranks, slot_scales, out)
     if y.dim() != 3 or b_pool.dim() != 3 or out.dim() != 2:
-        raise ValueError(f"need y [T, M, R], b_pool [S, N, R], out [T, N]; got "
+        raise ValueError(f"need y [T, M, R], b_pool [S, R, N], out [T, N]; got "
                          f"{tuple(y.shape)}, {tuple(b_pool.shape)}, {tuple(out.shape)}")
     num_tokens, num_mods, max_rank = y.shape
-    num_slots, n, b_rank = b_pool.shape
+    num_slots, b_rank, n = b_pool.shape
     offsets = tuple(int(o) for o in out_offsets)
     if len(offsets) != num_mods + 1 or offsets[0] != 0 or offsets[-1] != n or \
             any(b <= a for a, b in itertools.pairwise(offsets)):
@@ -180,6 +183,6 @@ def sgmv_expand(y: torch.Tensor, b_pool: torch.Tensor, out_offsets: tuple[int, .
         num_tokens, num_segs, n, num_mods * max_rank, num_nb,
         *offs, *cbs,
         R=max_rank, BLOCK_G=triton.next_power_of_2(num_segs + 2), BLOCK_T=block_t, BLOCK_N=block_n,
-        BLOCK_R=block_r, VEC_R=_vec(max_rank, block_r), NB_PER_PROG=nb_per_prog, USE_DOT=use_dot, IEEE=(b_pool.dtype == torch.float32),
+        BLOCK_R=block_r, NB_PER_PROG=nb_per_prog, USE_DOT=use_dot, IEEE=(b_pool.dtype == torch.float32),
         num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3))
     return out

@@ -29,7 +29,7 @@ class LoRALinear(nn.Module):
         self.ops = ops
         # Attached by SlotPool.attach (plain attributes: not weights of the model).
         self.a_pool: torch.Tensor | None = None           # [S, M, R, in]
-        self.b_pool: torch.Tensor | None = None           # [S, N, R], N = out_features
+        self.b_pool: torch.Tensor | None = None           # [S, R, N] (rank-major), N = out_features
         self.shrink_scratch: torch.Tensor | None = None   # [max_tokens * M_max * R] float32, shared
 
     @property

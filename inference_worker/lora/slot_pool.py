@@ -1,7 +1,7 @@
 """Device slots for LoRA adapters: A/B buffers allocated once, adapters copied in and out.
 
 Per LoRALinear of the model (per layer: fused qkv, o, fused gate_up, down):
-  a_pool [S, M, R, in]   b_pool [S, N, R]     (S = max slots, R = max rank, M fused modules)
+  a_pool [S, M, R, in]   b_pool [S, R, N]     (S = max slots, R = max rank, M fused modules)
 plus slot_ranks [S] int32 and slot_scales [S] float32, which every step's LoraBatchMeta
 points at. Loading an adapter zeroes its slot then copies each module's A/B into the
 top-left corner (ranks padded with zeros; modules the adapter lacks stay zero, so they
@@ -49,7 +49,9 @@ class SlotPool:
             num_modules = len(lin.module_names)
             max_fused = max(max_fused, num_modules)
             lin.a_pool = torch.zeros(num_slots, num_modules, max_rank, lin.in_features, device=device, dtype=dtype)
-            lin.b_pool = torch.zeros(num_slots, lin.out_offsets[-1], max_rank, device=device, dtype=dtype)
+            # rank-major: a rank row is N contiguous values, so the expand reads only an adapter's
+            # own rows whatever R (kernels/sgmv_expand.py)
+            lin.b_pool = torch.zeros(num_slots, max_rank, lin.out_offsets[-1], device=device, dtype=dtype)
             for m, name in enumerate(lin.module_names):
                 self._targets[(layer_idx, name)] = (lin, m)
         scratch = torch.zeros(max_tokens * max_fused * max_rank, device=device, dtype=torch.float32)
@@ -254,7 +256,10 @@ class SlotPool:
             lin, m = self._targets[(layer, name)]
             r = a.shape[0]
             lo, hi = lin.out_offsets[m], lin.out_offsets[m + 1]
-            dsts += [lin.a_pool[slot, m, :r], lin.b_pool[slot, lo:hi, :r]]
+            # B [out, r] lands transposed: into a [out, r] view of the rank-major slot (strided, so
+            # the copy goes through a device buffer then a device transpose; the source stays a
+            # plain pinned read)
+            dsts += [lin.a_pool[slot, m, :r], lin.b_pool[slot, :r, lo:hi].t()]
             srcs += [a, b]
         if dsts:
             torch._foreach_copy_(dsts, srcs, non_blocking=True)

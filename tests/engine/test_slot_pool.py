@@ -71,7 +71,8 @@ def test_load_layout_zero_padding_and_missing_modules():
     qkv, o = layers[0][1], layers[1][1]
     a, b = w.modules[(0, "k_proj")]
     assert torch.equal(qkv.a_pool[slot, 1, :4], a) and not qkv.a_pool[slot, 1, 4:].any()
-    assert torch.equal(qkv.b_pool[slot, HIDDEN:HIDDEN + KV, :4], b) and not qkv.b_pool[slot, :, 4:].any()
+    # B is rank-major [S, R, N]: the adapter's rows 0..3 hold Bᵀ, padding rank rows stay zero
+    assert torch.equal(qkv.b_pool[slot, :4, HIDDEN:HIDDEN + KV], b.t()) and not qkv.b_pool[slot, 4:].any()
     assert not qkv.a_pool[slot, 0].any() and not qkv.a_pool[slot, 2].any()      # q, v absent: zero
     assert torch.equal(o.a_pool[slot, 0, :4], w.modules[(0, "o_proj")][0])
     assert pool.slot_ranks[slot] == 4 and pool.slot_scales[slot] == 0.5

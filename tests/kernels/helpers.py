@@ -24,10 +24,10 @@ def make_meta(seg_lens: list[int], seg_slots: list[int], device) -> tuple[torch.
 
 def make_pools(num_slots: int, num_mods: int, max_rank: int, h_in: int, n_out: int, ranks: list[int],
                dtype, device, gen: torch.Generator | None = None):
-    """A [S, M, R, H_in], B [S, N, R] with random values (padding rows random too: kernels must ignore
+    """A [S, M, R, H_in], B [S, R, N] (rank-major) with random values (padding rows random too: kernels must ignore
     them), slot_ranks [S] int32, slot_scales [S] fp32."""
     a = (torch.randn(num_slots, num_mods, max_rank, h_in, generator=gen) / h_in ** 0.5).to(dtype).to(device)
-    b = (torch.randn(num_slots, n_out, max_rank, generator=gen) / max_rank ** 0.5).to(dtype).to(device)
+    b = (torch.randn(num_slots, max_rank, n_out, generator=gen) / max_rank ** 0.5).to(dtype).to(device)
     slot_ranks = torch.tensor(ranks, dtype=torch.int32, device=device)
     slot_scales = (torch.rand(num_slots, generator=gen) * 2 + 0.25).to(device)
     return a, b, slot_ranks, slot_scales
