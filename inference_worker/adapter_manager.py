@@ -192,11 +192,11 @@ class AdapterManager:
                 self._store.download(key, part_path, resume=True, timeout=self.config.download_timeout_s)
             with self.disk.hold(adapter.sha256, download) as path:
                 try:
-                    weights = load_adapter_blob(path, key)
+                    weights = load_adapter_blob(path, key, pin_memory=self._pin_memory)
                 except ValueError as exc:
                     raise InvalidArgument(f"adapter {key}: {exc}") from None
             weights.base_model = adapter.base_model or weights.base_model
-            return self._admit(weights), "store" if downloaded else "disk"
+            return self._admit(weights, pin=False), "store" if downloaded else "disk"
 
     def _load_merge(self, recipe: MergeRecipe) -> tuple[AdapterWeights, str]:
         from inference_worker.merge import merge_adapters, merge_key
@@ -212,15 +212,17 @@ class AdapterManager:
                 for part_key in keys:
                     parts.append(self._load_ref(part_key))   # one pin each, released below
                 merged = merge_adapters([w for w, _ in parts], recipe, key=key, device=self.config.merge_device)
-                return self._admit(merged.to("cpu")), max((t for _, t in parts), key=TIERS.index)
+                tier = max((t for _, t in parts), key=TIERS.index)
+                return self._admit(merged.to("cpu"), pin=self._pin_memory), tier
             finally:
                 for weights, _ in parts:
                     self.cpu.unpin(weights.key)
 
-    def _admit(self, weights: AdapterWeights) -> AdapterWeights:
-        """Shape-check, move to (pinned) host memory, cache with one pin for the caller."""
+    def _admit(self, weights: AdapterWeights, pin: bool) -> AdapterWeights:
+        """Shape-check, copy to page-locked memory if `pin`, cache with one pin for the caller.
+        Blobs are read straight into page-locked memory (no second copy), so they pass False."""
         check_shapes(weights, self._shapes, self.config.max_lora_rank)
-        if self._pin_memory:
+        if pin:
             weights = weights.to(pin_memory=True)
         self.cpu.pin(weights.key)
         self.cpu.put(weights.key, weights)

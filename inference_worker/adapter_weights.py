@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from inference_worker.blob_reader import read_safetensors
 from services.adapter_format import CONFIG_METADATA_KEY, lora_scaling, parse_lora_key
 
 ModuleKey = tuple[int, str]  # (layer index, "q_proj" | ... | "down_proj")
@@ -61,17 +62,13 @@ def adapter_from_state_dict(key: str, config: dict, tensors: dict[str, torch.Ten
     return AdapterWeights(key, str(config.get("base_model_name_or_path") or ""), rank, scaling, modules)
 
 
-def load_adapter_blob(path: str | Path, key: str) -> AdapterWeights:
-    """Load a store blob (safetensors with the PEFT config in its metadata)."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        if CONFIG_METADATA_KEY not in meta:
-            raise ValueError(f"blob {path} has no embedded adapter_config")
-        config = json.loads(meta[CONFIG_METADATA_KEY])
-        tensors = {name: f.get_tensor(name) for name in f.keys()}
-    return adapter_from_state_dict(key, config, tensors)
+def load_adapter_blob(path: str | Path, key: str, *, pin_memory: bool = False) -> AdapterWeights:
+    """Load a store blob (safetensors with the PEFT config in its metadata), read once into
+    page-locked memory when pin_memory (what the CPU tier holds on CUDA)."""
+    meta, tensors = read_safetensors(path, pin_memory=pin_memory)
+    if CONFIG_METADATA_KEY not in meta:
+        raise ValueError(f"blob {path} has no embedded adapter_config")
+    return adapter_from_state_dict(key, json.loads(meta[CONFIG_METADATA_KEY]), tensors)
 
 
 def load_peft_dir(path: str | Path, key: str) -> AdapterWeights:

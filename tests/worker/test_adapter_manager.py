@@ -135,3 +135,14 @@ def test_base_model_names():
     assert same_base_model("meta-llama/Meta-Llama-3-8B", "/models/Meta-Llama-3-8B/")
     assert same_base_model("", "anything") and same_base_model("anything", "")
     assert not same_base_model("tiny-llama", "someone/other-model")
+
+
+@pytest.mark.gpu
+def test_pinned_tier_reads_blobs_into_page_locked_memory(make_manager, pushed):
+    """With pinning the disk tier reads the blob straight into page-locked memory."""
+    got = settled(make_manager(pin_memory=True).request("all-r8")).weights()
+    expected = load_peft_dir(pushed["all-r8"], "x")
+    assert set(got.modules) == set(expected.modules)
+    for mkey, (a, b) in expected.modules.items():
+        mine_a, mine_b = got.modules[mkey]
+        assert mine_a.is_pinned() and mine_b.is_pinned() and mine_a.equal(a) and mine_b.equal(b)
