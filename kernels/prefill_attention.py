@@ -52,7 +52,9 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
     _check(q, k, v, cu_seqlens)
     half = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
     if half and (flash_attn_varlen_func is not None or (torch_varlen_attn is not None and not _torch_varlen_failed)):
-        if max_seqlen is None:
+        if max_seqlen is None and seq_bounds is not None:
+            max_seqlen = max((e - s for s, e in itertools.pairwise(seq_bounds)), default=0)
+        elif max_seqlen is None:
             max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0
         if flash_attn_varlen_func is not None:
             return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
@@ -60,7 +62,7 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
         try:
             return torch_varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, scale=scale,
                                      window_size=(-1, 0))
-        except (RuntimeError, ValueError) as exc:     # e.g. a head size or GPU its kernel does not support
+        except (RuntimeError, ValueError, TypeError) as exc:   # a head size, GPU or torch it does not support
             _torch_varlen_failed = True
             log.warning("torch varlen attention unavailable (%s); prefill uses SDPA per sequence", exc)
     return _sdpa_per_sequence(q, k, v, cu_seqlens, scale, seq_bounds)
