@@ -1,4 +1,4 @@
-"""CUDA graphs of decode-only steps, one per batch-size bucket and LoRA token tile.
+"""CUDA graphs of decode-only steps, one per batch-size bucket and LoRA variant.
 
 Why: a decode step of an 8B model is ~1,000 small kernels; launched from Python the
 gaps between them cost about as much as the memory-bound work itself. A graph
@@ -14,8 +14,11 @@ to b entries with empty segments (the SGMV grid depends on (T, G, token tile) on
 The token tile must suit the step: tiles of 1 token when every token has its own
 adapter, 16 when a few adapters hold many tokens each (an adapter's A/B are then read
 once per 16 tokens; per-token tiles made one shared adapter cost 3x more on the H200).
-So each bucket has a graph without LoRA (a base-only step skips 8 launches per layer)
-and one per tile in LORA_TILES. All graphs share one memory pool.
+The shrink's grid also depends on the step's rank bound (the largest rank it may meet):
+with the bound 16, a pool sized for rank 64 launches no programs for the padding rows of
+rank <= 16 adapters (~14 µs per layer on the H200 at 64 x 64). So each bucket has a graph
+without LoRA (a base-only step skips 8 launches per layer) and one per LoRA variant
+(tile in LORA_TILES, rank bound in rank_bounds(R)). All graphs share one memory pool.
 """
 from __future__ import annotations
 
@@ -41,6 +44,18 @@ def default_buckets(max_num_seqs: int) -> tuple[int, ...]:
 
 
 LORA_TILES = (1, 2, 16)
+LoraVariant = tuple[int, int]      # (token tile, rank bound) of a step's SGMV launches
+
+
+def rank_bounds(max_rank: int) -> tuple[int, ...]:
+    """The shrink rank bounds graphs are captured for: 16 (the common LoRA rank; 8 fits too)
+    and the pool's max rank."""
+    return tuple(sorted({min(16, max_rank), max_rank}))
+
+
+def rank_bound_for(step_rank: int, max_rank: int) -> int:
+    """The smallest captured bound >= the largest rank among a step's adapters."""
+    return next(b for b in rank_bounds(max_rank) if b >= step_rank)
 
 
 def lora_tile(num_lora_tokens: int, num_lora_segments: int) -> int | None:
@@ -58,39 +73,40 @@ def pick_bucket(buckets: tuple[int, ...], num_decodes: int) -> int | None:
 
 
 class DecodeGraphs:
-    """Captured decode graphs; `run_step(b, tile)` (ModelRunner.static_decode_forward) runs the
-    model over the static buffers of bucket b (LoRA with token tile `tile`, None = no LoRA)
-    and returns its logits [b, V]."""
+    """Captured decode graphs; `run_step(b, variant)` (ModelRunner.static_decode_forward) runs
+    the model over the static buffers of bucket b (LoRA with that (tile, rank bound), None = no
+    LoRA) and returns its logits [b, V]."""
 
-    def __init__(self, buckets: tuple[int, ...]) -> None:
+    def __init__(self, buckets: tuple[int, ...], max_rank: int) -> None:
         self.buckets = tuple(sorted(set(buckets)))
-        self._graphs: dict[tuple[int, int | None], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.variants: list[LoraVariant | None] = [None, *((t, r) for t in LORA_TILES for r in rank_bounds(max_rank))]
+        self._graphs: dict[tuple[int, LoraVariant | None], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
 
     def bucket_for(self, num_decodes: int) -> int | None:
         return pick_bucket(self.buckets, num_decodes)
 
-    def capture(self, run_step: Callable[[int, int | None], torch.Tensor]) -> None:
+    def capture(self, run_step: Callable[[int, LoraVariant | None], torch.Tensor]) -> None:
         """Largest bucket first, so smaller graphs reuse its pool memory."""
         start = time.perf_counter()
         pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream()
         for b in reversed(self.buckets):
-            for tile in (None, *LORA_TILES):
+            for variant in self.variants:
                 stream.wait_stream(torch.cuda.current_stream())
                 with torch.cuda.stream(stream):
-                    run_step(b, tile)               # warm-up: compiles Triton kernels, fills caches
+                    run_step(b, variant)            # warm-up: compiles Triton kernels, fills caches
                 torch.cuda.current_stream().wait_stream(stream)
                 torch.cuda.synchronize()
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool, stream=stream):
-                    logits = run_step(b, tile)
-                self._graphs[(b, tile)] = (graph, logits)
+                    logits = run_step(b, variant)
+                self._graphs[(b, variant)] = (graph, logits)
         torch.cuda.synchronize()
-        log.info("captured %d decode CUDA graphs (buckets %s, LoRA tiles %s) in %.1f s", len(self._graphs),
-                 self.buckets, LORA_TILES, time.perf_counter() - start)
+        log.info("captured %d decode CUDA graphs (buckets %s, LoRA (tile, rank bound) %s) in %.1f s",
+                 len(self._graphs), self.buckets, self.variants[1:], time.perf_counter() - start)
 
-    def replay(self, bucket: int, tile: int | None) -> torch.Tensor:
+    def replay(self, bucket: int, variant: LoraVariant | None) -> torch.Tensor:
         """-> logits [bucket, V] float32 (a static buffer: overwritten by the next replay)."""
-        graph, logits = self._graphs[(bucket, tile)]
+        graph, logits = self._graphs[(bucket, variant)]
         graph.replay()
         return logits

@@ -15,7 +15,7 @@ import torch
 
 from inference_worker.attention import AttentionMeta
 from inference_worker.block_manager import blocks_for
-from inference_worker.cuda_graphs import DecodeGraphs, lora_tile
+from inference_worker.cuda_graphs import DecodeGraphs, LoraVariant, lora_tile, rank_bound_for
 from inference_worker.lora.metadata import LoraBatchMeta, segments_of
 from inference_worker.lora.slot_pool import SlotPool
 from inference_worker.model.llama import LlamaForCausalLM
@@ -68,7 +68,7 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
         buckets = tuple(b for b in cuda_graph_buckets or () if b <= max_num_seqs)
         if buckets:
-            self.graphs = DecodeGraphs(buckets)
+            self.graphs = DecodeGraphs(buckets, slot_pool.max_rank)
             self._capture_graphs()
 
     @property
@@ -141,10 +141,12 @@ class ModelRunner:
             slot_mapping=self._upload("slot_mapping", slot_mapping), cu_seqlens=self._upload("cu_seqlens", cu_seqlens),
             block_tables=dev_tables.view(num_rows, width), context_lens=self._upload("context_lens", context_lens),
             prefill_bounds=cu_seqlens, prefill_max_len=max((s.num_tokens for s in prefills), default=0))
+        step_rank = max((self.slot_pool.host_ranks[s.slot] for s in seqs if s.slot >= 0), default=0)
         lora = LoraBatchMeta(
             has_lora=any(s >= 0 for s in seg_slots), seg_indptr=self._upload("seg_indptr", indptr),
             seg_slots=self._upload("seg_slots", seg_slots), slot_ranks=self.slot_pool.slot_ranks,
-            slot_scales=self.slot_pool.slot_scales, block_t=tile)
+            slot_scales=self.slot_pool.slot_scales, block_t=tile,
+            rank_bound=rank_bound_for(step_rank, self.slot_pool.max_rank))
         ids = self._upload("input_ids", input_ids)
         if gather_dst:
             ids.index_copy_(0, self._upload("gather_dst", gather_dst),
@@ -160,24 +162,26 @@ class ModelRunner:
         # on the device: the adapter copies of this step's slots
         self.slot_pool.wait_for_loads({s.slot for s in batch.seqs if s.slot >= 0})
         if batch.graph_bucket is not None:
-            tile = batch.lora.block_t if batch.lora.has_lora else None
-            return self.graphs.replay(batch.graph_bucket, tile)[: len(batch.seqs)]
+            lora = batch.lora
+            variant = (lora.block_t, lora.rank_bound) if lora.has_lora else None
+            return self.graphs.replay(batch.graph_bucket, variant)[: len(batch.seqs)]
         return self.model(batch.input_ids, batch.positions, self.kv_caches, batch.attn, batch.lora,
                           batch.logits_indices)
 
     # ---- CUDA graphs ------------------------------------------------------------------
-    def static_decode_forward(self, bucket: int, tile: int | None) -> torch.Tensor:
+    def static_decode_forward(self, bucket: int, variant: LoraVariant | None) -> torch.Tensor:
         """The model over the static buffers' first `bucket` rows, as prepare fills them for a
-        padded decode step, LoRA with token tile `tile` (None = none): what a decode graph
-        captures. -> logits [bucket, V] float32."""
+        padded decode step, LoRA with `variant` = (token tile, rank bound) (None = none): what a
+        decode graph captures. -> logits [bucket, V] float32."""
+        tile, rank_bound = variant or (None, None)
         d, width = self._dev, self.max_blocks_per_seq
         attn = AttentionMeta(num_prefill_tokens=0, num_decodes=bucket, slot_mapping=d["slot_mapping"][:bucket],
                              cu_seqlens=d["cu_seqlens"][:1],
                              block_tables=d["block_tables"][: bucket * width].view(bucket, width),
                              context_lens=d["context_lens"][:bucket])
-        lora = LoraBatchMeta(has_lora=tile is not None, seg_indptr=d["seg_indptr"][: bucket + 1],
+        lora = LoraBatchMeta(has_lora=variant is not None, seg_indptr=d["seg_indptr"][: bucket + 1],
                              seg_slots=d["seg_slots"][:bucket], slot_ranks=self.slot_pool.slot_ranks,
-                             slot_scales=self.slot_pool.slot_scales, block_t=tile)
+                             slot_scales=self.slot_pool.slot_scales, block_t=tile, rank_bound=rank_bound)
         return self.model(d["input_ids"][:bucket], d["positions"][:bucket], self.kv_caches, attn, lora,
                           d["logits_indices"][:bucket])
 

@@ -1,11 +1,15 @@
 """SGMV shrink: the LoRA A product of every token with its segment's adapter slot.
 
 Math (reference: kernels.reference.sgmv_shrink_ref):
-    y[t, m, :r] = x[t] @ A[slot(t), m, :r]ᵀ,  y[t, m, r:] = 0,  y[t] = 0 for base tokens,
+    y[t, m, :r] = x[t] @ A[slot(t), m, :r]ᵀ,  y[t, m, r:RB] = 0,  y[t, :, :RB] = 0 for base tokens,
     x [T, H_in], A pool [S, M, R, H_in], y [T, M, R], r = slot_ranks[slot(t)].
+RB (config "rank_bound", default R) bounds every slot's rank in the step: the caller's promise.
+Rows [RB, R) of y are not written (the expand never reads past a slot's rank), so a pool sized
+for rank 64 launches no programs for the padding rows of a step of rank-16 adapters.
 
 Design. Viewing A[slot] as [M*R, H_in] and y as [T, M*R], shrink is a segmented GEMM
-with NCOL = M*R output columns, so fused q/k/v (M=3) or gate/up (M=2) is one launch.
+over NCOL = M*RB columns (row j < RB of module m is column m*R + j), so fused q/k/v (M=3)
+or gate/up (M=2) is one launch.
 1-D grid over (token tile, column block, K split), sized from host ints only (T, G,
 M*R, H_in) so it is capturable in a CUDA graph; see kernels/_common.py for how a
 program finds its segment. Each program streams its slot's A rows [BLOCK_N, K-range]
@@ -37,7 +41,7 @@ from kernels.tiles import pick_block_t
 @triton.jit(do_not_specialize=["T", "G"])
 def _sgmv_shrink_kernel(x_ptr, a_ptr, y_ptr, indptr_ptr, slots_ptr, ranks_ptr,
                         T, G, H_in, NCOL, K_PER_SPLIT,
-                        R: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+                        R: tl.constexpr, RB: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, USE_DOT: tl.constexpr,
                         ATOMIC: tl.constexpr, CAN_SKIP: tl.constexpr, IEEE: tl.constexpr):
     pid = tl.program_id(0)
@@ -51,14 +55,16 @@ def _sgmv_shrink_kernel(x_ptr, a_ptr, y_ptr, indptr_ptr, slots_ptr, ranks_ptr,
         return
 
     offs_t = tile_start + tl.arange(0, BLOCK_T)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)     # over M*RB: module offs_n // RB, row offs_n % RB
     t_mask = offs_t < tile_end
     n_mask = offs_n < NCOL
-    col_on = n_mask & ((offs_n % R) < rank)            # real rank columns of this slot
-    y_ptrs = y_ptr + offs_t[:, None].to(tl.int64) * NCOL + offs_n[None, :]
+    col_on = n_mask & ((offs_n % RB) < rank)           # real rank rows of this slot
+    cols = (offs_n // RB) * R + offs_n % RB              # the rows' columns in y [T, M*R] and A [M*R, H_in]
+    MR = (NCOL // RB) * R                                # y's row length, A's rows per slot
+    y_ptrs = y_ptr + offs_t[:, None].to(tl.int64) * MR + cols[None, :]
     if CAN_SKIP:
         # the block lies inside one module: all padding when its first rank index >= rank
-        active = ((pid_n * BLOCK_N) % R) < rank
+        active = ((pid_n * BLOCK_N) % RB) < rank
     else:
         active = rank > 0
     if not active:
@@ -71,8 +77,8 @@ def _sgmv_shrink_kernel(x_ptr, a_ptr, y_ptr, indptr_ptr, slots_ptr, ranks_ptr,
     k_hi = tl.minimum(k_lo + K_PER_SPLIT, H_in)
     offs_k = tl.arange(0, BLOCK_K)
     x_ptrs = x_ptr + offs_t[:, None].to(tl.int64) * H_in + offs_k[None, :]
-    a_base = a_ptr + slot.to(tl.int64) * NCOL * H_in
-    a_ptrs = a_base + offs_n[:, None].to(tl.int64) * H_in + offs_k[None, :]
+    a_base = a_ptr + slot.to(tl.int64) * MR * H_in
+    a_ptrs = a_base + cols[:, None].to(tl.int64) * H_in + offs_k[None, :]
     if USE_DOT:
         acc = tl.zeros((BLOCK_T, BLOCK_N), tl.float32)
         # Triton's software pipeliner overlaps these loads with the dots (num_stages)
@@ -137,11 +143,12 @@ def default_config(num_tokens: int, num_segs: int, ncol: int, max_rank: int, h_i
 
 def sgmv_shrink(x: torch.Tensor, a_pool: torch.Tensor, seg_indptr: torch.Tensor, seg_slots: torch.Tensor,
                 slot_ranks: torch.Tensor, out: torch.Tensor, *, config: dict | None = None) -> torch.Tensor:
-    """out[t, m, :r] = x[t] @ a_pool[slot(t), m, :r]ᵀ; zeros elsewhere (see module docstring).
+    """out[t, m, :r] = x[t] @ a_pool[slot(t), m, :r]ᵀ; zeros up to the rank bound (module docstring).
 
     x [T, H_in] bf16/fp16/fp32, a_pool [S, M, R, H_in] same dtype, out [T, M, R] (fp32
     recommended: it enables split-K; else x's dtype). All contiguous. `config` overrides
-    block sizes (benchmarks). No host-device sync; capturable in a CUDA graph.
+    block sizes (benchmarks) and may give "rank_bound" (>= every slot's rank in the step;
+    rows past it are not written). No host-device sync; capturable in a CUDA graph.
     """
     check_device(x, a_pool, seg_indptr, seg_slots, slot_ranks, out)
     if x.dim() != 2 or a_pool.dim() != 4 or out.dim() != 3:
@@ -161,8 +168,11 @@ def sgmv_shrink(x: torch.Tensor, a_pool: torch.Tensor, seg_indptr: torch.Tensor,
     num_segs = check_lora_meta(seg_indptr, seg_slots, slot_ranks, num_slots)
     if num_tokens == 0:
         return out
-    ncol = num_mods * max_rank
-    cfg = default_config(num_tokens, num_segs, ncol, max_rank, h_in, out.dtype == torch.float32,
+    rank_bound = (config or {}).get("rank_bound") or max_rank
+    if not 1 <= rank_bound <= max_rank:
+        raise ValueError(f"rank_bound {rank_bound} must be in [1, R={max_rank}]")
+    ncol = num_mods * rank_bound
+    cfg = default_config(num_tokens, num_segs, ncol, rank_bound, h_in, out.dtype == torch.float32,
                          (config or {}).get("block_t"))
     cfg.update(config or {})
     block_t, block_n, block_k, split_k = cfg["block_t"], cfg["block_n"], cfg["block_k"], cfg["split_k"]
@@ -180,8 +190,8 @@ def sgmv_shrink(x: torch.Tensor, a_pool: torch.Tensor, seg_indptr: torch.Tensor,
     _sgmv_shrink_kernel[grid](
         x, a_pool, out, seg_indptr, seg_slots, slot_ranks,
         num_tokens, num_segs, h_in, ncol, k_per_split,
-        R=max_rank, BLOCK_G=triton.next_power_of_2(num_segs + 2), BLOCK_T=block_t, BLOCK_N=block_n,
+        R=max_rank, RB=rank_bound, BLOCK_G=triton.next_power_of_2(num_segs + 2), BLOCK_T=block_t, BLOCK_N=block_n,
         BLOCK_K=block_k, SPLIT_K=split_k, USE_DOT=use_dot, ATOMIC=atomic,
-        CAN_SKIP=(block_n <= max_rank and max_rank % block_n == 0),
+        CAN_SKIP=(block_n <= rank_bound and rank_bound % block_n == 0),
         IEEE=(x.dtype == torch.float32), num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3))
     return out

@@ -23,6 +23,10 @@ class LoraBatchMeta:
     # fixes it at capture (its grid depends on it), so the runner picks the graph whose tile
     # suits the step's tokens per segment.
     block_t: int | None = None
+    # >= the rank of every adapter in the step (None = the pool's max rank): the shrink then
+    # launches no programs for rank rows past it (kernels/sgmv_shrink.py); a decode graph fixes
+    # it at capture too (cuda_graphs.rank_bounds)
+    rank_bound: int | None = None
 
 
 def segments_of(slots: list[int], num_tokens: list[int]) -> tuple[list[int], list[int]]:

@@ -59,6 +59,7 @@ class SlotPool:
             lin.shrink_scratch = scratch
         self._layers = [lin for _, lin in lora_layers]
         self.slot_ranks = torch.zeros(num_slots, device=device, dtype=torch.int32)      # [S]
+        self.host_ranks = [0] * num_slots               # slot_ranks as the host knows them (no sync)
         self.slot_scales = torch.zeros(num_slots, device=device, dtype=torch.float32)   # [S]
         self._slot_of: dict[str, int] = {}
         self._free = list(range(num_slots - 1, -1, -1))    # pop() gives slot 0 first
@@ -214,6 +215,7 @@ class SlotPool:
             load = self._loader.submit(self._issue_load, slot, adapter, rank, queued, host_start)
         else:
             load = self._issue_load(slot, adapter, rank, queued, host_start)
+        self.host_ranks[slot] = rank
         if load is not None:                              # the event (or its Future) who needs the slot waits for
             self._in_flight[slot] = self._unwaited[slot] = load
         self.num_loads += 1

@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from inference_worker.cuda_graphs import DecodeGraphs, default_buckets, lora_tile, pick_bucket
+from inference_worker.cuda_graphs import (
+    DecodeGraphs,
+    default_buckets,
+    lora_tile,
+    pick_bucket,
+    rank_bound_for,
+    rank_bounds,
+)
 from tests.engine.doubles import DirSource
 from tests.engine.harness import Driver
 from tests.engine.test_correctness import _workload
@@ -28,12 +35,13 @@ class EmulatedGraphs(DecodeGraphs):
     """replay = what the captured graph runs: the model over the runner's static buffers."""
 
     def __init__(self, runner, buckets) -> None:
-        super().__init__(buckets)
+        super().__init__(buckets, runner.slot_pool.max_rank)
         self.runner = runner
 
-    def replay(self, bucket: int, tile: int | None) -> torch.Tensor:
+    def replay(self, bucket: int, variant) -> torch.Tensor:
+        assert variant in self.variants, variant                        # a graph was captured for it
         with torch.inference_mode():
-            return self.runner.static_decode_forward(bucket, tile)
+            return self.runner.static_decode_forward(bucket, variant)
 
 
 def one_adapter_workload(driver: Driver, tokenizer):
@@ -54,8 +62,10 @@ def test_padded_graph_steps_match_eager(family_model, adapters_of, make_engine, 
             engine.runner.graphs = EmulatedGraphs(engine.runner, (2, 4, 16))
             prepare = engine.runner.prepare
 
-            def recording_prepare(prefills, decodes, prepare=prepare, buckets_used=buckets_used):
+            def recording_prepare(prefills, decodes, prepare=prepare, pool=engine.runner.slot_pool):
                 batch = prepare(prefills, decodes)
+                step_rank = max((pool.host_ranks[s.slot] for s in prefills + decodes if s.slot >= 0), default=0)
+                assert step_rank <= batch.lora.rank_bound in rank_bounds(pool.max_rank)
                 if batch.graph_bucket is not None:
                     buckets_used.append((batch.graph_bucket, len(decodes), batch.lora.block_t))
                 return batch
@@ -83,6 +93,12 @@ def test_padded_base_only_steps_use_the_graph_without_lora(family_model, make_en
     graph_steps = [b for b in batches if b.graph_bucket is not None]
     assert graph_steps and all(b.graph_bucket == 4 and not b.lora.has_lora and b.lora.block_t is None
                                for b in graph_steps)
+
+
+def test_rank_bounds():
+    assert rank_bounds(64) == (16, 64) and rank_bounds(16) == (16,) and rank_bounds(8) == (8,)
+    assert [rank_bound_for(r, 64) for r in (0, 1, 8, 16, 17, 64)] == [16, 16, 16, 16, 64, 64]
+    assert rank_bound_for(8, 8) == 8
 
 
 def test_lora_tile_follows_tokens_per_adapter():

@@ -22,7 +22,7 @@ def _run(model_dir, adapter_dirs, dtype, cuda_graphs, workload=_workload, **conf
         replays = []
         if engine.runner.graphs is not None:
             replay = engine.runner.graphs.replay
-            engine.runner.graphs.replay = lambda b, tile: replays.append((b, tile)) or replay(b, tile)
+            engine.runner.graphs.replay = lambda b, variant: replays.append((b, variant)) or replay(b, variant)
         driver = Driver(engine)
         arrivals, _ = workload(driver, engine.tokenizer)
         return driver.run(arrivals), replays, engine.slot_pool.num_evictions
@@ -37,7 +37,7 @@ def test_graph_replay_matches_eager(family_model, adapters_of, dtype, tol, workl
     adapter_dirs = adapters_of(model_dir)
     eager, no_replays, _ = _run(model_dir, adapter_dirs, dtype, cuda_graphs=False, workload=workload)
     graphs, replays, evictions = _run(model_dir, adapter_dirs, dtype, cuda_graphs=True, workload=workload)
-    assert not no_replays and replays and {tile for _, tile in replays} & tiles
+    assert not no_replays and replays and {variant[0] for _, variant in replays if variant} & tiles
     if workload is _workload:
         assert evictions > 0                            # adapters swapped through the async copy path
     for rid, want in eager.items():

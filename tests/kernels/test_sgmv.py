@@ -271,3 +271,29 @@ def test_num_tiles_bound_covers_every_layout():
         tiles = sum(math.ceil(n / block_t) for n in lens) + math.ceil(tail / block_t)
         assert tiles <= num_tiles_bound(num_tokens, num_segs, block_t), (lens, tail, block_t)
         assert num_tiles_bound(num_tokens, num_segs, 1) == num_tokens
+
+
+@pytest.mark.parametrize("block_t,split_k", [(1, 1), (2, 1), (16, 1), (16, 2)])
+def test_rank_bound_skips_padding_rows(block_t, split_k):
+    """config rank_bound RB (>= every rank of the step) in a pool of max rank R: y rows [RB, R)
+    are never written (NaN stays; the split-K path zeroes y first), rows below RB are exact,
+    and the expand over that y (it never reads past a slot's rank) equals the reference."""
+    seed = random.randrange(1 << 30)
+    gen = torch.Generator().manual_seed(seed)
+    lens, seg_slots, ranks, R, RB = [3, 1, 4, 2], [1, 0, 3, 2], [4, 2, 8, 1], 32, 8
+    indptr, slots, num_tokens = make_meta(lens, seg_slots, DEV)
+    a, b, slot_ranks, scales = make_pools(4, 3, R, 40, 56, ranks, torch.float32, DEV, gen)
+    x = torch.randn(num_tokens, 40, generator=gen).to(DEV)
+    y = torch.full((num_tokens, 3, R), float("nan"), device=DEV)
+    sgmv_shrink(x, a, indptr, slots, slot_ranks, y, config={"rank_bound": RB, "block_t": block_t,
+                                                             "split_k": split_k})
+    y_ref = sgmv_shrink_ref(x, a, indptr, slots, slot_ranks, torch.empty_like(y))
+    assert rel_err(y[:, :, :RB], y_ref[:, :, :RB]) < 1e-4, f"seed {seed}"
+    assert (y[:, :, RB:].isnan() if split_k == 1 else y[:, :, RB:] == 0).all(), f"seed {seed}"
+    out0 = torch.randn(num_tokens, 56, generator=gen).to(DEV)
+    out = out0.clone()
+    sgmv_expand(y, b, (0, 24, 40, 56), indptr, slots, slot_ranks, scales, out, config={"block_t": block_t})
+    want = sgmv_expand_ref(y_ref, b, (0, 24, 40, 56), indptr, slots, slot_ranks, scales, out0.clone())
+    assert rel_err(out, want) < 1e-4, f"seed {seed}"
+    with pytest.raises(ValueError, match="rank_bound"):
+        sgmv_shrink(x, a, indptr, slots, slot_ranks, y, config={"rank_bound": R + 1})
