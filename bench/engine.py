@@ -102,7 +102,7 @@ class Run:
         args, engine = self.args, self.engine
         total = args.requests
         self.source.prepare(self.workload)
-        loads_before = engine.slot_pool.num_loads
+        loads_before, waits_before = engine.slot_pool.num_loads, engine.slot_pool.num_step_waits
         engine.slot_pool.load_timings = []
         self.recorder.reset()
         if engine.device.type == "cuda":
@@ -130,7 +130,9 @@ class Run:
             if time.perf_counter() - start > args.max_seconds:
                 raise RuntimeError(f"{self.workload.name}: over --max-seconds {args.max_seconds}")
         wall = time.perf_counter() - start
-        return self._metrics(wall, engine.slot_pool.num_loads - loads_before)
+        res = self._metrics(wall, engine.slot_pool.num_loads - loads_before)
+        res["steps_waiting_on_loads"] = engine.slot_pool.num_step_waits - waits_before   # issue 9: should be 0
+        return res
 
     def _metrics(self, wall: float, num_loads: int) -> dict:
         ttft = [(ts[0] - self.arrivals[rid]) * 1e3 for rid, ts in self.token_times.items()]

@@ -110,11 +110,12 @@ def summarize(report: dict) -> str:
              f"{report['copy_bw_TBps']:.2f} TB/s (read+write); base weights {report['base_weight_gib']:.2f} GiB; "
              f"CUDA-graph buckets {report['graph_buckets'] or 'off'}", "",
              "| workload | tok/s | TTFT p50/p99 ms | TPOT p50/p99 ms | steps/s | decode step p50 ms | floor ms | "
-             "x floor | GPU fwd ms | graph % | batch mean | adapters/step | loads | load p50/p99 ms | mem GiB |",
-             "|" + "---|" * 15]
+             "x floor | GPU fwd ms | graph % | batch mean | adapters/step | loads | load p50/p99 ms | "
+             "steps waiting on a load | mem GiB |",
+             "|" + "---|" * 16]
     for name, r in report["workloads"].items():
         if "error" in r:
-            lines.append(f"| {name} | error: {r['error']} |" + " |" * 13)
+            lines.append(f"| {name} | error: {r['error']} |" + " |" * 14)
             continue
         lines.append(
             f"| {name} | {_fmt(r['tok_per_s'], 0)} | {_fmt(r['ttft_ms_p50'], 0)}/{_fmt(r['ttft_ms_p99'], 0)} | "
@@ -123,7 +124,7 @@ def summarize(report: dict) -> str:
             f"{_fmt(r['decode_x_floor_p50'], 2)} | {_fmt(r['decode_gpu_ms_p50'], 2)} | "
             f"{_fmt(100 * r['decode_graph_fraction'], 0)} | {_fmt(r['batch_mean'])} | {_fmt(r['decode_adapters_p50'])} | "
             f"{r['adapter_loads']} | {_fmt(r['load_ms_p50'], 2)}/{_fmt(r['load_ms_p99'], 2)} | "
-            f"{_fmt(r.get('gpu_mem_peak_gib'))} |")
+            f"{_fmt(r.get('steps_waiting_on_loads'))} | {_fmt(r.get('gpu_mem_peak_gib'))} |")
     if report.get("ratios"):
         lines += ["", "Ratios: " + ", ".join(f"{k} {v:.2f}" for k, v in report["ratios"].items())]
     peft = report.get("peft_baseline")

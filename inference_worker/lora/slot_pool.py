@@ -65,6 +65,7 @@ class SlotPool:
         self._free = list(range(num_slots - 1, -1, -1))    # pop() gives slot 0 first
         self.num_loads = 0
         self.num_evictions = 0
+        self.num_step_waits = 0          # steps whose compute had to wait for a copy not yet done
         self.loads_async = device.type == "cuda"
         self._copy_stream = torch.cuda.Stream(device) if self.loads_async else None
         # slot -> its load: the event after its copies, or (loader thread) a Future of that event
@@ -114,12 +115,16 @@ class SlotPool:
     def wait_for_loads(self, slots: Iterable[int]) -> None:
         """The compute stream waits (on the device) for the loads of `slots` (a step's); on the
         host only for such a load that the loader has not issued yet."""
+        waited = False
         for slot in [s for s in slots if s in self._unwaited]:
             load = self._unwaited.pop(slot)
             if isinstance(load, Future):
+                waited = waited or not load.done()
                 load = self._loaded_event(slot, load)
             if load is not None:
+                waited = waited or not load.query()
                 torch.cuda.current_stream(self._copy_stream.device).wait_event(load)
+        self.num_step_waits += waited
 
     def _loaded_event(self, slot: int, future: Future) -> torch.cuda.Event | None:
         """The done event of a loader-thread load (None on CPU), waiting for the loader to issue

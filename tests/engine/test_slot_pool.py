@@ -177,8 +177,10 @@ def test_loader_thread_loads_in_background_and_steps_wait_for_their_slots():
         assert pool.loads_in_background and not pool.is_loaded("x")
         assert not qkv.a_pool[slot].any()                   # not copied yet
         pool.wait_for_loads({1 - slot})                     # another slot: no wait
+        assert pool.num_step_waits == 0
         threading.Timer(0.2, gate.set).start()
         pool.wait_for_loads({slot})                         # a step reading the slot waits for its load
+        assert pool.num_step_waits == 1                     # and is counted (bench/engine.py reports it)
         assert torch.equal(qkv.a_pool[slot, 0, :4], w.modules[(0, "q_proj")][0])
         assert pool.is_loaded("x") and pool.slot_ranks[slot] == 4
     finally:
