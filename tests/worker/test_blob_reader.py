@@ -47,10 +47,11 @@ def read_into_buffers(path):
     """The pin_memory path (copies into buffers, not views of the mapping) without pinning (needs CUDA)."""
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
-        header = blob_reader._read_header(f, size, path)
-        start = f.tell()
+        header, start = read_safetensors_header(f, size)
+    entries = sorted((_Entry(n, blob_reader.DTYPES[i["dtype"]], i["shape"], *i["data_offsets"])
+                      for n, i in header.items() if n != "__metadata__"), key=lambda e: e.begin)
     data = torch.from_file(str(path), shared=False, size=size, dtype=torch.uint8)[start:]
-    return blob_reader._copy_into_buffers(data, blob_reader._entries(header, size - start, path), False)
+    return blob_reader._copy_into_buffers(data, entries, False)
 
 
 def test_store_blob_loads_as_safetensors_does(tmp_path):
@@ -104,13 +105,6 @@ def test_dtypes_and_shapes_match_safetensors(tmp_path):
         "bf16": torch.randn(3, 5, generator=gen).to(torch.bfloat16),
         "f16": torch.randn(7, generator=gen).to(torch.float16),
         "f32": torch.randn(2, 3, 4, generator=gen),
-        "f64": torch.randn(3, generator=gen).double(),
-        "i64": torch.tensor([-(2 ** 40), 0, 7, 2 ** 62]),
-        "i32": torch.tensor([-5, 6, 2 ** 30], dtype=torch.int32),
-        "i16": torch.tensor([-300, 300], dtype=torch.int16),
-        "i8": torch.tensor([-7, 9, 100], dtype=torch.int8),
-        "u8": torch.tensor([0, 255, 17], dtype=torch.uint8),
-        "bool": torch.tensor([True, False, True]),
         "empty": torch.zeros(0, 3),
         "scalar": torch.tensor(3.25),
     }
@@ -126,13 +120,15 @@ def test_dtypes_and_shapes_match_safetensors(tmp_path):
 
 
 def test_unaligned_offset_is_copied(tmp_path):
-    """A hand-made file whose f32 starts at byte 1: safetensors loads it, so must we."""
+    """A hand-made file whose f32 starts at byte 2 (after one bf16): safetensors loads it, so must we."""
     value = torch.tensor([1.5, -2.0])
-    header = {"u8": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]},
-              "f32": {"dtype": "F32", "shape": [2], "data_offsets": [1, 9]}}
-    path = raw_file(tmp_path / "odd.safetensors", header, b"\x07" + value.numpy().tobytes())
+    header = {"h": {"dtype": "BF16", "shape": [1], "data_offsets": [0, 2]},
+              "f32": {"dtype": "F32", "shape": [2], "data_offsets": [2, 10]}}
+    half = torch.tensor([0.75], dtype=torch.bfloat16)
+    path = raw_file(tmp_path / "odd.safetensors", header, half.view(torch.uint8).numpy().tobytes()
+                    + value.numpy().tobytes())
     for got in (read_safetensors(path)[1], read_into_buffers(path)):
-        assert torch.equal(got["f32"], value) and got["u8"].tolist() == [7]
+        assert torch.equal(got["f32"], value) and torch.equal(got["h"], half)
         assert torch.equal(got["f32"], load_file(str(path))["f32"])
 
 
@@ -149,14 +145,14 @@ def test_truncated_file(tmp_path):
 
 def test_header_length_beyond_the_file(tmp_path):
     path = raw_file(tmp_path / "bad.safetensors", {}, b"", header_len=1 << 40)
-    with pytest.raises(ValueError, match="header length"):
+    with pytest.raises(ValueError, match="header length .* larger than the file"):
         read_safetensors(path)
 
 
 @pytest.mark.parametrize("entry, match", [
-    ({"dtype": "C64", "shape": [1], "data_offsets": [0, 8]}, "unsupported dtype 'C64'"),
+    ({"dtype": "I64", "shape": [1], "data_offsets": [0, 8]}, "dtype I64 not allowed"),
     ({"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}, "8 bytes for shape"),
-    ({"dtype": "F32", "shape": [2], "data_offsets": [-8, 0]}, "bad data offsets"),
+    ({"dtype": "F32", "shape": [2], "data_offsets": [-8, 0]}, "outside the file"),
     ({"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}, "bad shape"),
     ({"dtype": "F32", "shape": [2]}, "malformed"),
 ])
@@ -169,7 +165,7 @@ def test_bad_entries(tmp_path, entry, match):
 def test_overlapping_tensors(tmp_path):
     header = {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
               "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}
-    with pytest.raises(ValueError, match="overlap"):
+    with pytest.raises(ValueError, match="not contiguous"):
         read_safetensors(raw_file(tmp_path / "bad.safetensors", header, bytes(12)))
 
 
