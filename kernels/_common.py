@@ -20,6 +20,26 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+try:  # Hopper grid dependency control (triton >= 3.4)
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # pragma: no cover - older triton: PDL stays off
+    gdc_launch_dependents = gdc_wait = None
+
+
+def pdl_enabled(device: torch.device) -> bool:
+    """Programmatic dependent launch for the SGMV kernels: EXPERIMENTAL, off unless
+    OPENLORA_SGMV_PDL=1 (not yet measured). A kernel launched so may start while the one before
+    it in the stream finishes: its programs find their segment (metadata written long before)
+    and only then wait (`gdc_wait`) for the previous kernel's writes (x, y, out). Hopper or newer."""
+    return (os.environ.get("OPENLORA_SGMV_PDL", "0") == "1" and gdc_wait is not None and device.type == "cuda"
+            and not interpreting() and torch.cuda.get_device_capability(device)[0] >= 9)
+
+
+def launch_options(device: torch.device) -> dict:
+    """Extra launch kwargs: launch_pdl only when PDL is on (older triton has no such option)."""
+    return {"launch_pdl": True} if pdl_enabled(device) else {}
+
+
 def check_device(*tensors: torch.Tensor) -> None:
     dev = tensors[0].device
     if dev.type != "cuda" and not interpreting():
@@ -64,6 +84,22 @@ def num_tiles_bound(num_tokens: int, num_segs: int, block_t: int) -> int:
     """
     tight = (num_tokens + (num_segs + 1) * (block_t - 1)) // block_t
     return min(tight, num_tokens // block_t + num_segs + 1)
+
+
+@triton.jit
+def pdl_start(PDL: tl.constexpr):
+    """At a kernel's start: let the next kernel in the stream launch early."""
+    if PDL:
+        gdc_launch_dependents()
+
+
+@triton.jit
+def pdl_wait(PDL: tl.constexpr):
+    """Before the first read of what the previous kernel wrote, and before any write (every
+    program passes here, also one that exits early, so a kernel never completes before its
+    predecessor)."""
+    if PDL:
+        gdc_wait()
 
 
 @triton.jit

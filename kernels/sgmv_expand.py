@@ -28,7 +28,11 @@ from kernels._common import (
     check_contiguous,
     check_device,
     check_lora_meta,
+    launch_options,
     num_tiles_bound,
+    pdl_enabled,
+    pdl_start,
+    pdl_wait,
     segment_tile,
 )
 from kernels.tiles import pick_block_t
@@ -44,13 +48,15 @@ def _sgmv_expand_kernel(y_ptr, b_ptr, out_ptr, indptr_ptr, slots_ptr, ranks_ptr,
                         off1, off2, off3, off4, cb1, cb2, cb3,
                         R: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_R: tl.constexpr, NB_PER_PROG: tl.constexpr,
-                        USE_DOT: tl.constexpr, IEEE: tl.constexpr):
+                        USE_DOT: tl.constexpr, PDL: tl.constexpr, IEEE: tl.constexpr):
+    pdl_start(PDL)
     pid = tl.program_id(0)
     num_groups = tl.cdiv(NUM_NB, NB_PER_PROG)
     pid_grp = pid % num_groups
     pid_tile = pid // num_groups
     tile_start, tile_end, slot, rank = segment_tile(pid_tile, indptr_ptr, slots_ptr, ranks_ptr, T, G,
                                                     BLOCK_G, BLOCK_T)
+    pdl_wait(PDL)                                        # y and out come from earlier kernels
     if (tile_end <= tile_start) | (slot < 0):
         return
     scale = tl.load(scales_ptr + slot)
@@ -183,6 +189,7 @@ def sgmv_expand(y: torch.Tensor, b_pool: torch.Tensor, out_offsets: tuple[int, .
         num_tokens, num_segs, n, num_mods * max_rank, num_nb,
         *offs, *cbs,
         R=max_rank, BLOCK_G=triton.next_power_of_2(num_segs + 2), BLOCK_T=block_t, BLOCK_N=block_n,
-        BLOCK_R=block_r, NB_PER_PROG=nb_per_prog, USE_DOT=use_dot, IEEE=(b_pool.dtype == torch.float32),
-        num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3))
+        BLOCK_R=block_r, NB_PER_PROG=nb_per_prog, USE_DOT=use_dot, PDL=pdl_enabled(y.device),
+        IEEE=(b_pool.dtype == torch.float32), num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3),
+        **launch_options(y.device))
     return out

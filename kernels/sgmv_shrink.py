@@ -30,7 +30,11 @@ from kernels._common import (
     check_contiguous,
     check_device,
     check_lora_meta,
+    launch_options,
     num_tiles_bound,
+    pdl_enabled,
+    pdl_start,
+    pdl_wait,
     segment_tile,
 )
 from kernels.tiles import pick_block_t
@@ -42,8 +46,9 @@ from kernels.tiles import pick_block_t
 def _sgmv_shrink_kernel(x_ptr, a_ptr, y_ptr, indptr_ptr, slots_ptr, ranks_ptr,
                         T, G, H_in, NCOL, K_PER_SPLIT,
                         R: tl.constexpr, RB: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, USE_DOT: tl.constexpr,
+                        BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, USE_DOT: tl.constexpr, PDL: tl.constexpr,
                         ATOMIC: tl.constexpr, CAN_SKIP: tl.constexpr, IEEE: tl.constexpr):
+    pdl_start(PDL)
     pid = tl.program_id(0)
     num_nb = tl.cdiv(NCOL, BLOCK_N)
     pid_k = pid % SPLIT_K
@@ -51,6 +56,7 @@ def _sgmv_shrink_kernel(x_ptr, a_ptr, y_ptr, indptr_ptr, slots_ptr, ranks_ptr,
     pid_tile = pid // (SPLIT_K * num_nb)
     tile_start, tile_end, slot, rank = segment_tile(pid_tile, indptr_ptr, slots_ptr, ranks_ptr, T, G,
                                                     BLOCK_G, BLOCK_T)
+    pdl_wait(PDL)                                        # x (and y's zeroing) come from earlier kernels
     if tile_end <= tile_start:
         return
 
@@ -193,5 +199,6 @@ def sgmv_shrink(x: torch.Tensor, a_pool: torch.Tensor, seg_indptr: torch.Tensor,
         R=max_rank, RB=rank_bound, BLOCK_G=triton.next_power_of_2(num_segs + 2), BLOCK_T=block_t, BLOCK_N=block_n,
         BLOCK_K=block_k, SPLIT_K=split_k, USE_DOT=use_dot, ATOMIC=atomic,
         CAN_SKIP=(block_n <= rank_bound and rank_bound % block_n == 0),
-        IEEE=(x.dtype == torch.float32), num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3))
+        IEEE=(x.dtype == torch.float32), PDL=pdl_enabled(x.device), num_warps=cfg["num_warps"],
+        num_stages=cfg.get("num_stages", 3), **launch_options(x.device))
     return out

@@ -183,8 +183,13 @@ def test_sgmv_gpu_llama_sizes(module, tokens, adapters):
 
 
 @pytest.mark.gpu
-def test_sgmv_gpu_cuda_graph_no_sync():
-    """Captured once, replayed on new metadata of the same shapes: no host sync, right answers."""
+@pytest.mark.parametrize("pdl", [False, True])
+def test_sgmv_gpu_cuda_graph_no_sync(pdl, monkeypatch):
+    """Captured once, replayed on new metadata of the same shapes: no host sync, right answers;
+    also with programmatic dependent launch (OPENLORA_SGMV_PDL, experimental)."""
+    monkeypatch.setenv("OPENLORA_SGMV_PDL", "1" if pdl else "0")
+    from kernels._common import pdl_enabled
+    assert pdl_enabled(torch.device("cuda")) == (pdl and torch.cuda.get_device_capability()[0] >= 9)
     gen = torch.Generator().manual_seed(random.randrange(1 << 30))
     h_in, widths = LLAMA8B["qkv"]
     num_slots, max_rank, tokens = 32, 16, 64
@@ -297,3 +302,12 @@ def test_rank_bound_skips_padding_rows(block_t, split_k):
     assert rel_err(out, want) < 1e-4, f"seed {seed}"
     with pytest.raises(ValueError, match="rank_bound"):
         sgmv_shrink(x, a, indptr, slots, slot_ranks, y, config={"rank_bound": R + 1})
+
+
+def test_pdl_is_off_unless_asked_and_never_on_cpu(monkeypatch):
+    from kernels._common import launch_options, pdl_enabled
+    monkeypatch.setenv("OPENLORA_SGMV_PDL", "1")
+    assert not pdl_enabled(torch.device("cpu")) and launch_options(torch.device("cpu")) == {}
+    monkeypatch.delenv("OPENLORA_SGMV_PDL")
+    if torch.cuda.is_available():
+        assert not pdl_enabled(torch.device("cuda")) and launch_options(torch.device("cuda")) == {}
