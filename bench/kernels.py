@@ -31,9 +31,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from kernels.lora_decode import lora_decode
 from kernels.paged_attention import paged_attention_decode
 from kernels.sgmv_expand import sgmv_expand
 from kernels.sgmv_shrink import sgmv_shrink
+from kernels.tiles import fused_decode_enabled, fused_decode_fits, pick_block_t
 
 HIDDEN, INTER = 4096, 14336
 # group -> (H_in, output widths of the fused modules)
@@ -163,8 +165,17 @@ class Layer:
 
 
 def ours_step(pools, layer, meta, shrink_cfg=None, expand_cfg=None, groups=GROUPS):
+    """One layer's LoRA; with OPENLORA_FUSED_DECODE=1 the groups the engine would fuse take the fused
+    decode kernel (kernels/lora_decode.py), the others shrink + expand."""
+    tokens = layer.x["qkv"].shape[0]
+    block_t = pick_block_t(tokens, len(meta["lens"]))
     for g in groups:
-        _, widths = GROUPS[g]
+        h_in, widths = GROUPS[g]
+        if fused_decode_enabled() and not (shrink_cfg or expand_cfg) and fused_decode_fits(block_t, pools.rank,
+                                                                                             h_in, 2):
+            lora_decode(layer.x[g], pools.a[g], pools.b[g], offsets_of(widths), meta["indptr"], meta["slots"],
+                        pools.ranks, pools.scales, layer.out[g], block_t=block_t, rank_bound=pools.rank)
+            continue
         sgmv_shrink(layer.x[g], pools.a[g], meta["indptr"], meta["slots"], pools.ranks, layer.y[g],
                     config=(shrink_cfg or {}).get(g))
         sgmv_expand(layer.y[g], pools.b[g], offsets_of(widths), meta["indptr"], meta["slots"], pools.ranks,

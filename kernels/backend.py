@@ -25,6 +25,8 @@ class KernelOps:
     add_rms_norm: Callable
     rope_and_cache: Callable
     silu_and_mul: Callable
+    # fused shrink + expand for decode steps (kernels/lora_decode.py; Triton only, experimental)
+    lora_decode: Callable | None = None
 
 
 REFERENCE_OPS = KernelOps(

@@ -3,6 +3,10 @@ CUDA-graph code picks a tile per step, and importing triton's JIT there would de
 kernels before a test can ask for the interpreter (TRITON_INTERPRET)."""
 from __future__ import annotations
 
+import os
+
+FUSED_DECODE_MAX_A_BYTES = 256 << 10    # A_m (rank bound x H_in) one fused program streams first
+
 
 def pick_block_t(num_tokens: int, num_segs: int) -> int:
     """Token tile from the average segment length (host ints only; any real mix stays correct)."""
@@ -12,3 +16,14 @@ def pick_block_t(num_tokens: int, num_segs: int) -> int:
     if avg < 12:
         return 2          # H200 sweep: 2-token tiles beat 4 and 8 for 4..8-token segments
     return min(64, max(16, 1 << (int(avg) - 1).bit_length()))
+
+
+def fused_decode_enabled() -> bool:
+    """kernels/lora_decode.py: EXPERIMENTAL, off unless OPENLORA_FUSED_DECODE=1 (not yet measured)."""
+    return os.environ.get("OPENLORA_FUSED_DECODE", "0") == "1"
+
+
+def fused_decode_fits(block_t: int | None, rank_bound: int | None, h_in: int, itemsize: int) -> bool:
+    """The fused path serves decode tiles (1 or 2 tokens) of small-rank steps with a small A_m."""
+    return (block_t in (1, 2) and rank_bound is not None and rank_bound <= 32
+            and rank_bound * h_in * itemsize <= FUSED_DECODE_MAX_A_BYTES)

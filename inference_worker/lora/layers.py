@@ -12,6 +12,7 @@ from torch import nn
 
 from inference_worker.lora.metadata import LoraBatchMeta
 from kernels.backend import KernelOps
+from kernels.tiles import fused_decode_enabled, fused_decode_fits
 
 
 class LoRALinear(nn.Module):
@@ -27,6 +28,7 @@ class LoRALinear(nn.Module):
             offsets.append(offsets[-1] + size)
         self.out_offsets = tuple(offsets)                 # [M+1] column bounds of each module
         self.ops = ops
+        self._fused_decode = ops.lora_decode is not None and fused_decode_enabled()   # experimental
         # Attached by SlotPool.attach (plain attributes: not weights of the model).
         self.a_pool: torch.Tensor | None = None           # [S, M, R, in]
         self.b_pool: torch.Tensor | None = None           # [S, R, N] (rank-major), N = out_features
@@ -40,6 +42,12 @@ class LoRALinear(nn.Module):
         """x [T, in] -> [T, out]: base + scale[slot] * B[slot] A[slot] x per token."""
         out = self.base_layer(x)
         if not lora.has_lora or self.a_pool is None:
+            return out
+        if self._fused_decode and fused_decode_fits(lora.block_t, lora.rank_bound, self.in_features,
+                                                    x.element_size()):
+            self.ops.lora_decode(x, self.a_pool, self.b_pool, self.out_offsets, lora.seg_indptr, lora.seg_slots,
+                                 lora.slot_ranks, lora.slot_scales, out, block_t=lora.block_t,
+                                 rank_bound=lora.rank_bound)
             return out
         num_modules, max_rank = self.a_pool.shape[1], self.a_pool.shape[2]
         # fp32 intermediate: the Triton shrink needs it for split-K, and it keeps precision in bf16

@@ -74,3 +74,16 @@ def test_background_work_gives_the_same_outputs(family_model, adapters_of, flags
     assert evictions > 0
     for rid, w in want.items():
         assert_same_greedy_tokens(rid, got[rid], w, tie=1e-4)
+
+
+@pytest.mark.parametrize("switch", ["OPENLORA_FUSED_DECODE", "OPENLORA_SGMV_PDL"])
+def test_experimental_kernel_switches_give_the_same_outputs(family_model, adapters_of, monkeypatch, switch):
+    """The experimental kernel paths (fused decode LoRA, programmatic dependent launch) in the
+    engine with its decode graphs: the greedy tokens of the default kernels."""
+    model_dir = family_model("llama")
+    adapter_dirs = adapters_of(model_dir)
+    want, _, _ = _run(model_dir, adapter_dirs, "float32", cuda_graphs=True)
+    monkeypatch.setenv(switch, "1")
+    got, _, _ = _run(model_dir, adapter_dirs, "float32", cuda_graphs=True)
+    for rid, w in want.items():
+        assert_same_greedy_tokens(rid, got[rid], w, tie=1e-4)

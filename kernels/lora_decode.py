@@ -1,0 +1,136 @@
+"""Fused LoRA for decode steps (EXPERIMENTAL, off unless OPENLORA_FUSED_DECODE=1): shrink and
+expand of one projection in ONE launch, for steps whose adapters all have rank <= RB.
+
+Math: out[t, cols of module m] += scale[slot] * (x[t] @ A[slot, m, :r]ᵀ) @ B[slot, :r, cols]
+(the reference is sgmv_shrink_ref then sgmv_expand_ref; kernels/reference.py).
+
+Why: at decode an SGMV launch spends a few µs finding its segment and waiting for its first
+bytes; a layer's 8 launches cost 90 µs at 64 tokens x 64 rank-16 adapters against a 43 µs
+floor (bench/notes/kernels.md). Here a program owns (token tile, module m, column chunk):
+it computes y = x @ A_mᵀ for its token(s) in registers ([BLOCK_T, RB], no y round trip
+through memory), then adds y @ B to its chunk of columns. A chunk's columns are sized so its
+B bytes are about A_m's; the programs of one token and module share A_m (read from DRAM
+once, then from L2). So this suits a small A_m (H_in x RB: q/k/v, o, gate/up of a 4096-wide
+model at rank <= 16); `down` (H_in 14336) stays on the two-launch path
+(kernels.tiles.fused_decode_fits, where the engine decides).
+
+Grid: 1-D over (token tile, chunk), sized from host ints (T, G, the chunk table): CUDA-graph
+capturable; chunks never straddle modules (per-module chunk ranges, as sgmv_expand's blocks).
+"""
+from __future__ import annotations
+
+import itertools
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels._common import (
+    check_contiguous,
+    check_device,
+    check_lora_meta,
+    num_tiles_bound,
+    segment_tile,
+)
+
+MAX_MODULES = 4
+
+
+@triton.jit(do_not_specialize=["T", "G"])
+def _lora_decode_kernel(x_ptr, a_ptr, b_ptr, out_ptr, indptr_ptr, slots_ptr, ranks_ptr, scales_ptr,
+                        T, G, H_in, N, NUM_CHUNKS,
+                        off1, off2, off3, off4, ch1, ch2, ch3,
+                        R: tl.constexpr, M: tl.constexpr, RB: tl.constexpr, CHUNK: tl.constexpr,
+                        BLOCK_G: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
+                        BLOCK_N: tl.constexpr):
+    pid = tl.program_id(0)
+    pid_c = pid % NUM_CHUNKS
+    pid_tile = pid // NUM_CHUNKS
+    tile_start, tile_end, slot, rank = segment_tile(pid_tile, indptr_ptr, slots_ptr, ranks_ptr, T, G,
+                                                    BLOCK_G, BLOCK_T)
+    if (tile_end <= tile_start) | (slot < 0):
+        return
+    # which module this chunk belongs to, and the chunk's columns [col_lo, col_hi)
+    m = (pid_c >= ch1).to(tl.int32) + (pid_c >= ch2).to(tl.int32) + (pid_c >= ch3).to(tl.int32)
+    mod_lo = tl.where(m == 0, 0, tl.where(m == 1, off1, tl.where(m == 2, off2, off3)))
+    mod_hi = tl.where(m == 0, off1, tl.where(m == 1, off2, tl.where(m == 2, off3, off4)))
+    ch_lo = tl.where(m == 0, 0, tl.where(m == 1, ch1, tl.where(m == 2, ch2, ch3)))
+    col_lo = mod_lo + (pid_c - ch_lo) * CHUNK
+    col_hi = tl.minimum(col_lo + CHUNK, mod_hi)
+
+    offs_t = tile_start + tl.arange(0, BLOCK_T)
+    t_mask = offs_t < tile_end
+    offs_r = tl.arange(0, RB)
+    r_mask = offs_r < rank
+    offs_k = tl.arange(0, BLOCK_K)
+    # shrink: y [BLOCK_T, RB] = x[t] @ A[slot, m, :RB]ᵀ, accumulated in [BLOCK_T, RB, BLOCK_K] and
+    # reduced over K once (a reduction per step would cross warps every step)
+    a_rows = a_ptr + (slot.to(tl.int64) * M + m) * R * H_in + offs_r[:, None].to(tl.int64) * H_in
+    x_rows = x_ptr + offs_t[:, None].to(tl.int64) * H_in
+    acc3 = tl.zeros((BLOCK_T, RB, BLOCK_K), tl.float32)
+    for k0 in range(0, H_in, BLOCK_K):
+        k_mask = (k0 + offs_k) < H_in
+        xv = tl.load(x_rows + k0 + offs_k[None, :], mask=t_mask[:, None] & k_mask[None, :], other=0.0)
+        av = tl.load(a_rows + k0 + offs_k[None, :], mask=r_mask[:, None] & k_mask[None, :], other=0.0)
+        acc3 += xv[:, None, :].to(tl.float32) * av[None, :, :].to(tl.float32)
+    y = tl.sum(acc3, axis=2)                                           # [BLOCK_T, RB]
+    scale = tl.load(scales_ptr + slot)
+
+    # expand: out[t, cols] += scale * y @ B[slot, :RB, cols] (rank rows past the slot's are masked)
+    b_rows = b_ptr + slot.to(tl.int64) * R * N + offs_r[:, None] * N                      # R*N < 2^31
+    for n0 in range(col_lo, col_hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < col_hi
+        bv = tl.load(b_rows + offs_n[None, :], mask=r_mask[:, None] & n_mask[None, :], other=0.0)
+        delta = tl.sum(y[:, :, None] * bv[None, :, :].to(tl.float32), axis=1)          # [BLOCK_T, BLOCK_N]
+        o_ptrs = out_ptr + offs_t[:, None].to(tl.int64) * N + offs_n[None, :]
+        o_mask = t_mask[:, None] & n_mask[None, :]
+        cur = tl.load(o_ptrs, mask=o_mask, other=0.0)
+        tl.store(o_ptrs, (cur.to(tl.float32) + scale * delta).to(out_ptr.dtype.element_ty), mask=o_mask)
+
+
+def default_config(h_in: int, rank_bound: int, block_t: int) -> dict:
+    """Chunks of ~H_in columns (a chunk's B about A_m's bytes); not tuned on a GPU yet."""
+    return {"chunk": triton.next_power_of_2(h_in), "block_k": 256 // block_t, "block_n": 256 // block_t,
+            "num_warps": 4}
+
+
+def lora_decode(x: torch.Tensor, a_pool: torch.Tensor, b_pool: torch.Tensor, out_offsets: tuple[int, ...],
+                seg_indptr: torch.Tensor, seg_slots: torch.Tensor, slot_ranks: torch.Tensor,
+                slot_scales: torch.Tensor, out: torch.Tensor, *, block_t: int, rank_bound: int,
+                config: dict | None = None) -> torch.Tensor:
+    """out += LoRA(x) for a decode step in one launch (module docstring). x [T, H_in],
+    a_pool [S, M, R, H_in], b_pool [S, R, N], out [T, N] (x's dtype), out_offsets M+1 column
+    bounds; every slot of the step must have rank <= rank_bound (the caller's promise)."""
+    check_device(x, a_pool, b_pool, seg_indptr, seg_slots, slot_ranks, slot_scales, out)
+    num_tokens, h_in = x.shape
+    num_slots, num_mods, max_rank, a_h_in = a_pool.shape
+    n = out.shape[1]
+    offsets = tuple(int(o) for o in out_offsets)
+    if a_h_in != h_in or tuple(b_pool.shape) != (num_slots, max_rank, n) or out.shape[0] != num_tokens:
+        raise ValueError(f"shapes do not match: x {tuple(x.shape)}, a_pool {tuple(a_pool.shape)}, "
+                         f"b_pool {tuple(b_pool.shape)}, out {tuple(out.shape)}")
+    if len(offsets) != num_mods + 1 or offsets[0] != 0 or offsets[-1] != n or num_mods > MAX_MODULES or \
+            any(b <= a for a, b in itertools.pairwise(offsets)):
+        raise ValueError(f"out_offsets {offsets} must rise strictly from 0 to N={n} in M+1 <= 5 steps")
+    if block_t not in (1, 2) or not 1 <= rank_bound <= min(max_rank, 32):
+        raise ValueError(f"block_t must be 1 or 2 and rank_bound in [1, min(R, 32)]: {block_t}, {rank_bound}")
+    check_contiguous(x=x, a_pool=a_pool, b_pool=b_pool, out=out, slot_scales=slot_scales)
+    num_segs = check_lora_meta(seg_indptr, seg_slots, slot_ranks, num_slots, slot_scales)
+    if num_tokens == 0:
+        return out
+    cfg = {**default_config(h_in, rank_bound, block_t), **(config or {})}
+    chunk = cfg["chunk"]
+    chunks = [triton.cdiv(b - a, chunk) for a, b in itertools.pairwise(offsets)]
+    cum = list(itertools.accumulate(chunks))
+    big = 1 << 30                                       # unused modules: never reached
+    offs = (offsets[1:] + (n,) * MAX_MODULES)[:MAX_MODULES]
+    chs = (cum[:-1] + [big] * MAX_MODULES)[:MAX_MODULES - 1]
+    grid = (num_tiles_bound(num_tokens, num_segs, block_t) * cum[-1],)
+    _lora_decode_kernel[grid](
+        x, a_pool, b_pool, out, seg_indptr, seg_slots, slot_ranks, slot_scales,
+        num_tokens, num_segs, h_in, n, cum[-1], *offs, *chs,
+        R=max_rank, M=num_mods, RB=triton.next_power_of_2(rank_bound), CHUNK=chunk,
+        BLOCK_G=triton.next_power_of_2(num_segs + 2), BLOCK_T=block_t, BLOCK_K=cfg["block_k"],
+        BLOCK_N=cfg["block_n"], num_warps=cfg["num_warps"])
+    return out
