@@ -25,8 +25,7 @@ class KernelOps:
     add_rms_norm: Callable
     rope_and_cache: Callable
     silu_and_mul: Callable
-    # fused shrink + expand for decode steps (kernels/lora_decode.py; Triton only, experimental)
-    lora_decode: Callable | None = None
+    lora_decode: Callable               # shrink + expand in one launch (decode; experimental)
 
 
 REFERENCE_OPS = KernelOps(
@@ -40,6 +39,7 @@ REFERENCE_OPS = KernelOps(
     add_rms_norm=reference.add_rms_norm_ref,
     rope_and_cache=reference.rope_and_cache_ref,
     silu_and_mul=reference.silu_and_mul_ref,
+    lora_decode=reference.lora_decode_ref,
 )
 
 

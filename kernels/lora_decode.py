@@ -97,8 +97,8 @@ def default_config(h_in: int, rank_bound: int, block_t: int) -> dict:
 
 def lora_decode(x: torch.Tensor, a_pool: torch.Tensor, b_pool: torch.Tensor, out_offsets: tuple[int, ...],
                 seg_indptr: torch.Tensor, seg_slots: torch.Tensor, slot_ranks: torch.Tensor,
-                slot_scales: torch.Tensor, out: torch.Tensor, *, block_t: int, rank_bound: int,
-                config: dict | None = None) -> torch.Tensor:
+                slot_scales: torch.Tensor, out: torch.Tensor, *, block_t: int | None = None,
+                rank_bound: int | None = None, config: dict | None = None) -> torch.Tensor:
     """out += LoRA(x) for a decode step in one launch (module docstring). x [T, H_in],
     a_pool [S, M, R, H_in], b_pool [S, R, N], out [T, N] (x's dtype), out_offsets M+1 column
     bounds; every slot of the step must have rank <= rank_bound (the caller's promise)."""
@@ -113,7 +113,7 @@ def lora_decode(x: torch.Tensor, a_pool: torch.Tensor, b_pool: torch.Tensor, out
     if len(offsets) != num_mods + 1 or offsets[0] != 0 or offsets[-1] != n or num_mods > MAX_MODULES or \
             any(b <= a for a, b in itertools.pairwise(offsets)):
         raise ValueError(f"out_offsets {offsets} must rise strictly from 0 to N={n} in M+1 <= 5 steps")
-    if block_t not in (1, 2) or not 1 <= rank_bound <= min(max_rank, 32):
+    if block_t not in (1, 2) or rank_bound is None or not 1 <= rank_bound <= min(max_rank, 32):
         raise ValueError(f"block_t must be 1 or 2 and rank_bound in [1, min(R, 32)]: {block_t}, {rank_bound}")
     check_contiguous(x=x, a_pool=a_pool, b_pool=b_pool, out=out, slot_scales=slot_scales)
     num_segs = check_lora_meta(seg_indptr, seg_slots, slot_ranks, num_slots, slot_scales)

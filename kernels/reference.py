@@ -59,6 +59,17 @@ def sgmv_expand_ref(y: torch.Tensor, b_pool: torch.Tensor, out_offsets: tuple[in
     return out
 
 
+def lora_decode_ref(x: torch.Tensor, a_pool: torch.Tensor, b_pool: torch.Tensor, out_offsets: tuple[int, ...],
+                    seg_indptr: torch.Tensor, seg_slots: torch.Tensor, slot_ranks: torch.Tensor,
+                    slot_scales: torch.Tensor, out: torch.Tensor, *, block_t: int | None = None,
+                    rank_bound: int | None = None, config: dict | None = None) -> torch.Tensor:
+    """out += LoRA(x): sgmv_shrink_ref then sgmv_expand_ref (y in fp32). The fused Triton kernel's
+    reference (kernels/lora_decode.py); block_t, rank_bound and config are its tuning (ignored)."""
+    y = torch.empty(x.shape[0], a_pool.shape[1], a_pool.shape[2], dtype=torch.float32, device=x.device)
+    sgmv_shrink_ref(x, a_pool, seg_indptr, seg_slots, slot_ranks, y)
+    return sgmv_expand_ref(y, b_pool, out_offsets, seg_indptr, seg_slots, slot_ranks, slot_scales, out)
+
+
 def write_kv_cache_ref(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                        slot_mapping: torch.Tensor) -> None:
     """Scatter new keys/values into the paged cache.

@@ -28,7 +28,7 @@ class LoRALinear(nn.Module):
             offsets.append(offsets[-1] + size)
         self.out_offsets = tuple(offsets)                 # [M+1] column bounds of each module
         self.ops = ops
-        self._fused_decode = ops.lora_decode is not None and fused_decode_enabled()   # experimental
+        self._fused_decode = fused_decode_enabled()      # experimental (kernels/lora_decode.py)
         # Attached by SlotPool.attach (plain attributes: not weights of the model).
         self.a_pool: torch.Tensor | None = None           # [S, M, R, in]
         self.b_pool: torch.Tensor | None = None           # [S, R, N] (rank-major), N = out_features

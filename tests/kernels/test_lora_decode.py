@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from kernels.lora_decode import lora_decode
-from kernels.reference import sgmv_expand_ref, sgmv_shrink_ref
+from kernels.reference import lora_decode_ref
 from kernels.tiles import fused_decode_fits
 from tests.kernels.helpers import make_meta, make_pools, rel_err
 
@@ -18,9 +18,7 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def reference(x, a, b, offsets, indptr, slots, ranks, scales, out0):
-    y = sgmv_shrink_ref(x.float(), a.float(), indptr, slots, ranks,
-                        torch.empty(x.shape[0], a.shape[1], a.shape[2], device=x.device))
-    return sgmv_expand_ref(y, b.float(), offsets, indptr, slots, ranks, scales, out0.float())
+    return lora_decode_ref(x.float(), a.float(), b.float(), offsets, indptr, slots, ranks, scales, out0.float())
 
 
 def run_case(lens, seg_slots, ranks, max_rank, rank_bound, block_t, widths, h_in, dtype, config=None,
@@ -104,6 +102,7 @@ def test_lora_linear_takes_the_fused_path_when_asked(monkeypatch):
     gen = torch.Generator().manual_seed(random.randrange(1 << 30))
     fused = LoRALinear(nn.Linear(24, 40), ("q_proj", "k_proj"), (32, 8),
                        dataclasses.replace(REFERENCE_OPS, lora_decode=counted))
+    monkeypatch.delenv("OPENLORA_FUSED_DECODE")
     plain = LoRALinear(fused.base_layer, ("q_proj", "k_proj"), (32, 8), REFERENCE_OPS)
     a, b, ranks, scales = make_pools(3, 2, 32, 24, 40, [16, 5, 9], torch.float32, DEV, gen)
     for lin in (fused, plain):
