@@ -67,11 +67,19 @@ def _lora_decode_kernel(x_ptr, a_ptr, b_ptr, out_ptr, indptr_ptr, slots_ptr, ran
     # reduced over K once (a reduction per step would cross warps every step)
     a_rows = a_ptr + (slot.to(tl.int64) * M + m) * R * H_in + offs_r[:, None].to(tl.int64) * H_in
     x_rows = x_ptr + offs_t[:, None].to(tl.int64) * H_in
+    # the next K block is loaded before this one is used: two A blocks in flight per program
     acc3 = tl.zeros((BLOCK_T, RB, BLOCK_K), tl.float32)
+    k_mask = offs_k < H_in
+    xv_next = tl.load(x_rows + offs_k[None, :], mask=t_mask[:, None] & k_mask[None, :], other=0.0)
+    av_next = tl.load(a_rows + offs_k[None, :], mask=r_mask[:, None] & k_mask[None, :], other=0.0)
     for k0 in range(0, H_in, BLOCK_K):
-        k_mask = (k0 + offs_k) < H_in
-        xv = tl.load(x_rows + k0 + offs_k[None, :], mask=t_mask[:, None] & k_mask[None, :], other=0.0)
-        av = tl.load(a_rows + k0 + offs_k[None, :], mask=r_mask[:, None] & k_mask[None, :], other=0.0)
+        xv = xv_next
+        av = av_next
+        k_mask = (k0 + BLOCK_K + offs_k) < H_in
+        xv_next = tl.load(x_rows + k0 + BLOCK_K + offs_k[None, :], mask=t_mask[:, None] & k_mask[None, :],
+                          other=0.0)
+        av_next = tl.load(a_rows + k0 + BLOCK_K + offs_k[None, :], mask=r_mask[:, None] & k_mask[None, :],
+                          other=0.0)
         acc3 += xv[:, None, :].to(tl.float32) * av[None, :, :].to(tl.float32)
     y = tl.sum(acc3, axis=2)                                           # [BLOCK_T, RB]
     scale = tl.load(scales_ptr + slot)
@@ -90,9 +98,10 @@ def _lora_decode_kernel(x_ptr, a_ptr, b_ptr, out_ptr, indptr_ptr, slots_ptr, ran
 
 
 def default_config(h_in: int, rank_bound: int, block_t: int) -> dict:
-    """Chunks of ~H_in columns (a chunk's B about A_m's bytes); not tuned on a GPU yet."""
-    return {"chunk": triton.next_power_of_2(h_in), "block_k": 256 // block_t, "block_n": 256 // block_t,
-            "num_warps": 4}
+    """NOT tuned on a GPU yet (bench/fused_sweep.py does that). Reasoning: a program streams A_m
+    then its B chunk serially, so each load should be large (16 x 1024 bf16 = 32 KB, two A blocks
+    in flight) and chunks of 2048 columns give a 64-token step 256 (qkv) to 896 (gate_up) programs."""
+    return {"chunk": 2048, "block_k": 1024 // block_t, "block_n": 1024 // block_t, "num_warps": 8}
 
 
 def lora_decode(x: torch.Tensor, a_pool: torch.Tensor, b_pool: torch.Tensor, out_offsets: tuple[int, ...],
