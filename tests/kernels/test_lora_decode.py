@@ -117,3 +117,22 @@ def test_lora_linear_takes_the_fused_path_when_asked(monkeypatch):
         got, want = fused(x, meta), plain(x, meta)
         assert bool(calls) == expect_fused, (block_t, rank_bound)
         assert rel_err(got, want) < 1e-4
+
+
+@pytest.mark.parametrize("case", range(8))
+def test_random_layouts_and_configs(case):
+    """Random segment layouts (base, empty, 1-3 token segments), ranks under a random bound, 1-4
+    modules of random widths, odd H_in, and block sizes that do not divide anything."""
+    rng = random.Random(random.randrange(1 << 30))
+    lens, slots = [], []
+    while sum(lens) < rng.randint(1, 9):
+        lens.append(rng.randint(0, 3))
+        slots.append(rng.choice([-1, 0, 1, 2, 3, 4, 5]))
+    rank_bound = rng.choice([1, 4, 8, 16, 32])
+    max_rank = rng.choice([r for r in (8, 16, 32, 64) if r >= rank_bound])
+    ranks = [rng.randint(1, rank_bound) for _ in range(6)]
+    widths = [rng.randint(1, 40) for _ in range(rng.randint(1, 4))]
+    config = {"chunk": rng.choice([4, 8, 64]), "block_k": rng.choice([4, 16, 64]), "block_n": rng.choice([4, 8, 32])}
+    out, want, _, seed = run_case(lens, slots, ranks, max_rank, rank_bound, rng.choice([1, 2]), widths,
+                                  rng.randint(1, 70), torch.float32, config=config)
+    assert rel_err(out, want) < 1e-4, f"seed {seed}, {lens}, {slots}, {ranks}, {widths}, {config}"
