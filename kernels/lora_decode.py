@@ -101,7 +101,9 @@ def default_config(h_in: int, rank_bound: int, block_t: int) -> dict:
     """NOT tuned on a GPU yet (bench/fused_sweep.py does that). Reasoning: a program streams A_m
     then its B chunk serially, so each load should be large (16 x 1024 bf16 = 32 KB, two A blocks
     in flight) and chunks of 2048 columns give a 64-token step 256 (qkv) to 896 (gate_up) programs."""
-    return {"chunk": 2048, "block_k": 1024 // block_t, "block_n": 1024 // block_t, "num_warps": 8}
+    # [BLOCK_T, RB, BLOCK] fp32 products of 16 K values (64 registers a thread at 8 warps)
+    block = max(64, 16384 // (triton.next_power_of_2(rank_bound) * block_t))
+    return {"chunk": 2048, "block_k": block, "block_n": block, "num_warps": 8}
 
 
 def lora_decode(x: torch.Tensor, a_pool: torch.Tensor, b_pool: torch.Tensor, out_offsets: tuple[int, ...],
