@@ -1,0 +1,77 @@
+"""SGMV block-size sweep on the H200 (issue 7): each projection group's shrink and expand alone, over
+config lists, at 64 decode tokens x 64 (and 8) rank-16 adapters in pools of max rank 16 and 64, and a
+2048-token prefill over 8 adapters; correctness of the defaults first. Prints one line per op and writes
+JSON (per op: default, best, every config). What the default_config functions were tuned from.
+
+Usage: python bench/sgmv_sweep.py --out bench/results/sgmv-sweep-h200.json      (CUDA only)
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import bench.kernels as bk  # noqa: E402
+from kernels.reference import sgmv_expand_ref  # noqa: E402
+from kernels.sgmv_expand import sgmv_expand  # noqa: E402
+
+DECODE_EXPAND = [{"block_t": 1, "block_n": bn, "block_r": br, "nb_per_prog": nbp, "num_warps": nw}
+                 for bn in (256, 512, 1024, 2048) for br in (8, 16) for nbp in (1, 2) for nw in (4, 8)]
+DECODE_SHRINK = [{"block_t": 1, "block_n": bn, "block_k": k, "split_k": 1, "num_warps": 4}
+                 for bn in (4, 8, 16) for k in (256, 512)]
+TILE2_EXPAND = [{"block_t": 2, "block_n": bn, "block_r": br, "num_warps": nw}
+                for bn in (128, 256, 512) for br in (8, 16) for nw in (4, 8)]
+PREFILL_EXPAND = [{"block_t": 64, "block_n": bn, "block_r": 16, "num_warps": nw, "num_stages": ns}
+                  for bn in (64, 128, 256) for nw in (4, 8) for ns in (2, 3)]
+
+
+def check_defaults() -> None:
+    """The default configs against the reference on fresh inputs (rank-major B pools)."""
+    for max_rank, rank, tokens, adapters in ((64, 16, 64, 64), (16, 16, 64, 64), (64, 64, 2048, 8)):
+        pools = bk.Pools(max_rank, num_slots=128)
+        pools.ranks.fill_(rank)
+        meta = bk.make_sets(tokens, adapters, 1, rank_pool_slots=128)[0]
+        layer = bk.Layer(tokens, max_rank)
+        for g, (_, widths) in bk.GROUPS.items():
+            y = torch.randn_like(layer.y[g])
+            got, want = layer.out[g].clone(), layer.out[g].clone()
+            args = (bk.offsets_of(widths), meta["indptr"], meta["slots"], pools.ranks, pools.scales)
+            sgmv_expand(y, pools.b[g], *args, got)
+            sgmv_expand_ref(y, pools.b[g], *args, want)
+            err = ((got.float() - want.float()).abs().max() / want.float().abs().max()).item()
+            print(f"check R{max_rank} r{rank} {tokens}x{adapters} {g}: rel err {err:.2e}", flush=True)
+            assert err < 2e-2, err
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    check_defaults()
+    report = {"device": torch.cuda.get_device_name(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
+              "command": "python " + " ".join(sys.argv), "cases": {}}
+    log: list[str] = []
+    for max_rank in (16, 64):
+        pools = bk.Pools(max_rank)
+        pools.ranks.fill_(16)
+        report["cases"][f"decode_64x64_R{max_rank}"] = bk.sweep_case(
+            pools, 64, 64, DECODE_SHRINK if max_rank == 64 else [], DECODE_EXPAND, log)
+        if max_rank == 64:
+            report["cases"]["decode_64x8_R64"] = bk.sweep_case(pools, 64, 8, [], TILE2_EXPAND, log)
+        del pools
+    report["cases"]["prefill_2048x8_R16"] = bk.sweep_case(bk.Pools(16), 2048, 8, [], PREFILL_EXPAND, log)
+    report["log"] = log
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=1, default=str)
+
+
+if __name__ == "__main__":
+    main()
