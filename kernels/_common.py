@@ -103,6 +103,18 @@ def pdl_wait(PDL: tl.constexpr):
 
 
 @triton.jit
+def module_of(idx, cb1, cb2, cb3, off1, off2, off3, off4):
+    """Fused modules (q/k/v, gate/up; up to 4) own consecutive ranges of column blocks: block
+    `idx` -> (module m, its columns [mod_lo, mod_hi), the module's first block). cb1..cb3 are the
+    cumulative block counts of modules 0..2, off1..off4 the modules' column ends."""
+    m = (idx >= cb1).to(tl.int32) + (idx >= cb2).to(tl.int32) + (idx >= cb3).to(tl.int32)
+    mod_lo = tl.where(m == 0, 0, tl.where(m == 1, off1, tl.where(m == 2, off2, off3)))
+    mod_hi = tl.where(m == 0, off1, tl.where(m == 1, off2, tl.where(m == 2, off3, off4)))
+    first = tl.where(m == 0, 0, tl.where(m == 1, cb1, tl.where(m == 2, cb2, cb3)))
+    return m, mod_lo, mod_hi, first
+
+
+@triton.jit
 def segment_tile(pid_tile, indptr_ptr, slots_ptr, ranks_ptr, T, G, BLOCK_G: tl.constexpr, BLOCK_T: tl.constexpr):
     """-> (tile_start, tile_end, slot, rank): the tokens [tile_start, tile_end) of this program.
 

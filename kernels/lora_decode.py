@@ -8,9 +8,8 @@ Why: at decode an SGMV launch spends a few µs finding its segment and waiting f
 bytes; a layer's 8 launches cost 90 µs at 64 tokens x 64 rank-16 adapters against a 43 µs
 floor (bench/notes/kernels.md). Here a program owns (token tile, module m, column chunk):
 it computes y = x @ A_mᵀ for its token(s) in registers ([BLOCK_T, RB], no y round trip
-through memory), then adds y @ B to its chunk of columns. A chunk's columns are sized so its
-B bytes are about A_m's; the programs of one token and module share A_m (read from DRAM
-once, then from L2). So this suits a small A_m (H_in x RB: q/k/v, o, gate/up of a 4096-wide
+through memory), then adds y @ B to its chunk of columns (2048 by default); the programs of
+one token and module share A_m (read from DRAM once, then from L2). So this suits a small A_m (H_in x RB: q/k/v, o, gate/up of a 4096-wide
 model at rank <= 16); `down` (H_in 14336) stays on the two-launch path
 (kernels.tiles.fused_decode_fits, where the engine decides).
 
@@ -29,6 +28,7 @@ from kernels._common import (
     check_contiguous,
     check_device,
     check_lora_meta,
+    module_of,
     num_tiles_bound,
     segment_tile,
 )
@@ -50,11 +50,7 @@ def _lora_decode_kernel(x_ptr, a_ptr, b_ptr, out_ptr, indptr_ptr, slots_ptr, ran
                                                     BLOCK_G, BLOCK_T)
     if (tile_end <= tile_start) | (slot < 0):
         return
-    # which module this chunk belongs to, and the chunk's columns [col_lo, col_hi)
-    m = (pid_c >= ch1).to(tl.int32) + (pid_c >= ch2).to(tl.int32) + (pid_c >= ch3).to(tl.int32)
-    mod_lo = tl.where(m == 0, 0, tl.where(m == 1, off1, tl.where(m == 2, off2, off3)))
-    mod_hi = tl.where(m == 0, off1, tl.where(m == 1, off2, tl.where(m == 2, off3, off4)))
-    ch_lo = tl.where(m == 0, 0, tl.where(m == 1, ch1, tl.where(m == 2, ch2, ch3)))
+    m, mod_lo, mod_hi, ch_lo = module_of(pid_c, ch1, ch2, ch3, off1, off2, off3, off4)   # the chunk's module
     col_lo = mod_lo + (pid_c - ch_lo) * CHUNK
     col_hi = tl.minimum(col_lo + CHUNK, mod_hi)
 

@@ -29,6 +29,7 @@ from kernels._common import (
     check_device,
     check_lora_meta,
     launch_options,
+    module_of,
     num_tiles_bound,
     pdl_enabled,
     pdl_start,
@@ -67,11 +68,7 @@ def _sgmv_expand_kernel(y_ptr, b_ptr, out_ptr, indptr_ptr, slots_ptr, ranks_ptr,
     # paid once for several blocks
     for j in range(NB_PER_PROG):
         nb = pid_grp * NB_PER_PROG + j
-        # which module this column block belongs to, and its column range [mod_lo, mod_hi)
-        m = (nb >= cb1).to(tl.int32) + (nb >= cb2).to(tl.int32) + (nb >= cb3).to(tl.int32)
-        mod_lo = tl.where(m == 0, 0, tl.where(m == 1, off1, tl.where(m == 2, off2, off3)))
-        mod_hi = tl.where(m == 0, off1, tl.where(m == 1, off2, tl.where(m == 2, off3, off4)))
-        cb_lo = tl.where(m == 0, 0, tl.where(m == 1, cb1, tl.where(m == 2, cb2, cb3)))
+        m, mod_lo, mod_hi, cb_lo = module_of(nb, cb1, cb2, cb3, off1, off2, off3, off4)
         offs_n = mod_lo + (nb - cb_lo) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = offs_n < tl.where(nb < NUM_NB, mod_hi, 0)        # blocks past the last: empty
         o_ptrs = out_ptr + offs_t[:, None].to(tl.int64) * N + offs_n[None, :]
