@@ -50,8 +50,8 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
     """Returns out [T, Hq, D] (q's dtype). seq_bounds: cu_seqlens as host ints, if known."""
     global _torch_varlen_failed
     _check(q, k, v, cu_seqlens)
-    half = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
-    if half and (flash_attn_varlen_func is not None or (torch_varlen_attn is not None and not _torch_varlen_failed)):
+    if _varlen_applies(q) and (flash_attn_varlen_func is not None or
+                               (torch_varlen_attn is not None and not _torch_varlen_failed)):
         if max_seqlen is None and seq_bounds is not None:
             max_seqlen = max((e - s for s, e in itertools.pairwise(seq_bounds)), default=0)
         elif max_seqlen is None:
@@ -66,6 +66,11 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
             _torch_varlen_failed = True
             log.warning("torch varlen attention unavailable (%s); prefill uses SDPA per sequence", exc)
     return _sdpa_per_sequence(q, k, v, cu_seqlens, scale, seq_bounds)
+
+
+def _varlen_applies(q: torch.Tensor) -> bool:
+    """The varlen kernels take fp16/bf16 on CUDA only."""
+    return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
 
 
 def _sdpa_per_sequence(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,

@@ -171,3 +171,34 @@ def test_prefill_attention_gpu():
     assert prefill_module.torch_varlen_attn is None or not prefill_module._torch_varlen_failed
     sdpa = prefill_module._sdpa_per_sequence(q, k, v, cu, 128 ** -0.5, [0, *itertools.accumulate(lens)])
     assert rel_err(sdpa, ref) < 1e-2
+
+
+def test_prefill_takes_torch_varlen_and_falls_back_to_sdpa_once(monkeypatch, caplog):
+    """Dispatch (emulated on CPU: the varlen kernels need CUDA): torch's varlen kernel gets the
+    packed batch, causal as window (-1, 0) and max_seqlen from the host bounds; if it refuses a
+    call, that call and every later one run SDPA per sequence, with one warning."""
+    gen = torch.Generator().manual_seed(random.randrange(1 << 30))
+    cu_list = [0, 5, 6, 13]
+    cu = torch.tensor(cu_list, dtype=torch.int32)
+    q = torch.randn(13, 4, 8, generator=gen)
+    k, v = torch.randn(13, 2, 8, generator=gen), torch.randn(13, 2, 8, generator=gen)
+    want = prefill_attention_ref(q, k, v, cu, 0.3)
+    calls = []
+
+    def fake_varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, scale, window_size):
+        calls.append((max_q, max_k, window_size))
+        if len(calls) > 1:
+            raise RuntimeError("head size not supported")
+        return prefill_attention_ref(q, k, v, cu_q, scale)
+
+    monkeypatch.setattr(prefill_module, "_varlen_applies", lambda q: True)
+    monkeypatch.setattr(prefill_module, "flash_attn_varlen_func", None)
+    monkeypatch.setattr(prefill_module, "torch_varlen_attn", fake_varlen)
+    monkeypatch.setattr(prefill_module, "_torch_varlen_failed", False)
+    assert rel_err(prefill_attention(q, k, v, cu, 0.3, seq_bounds=cu_list), want) < 1e-5
+    assert calls == [(7, 7, (-1, 0))]
+    with caplog.at_level("WARNING", logger="kernels.prefill_attention"):
+        assert rel_err(prefill_attention(q, k, v, cu, 0.3, seq_bounds=cu_list), want) < 1e-5   # the fallback
+        assert rel_err(prefill_attention(q, k, v, cu, 0.3), want) < 1e-5
+    assert len(calls) == 2 and prefill_module._torch_varlen_failed
+    assert sum("SDPA per sequence" in r.message for r in caplog.records) == 1
