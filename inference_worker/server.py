@@ -38,6 +38,7 @@ class WorkerConfig:
     cpu_cache_bytes: int = 4 << 30
     disk_cache_bytes: int = 50 << 30
     grace_s: float = 10.0                 # drain: running requests get this long to finish
+    stream_interval: int = 1              # tokens per streamed message (the first and last go at once)
     engine: EngineConfig = field(default_factory=EngineConfig)
 
     def __post_init__(self) -> None:
@@ -47,6 +48,8 @@ class WorkerConfig:
         ServerConfig(self.store)          # validates the store address
         if self.cpu_cache_bytes < 0 or self.disk_cache_bytes < 0:
             raise ValueError("cache budgets must be >= 0")
+        if self.stream_interval < 1:
+            raise ValueError("stream_interval must be >= 1 token")
 
     def server_config(self) -> ServerConfig:
         return ServerConfig(self.listen, grace_s=self.grace_s)
@@ -118,7 +121,8 @@ def build_worker(config: WorkerConfig, telemetry: Telemetry | None = None) -> Wo
         store.close()
         raise
     servicer = InferenceWorkerServicer(engine, manager, worker_id=config.worker_id, base_model=base_model,
-                                       device=_device_name(device), telemetry=telemetry)
+                                       device=_device_name(device), telemetry=telemetry,
+                                       stream_interval=config.stream_interval)
     server = GrpcServer(config.server_config(),
                         [(inference_worker_pb2_grpc.add_InferenceWorkerServicer_to_server, servicer)],
                         [SERVICE_NAME], on_drain=servicer.drain, interceptors=[telemetry.server_interceptor()])

@@ -1,7 +1,8 @@
 """InferenceWorker gRPC servicer: the RPC flow around the engine and the adapter tiers.
 
 Generate hands an EngineRequest to the engine; the engine thread calls on_output,
-which only puts into this request's queue; the RPC thread drains the queue into
+which only puts into this request's queue (with --stream-interval N, one merged output
+per N tokens: inference_worker/stream_batch.py); the RPC thread drains the queue into
 the stream. When the RPC ends early (client cancel, deadline, server stop) the
 request is aborted at once, so its KV blocks and adapter slot are freed.
 """
@@ -21,6 +22,7 @@ from inference_worker.protocol import (
     response_from_output,
     sampling_from_proto,
 )
+from inference_worker.stream_batch import StreamBatcher
 from protos import inference_worker_pb2 as pb
 from protos import inference_worker_pb2_grpc
 from services.errors import DeadlineExceeded, InvalidArgument, OpenLoRAError, Unavailable, grpc_errors
@@ -34,7 +36,11 @@ DEFAULT_WATCH_MS, MIN_WATCH_MS = 200, 20
 
 class InferenceWorkerServicer(inference_worker_pb2_grpc.InferenceWorkerServicer):
     def __init__(self, engine: Engine, adapters: AdapterSource, *, worker_id: str, base_model: str,
-                 device: str, address: str = "", telemetry: Telemetry | None = None):
+                 device: str, address: str = "", telemetry: Telemetry | None = None, stream_interval: int = 1):
+        """stream_interval: tokens per streamed message (inference_worker/stream_batch.py)."""
+        if stream_interval < 1:
+            raise ValueError(f"stream_interval must be >= 1, got {stream_interval}")
+        self._stream_interval = stream_interval
         self._engine = engine
         self._tel = telemetry or global_telemetry()
         self._adapters = adapters
@@ -59,7 +65,8 @@ class InferenceWorkerServicer(inference_worker_pb2_grpc.InferenceWorkerServicer)
             raise Unavailable("worker is draining")
         rid = request.request_id or uuid.uuid4().hex
         outputs: queue.Queue = queue.Queue()
-        engine_request = self._engine_request(request, rid, outputs.put)
+        on_output = outputs.put if self._stream_interval == 1 else StreamBatcher(outputs.put, self._stream_interval)
+        engine_request = self._engine_request(request, rid, on_output)
         # the request's trace and wall-clock arrival: its phases become spans once it ends
         trace_context = current_context()
         arrival_ns = time.time_ns() - int((time.monotonic() - engine_request.arrival_time) * 1e9)

@@ -72,12 +72,13 @@ def worker(tiny_model_dir, store, pushed, tmp_path_factory):
 
 @pytest.fixture
 def make_worker(tiny_model_dir, store, pushed, tmp_path):
-    """A private worker with engine overrides (stopped at the end of the test)."""
+    """A private worker with engine overrides, and WorkerConfig ones in `worker` (stopped at the end
+    of the test)."""
     from tests.worker.harness import WorkerHarness
     made = []
 
-    def make(**engine_overrides):
-        made.append(WorkerHarness(tiny_model_dir, store.server.address, tmp_path / f"w{len(made)}",
+    def make(worker: dict | None = None, **engine_overrides):
+        made.append(WorkerHarness(tiny_model_dir, store.server.address, tmp_path / f"w{len(made)}", worker,
                                   **engine_overrides))
         return made[-1]
     yield make

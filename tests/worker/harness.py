@@ -25,10 +25,12 @@ def engine_config(**overrides) -> EngineConfig:
 
 
 class WorkerHarness:
-    def __init__(self, model_dir: Path, store_address: str, data_dir: Path, **engine_overrides):
+    def __init__(self, model_dir: Path, store_address: str, data_dir: Path, worker_overrides: dict | None = None,
+                 **engine_overrides):
         self.worker = build_worker(WorkerConfig(
             model_dir=str(model_dir), store=store_address, listen="127.0.0.1:0", data_dir=str(data_dir),
-            worker_id="test-worker", grace_s=5.0, engine=engine_config(**engine_overrides)))
+            worker_id="test-worker", grace_s=5.0, engine=engine_config(**engine_overrides),
+            **(worker_overrides or {})))
         self.worker.start()
         self.address = self.worker.server.address
         self.channel = insecure_channel(self.address)

@@ -87,3 +87,17 @@ def test_merged_recipe_is_served_and_cached(worker):
     assert tokens_of(worker.generate(ids=ids, merge=spec)) == tokens_of(first)
     assert [k for k in worker.status().cpu_adapters if k.startswith("merge:")] == merged
     assert tokens_of(first) != tokens_of(worker.generate(ids=ids))
+
+
+def test_stream_interval_groups_tokens_into_fewer_messages(worker, make_worker):
+    """--stream-interval 3: the first token at once, then 3 tokens a message, the rest with the end;
+    the same tokens, text, logprobs and usage as token-by-token streaming."""
+    grouped = make_worker(worker={"stream_interval": 3})
+    fields = {"prompt": "Once upon a time", "adapter": "qv-r4", "max_tokens": 11, "logprobs": 1}
+    one_by_one, batched = worker.generate(**fields), grouped.generate(**fields)
+    assert [len(m.token_ids) for m in batched if m.token_ids] == [1, 3, 3, 3, 1]
+    assert tokens_of(batched) == tokens_of(one_by_one)
+    assert "".join(m.text for m in batched) == "".join(m.text for m in one_by_one)
+    assert [lp.token_id for m in batched for lp in m.logprobs] == tokens_of(one_by_one)
+    assert batched[-1].finish_reason == one_by_one[-1].finish_reason == generate_pb2.FINISH_REASON_LENGTH
+    assert batched[-1].usage.completion_tokens == 11 and batched[0].timings.first_token_ms > 0
