@@ -3,9 +3,9 @@
 Why: every streamed message costs the worker process thread hand-offs (the engine thread wakes
 the RPC thread, which waits for gRPC's send to complete) that contend with the engine thread
 for the GIL. On the 2-core CPU host, 16 streams at one message per token cost the engine ~3 ms
-of a 24 ms step; two tokens a message brought gRPC from 0.85 to 0.90 x the in-process
-throughput, four to 0.94 (bench/results/serve-cpu.md). Off by default (one token, one
-message); the first token and the final message always go out at once.
+of a 24 ms step; four tokens a message took gRPC from 502-523 to 551-569 tok/s, 0.83-0.86 to
+0.93-0.94 x the in-process throughput (bench/results/serve-cpu.md). Off by default (one token,
+one message); the first token and the final message always go out at once.
 """
 from __future__ import annotations
 
