@@ -95,10 +95,12 @@ def _lora_decode_kernel(x_ptr, a_ptr, b_ptr, out_ptr, indptr_ptr, slots_ptr, ran
 
 def default_config(h_in: int, rank_bound: int, block_t: int) -> dict:
     """NOT tuned on a GPU yet (bench/fused_sweep.py does that). Reasoning: a program streams A_m
-    then its B chunk serially, so each load should be large (16 x 1024 bf16 = 32 KB, two A blocks
-    in flight) and chunks of 2048 columns give a 64-token step 256 (qkv) to 896 (gate_up) programs."""
-    # [BLOCK_T, RB, BLOCK] fp32 products of 16 K values (64 registers a thread at 8 warps)
-    block = max(64, 16384 // (triton.next_power_of_2(rank_bound) * block_t))
+    then its B chunk serially, so each load should be large (16 x 512 bf16 = 16 KB, two A blocks
+    in flight, two programs an SM) and chunks of 2048 columns give a 64-token step 256 (qkv) to
+    896 (gate_up) programs."""
+    # [BLOCK_T, RB, BLOCK] fp32 products of 8 K values: compiled for sm_90 (bench/kernel_regs.py),
+    # RB 16 x 512 at 8 warps takes 99 registers (two programs an SM), x 1024 takes 228
+    block = max(64, 8192 // (triton.next_power_of_2(rank_bound) * block_t))
     return {"chunk": 2048, "block_k": block, "block_n": block, "num_warps": 8}
 
 
