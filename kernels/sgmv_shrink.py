@@ -11,7 +11,7 @@ Design. Viewing A[slot] as [M*R, H_in] and y as [T, M*R], shrink is a segmented 
 over NCOL = M*RB columns (row j < RB of module m is column m*R + j), so fused q/k/v (M=3)
 or gate/up (M=2) is one launch.
 1-D grid over (token tile, column block, K split), sized from host ints only (T, G,
-M*R, H_in) so it is capturable in a CUDA graph; see kernels/_common.py for how a
+M*RB, H_in) so it is capturable in a CUDA graph; see kernels/_common.py for how a
 program finds its segment. Each program streams its slot's A rows [BLOCK_N, K-range]
 once for all BLOCK_T tokens of its tile:
   * column blocks past the slot's rank (padding) are skipped (or only zeroed);
