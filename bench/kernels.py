@@ -358,31 +358,8 @@ def main():
     def run_rank(rank):
         pools = Pools(rank)
         if args.sweep and rank == 16:
-            small_s = [{"block_t": 1, "block_n": bn, "block_k": bk, "split_k": 1, "num_warps": 4}
-                       for bn in (2, 4, 8) for bk in (512, 1024)]
-            small_s += [{"block_t": 1, "block_n": 4, "block_k": 512, "split_k": sk, "num_warps": 4} for sk in (2, 4)]
-            small_s += [{"block_t": 1, "block_n": 2, "block_k": 1024, "split_k": 4, "num_warps": 4},
-                        {"block_t": 1, "block_n": 4, "block_k": 1024, "split_k": 1, "num_warps": 8}]
-            small_e = [{"block_t": 1, "block_n": bn, "block_r": 16, "nb_per_prog": nbp, "num_warps": 4}
-                       for bn in (128, 256, 512) for nbp in (1, 4, 8, 16)]
-            res["sweeps"]["decode_64x64_r16"] = sweep_case(pools, 64, 64, small_s, small_e, log)
-            save()
-            mid_s = [{"block_t": bt, "block_n": bn, "block_k": bk, "split_k": sk, "num_warps": 4}
-                     for bt, bn, bk, sk in ((4, 2, 256, 1), (4, 4, 256, 1), (4, 2, 512, 1), (4, 2, 256, 2),
-                                            (2, 4, 512, 1), (1, 4, 512, 1), (8, 2, 256, 1))]
-            mid_e = [{"block_t": bt, "block_n": bn, "block_r": 16, "nb_per_prog": nbp, "num_warps": 4}
-                     for bt, bn, nbp in ((4, 64, 1), (4, 64, 4), (4, 128, 4), (4, 64, 8), (2, 128, 4),
-                                         (1, 256, 8), (8, 32, 4))]
-            res["sweeps"]["decode_256x64_r16"] = sweep_case(pools, 256, 64, mid_s, mid_e, log)
-            save()
-            dot_s = [{"block_t": bt, "block_n": 64, "block_k": bk, "split_k": sk, "num_warps": 4}
-                     for bt, bk, sk in ((64, 64, 4), (64, 128, 4), (64, 128, 8), (64, 128, 2), (32, 128, 4),
-                                        (64, 256, 4))]
-            dot_e = [{"block_t": bt, "block_n": bn, "block_r": 16, "nb_per_prog": nbp, "num_warps": w}
-                     for bt, bn, w, nbp in ((64, 128, 8, 1), (64, 128, 8, 4), (64, 128, 8, 8), (64, 128, 4, 4),
-                                            (32, 128, 4, 4), (32, 128, 4, 8), (64, 64, 4, 4), (64, 64, 4, 8),
-                                            (32, 256, 8, 4), (16, 256, 4, 4))]
-            res["sweeps"]["prefill_2048x8_r16"] = sweep_case(pools, 2048, 8, dot_s, dot_e, log)
+            from bench import sgmv_sweep  # the block-size sweep the defaults came from
+            res["sweeps"].update(sgmv_sweep.sweep_all(log))
             save()
         if args.mini_sweep and rank == 16:
             mini = [{"block_t": 1, "block_n": 4, "block_k": bk, "split_k": sk, "num_warps": w}

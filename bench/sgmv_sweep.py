@@ -49,25 +49,30 @@ def check_defaults() -> None:
             assert err < 2e-2, err
 
 
+def sweep_all(log: list[str]) -> dict:
+    """Every case of the sweep (also `bench/kernels.py --sweep`): case name -> per-op results."""
+    cases = {}
+    for max_rank in (16, 64):
+        pools = bk.Pools(max_rank)
+        pools.ranks.fill_(16)
+        cases[f"decode_64x64_R{max_rank}"] = bk.sweep_case(
+            pools, 64, 64, DECODE_SHRINK if max_rank == 64 else [], DECODE_EXPAND, log)
+        if max_rank == 64:
+            cases["decode_64x8_R64"] = bk.sweep_case(pools, 64, 8, [], TILE2_EXPAND, log)
+        del pools
+    cases["prefill_2048x8_R16"] = bk.sweep_case(bk.Pools(16), 2048, 8, [], PREFILL_EXPAND, log)
+    return cases
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="")
     args = ap.parse_args()
     torch.manual_seed(0)
     check_defaults()
-    report = {"device": torch.cuda.get_device_name(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
-              "command": "python " + " ".join(sys.argv), "cases": {}}
     log: list[str] = []
-    for max_rank in (16, 64):
-        pools = bk.Pools(max_rank)
-        pools.ranks.fill_(16)
-        report["cases"][f"decode_64x64_R{max_rank}"] = bk.sweep_case(
-            pools, 64, 64, DECODE_SHRINK if max_rank == 64 else [], DECODE_EXPAND, log)
-        if max_rank == 64:
-            report["cases"]["decode_64x8_R64"] = bk.sweep_case(pools, 64, 8, [], TILE2_EXPAND, log)
-        del pools
-    report["cases"]["prefill_2048x8_R16"] = bk.sweep_case(bk.Pools(16), 2048, 8, [], PREFILL_EXPAND, log)
-    report["log"] = log
+    report = {"device": torch.cuda.get_device_name(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
+              "command": "python " + " ".join(sys.argv), "cases": sweep_all(log), "log": log}
     if args.out:
         with open(args.out, "w") as f:
             json.dump(report, f, indent=1, default=str)

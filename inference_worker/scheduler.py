@@ -89,11 +89,12 @@ class Scheduler:
         return out
 
     def _schedule_decodes(self, preempted: list[Sequence]) -> list[Sequence]:
-        queue = sorted(self.running, key=lambda s: s.arrival_index)
-        # tokens still in flight already end these (async scheduling): they wait for their
-        # last token to be read back, without a step or a block more
-        ending = [s for s in queue if s.num_pending and s.length_reached(self.max_seq_tokens or 1 << 62)]
-        queue = [s for s in queue if s not in ending]
+        # tokens still in flight already end some (async scheduling): they wait for their last
+        # token to be read back, without a step or a block more
+        queue, ending = [], []
+        for seq in sorted(self.running, key=lambda s: s.arrival_index):
+            ends = seq.num_pending and seq.length_reached(self.max_seq_tokens or 1 << 62)
+            (ending if ends else queue).append(seq)
         kept: list[Sequence] = []
         while queue:
             seq = queue.pop(0)

@@ -9,6 +9,7 @@ any) form a virtual base segment G, so they are still zeroed by shrink.
 """
 from __future__ import annotations
 
+import itertools
 import os
 
 import torch
@@ -72,6 +73,32 @@ def check_lora_meta(seg_indptr: torch.Tensor, seg_slots: torch.Tensor, slot_rank
                          f"{tuple(slot_scales.shape)} {slot_scales.dtype}")
     check_contiguous(seg_indptr=seg_indptr, seg_slots=seg_slots, slot_ranks=slot_ranks)
     return num_segs
+
+
+MAX_MODULES = 4          # fused modules of one projection (q/k/v: 3, gate/up: 2); module_of's branches
+
+
+def check_out_offsets(out_offsets: tuple[int, ...], num_mods: int, n: int) -> tuple[int, ...]:
+    """The M+1 column bounds of fused modules, as ints: rising strictly from 0 to N, M <= MAX_MODULES."""
+    offsets = tuple(int(o) for o in out_offsets)
+    if len(offsets) != num_mods + 1 or offsets[0] != 0 or offsets[-1] != n or \
+            any(b <= a for a, b in itertools.pairwise(offsets)):
+        raise ValueError(f"out_offsets {offsets} must rise strictly from 0 to N={n} in M+1={num_mods + 1} steps")
+    if num_mods > MAX_MODULES:
+        raise ValueError(f"at most {MAX_MODULES} fused modules, got {num_mods}")
+    return offsets
+
+
+def module_table(offsets: tuple[int, ...], block: int) -> tuple[tuple[int, ...], tuple[int, ...], int]:
+    """Host side of module_of: modules cut into blocks of `block` columns -> (the MAX_MODULES
+    column ends, the MAX_MODULES-1 cumulative block counts, the total blocks), padded so that
+    unused modules are never reached."""
+    n = offsets[-1]
+    cum = list(itertools.accumulate(triton.cdiv(b - a, block) for a, b in itertools.pairwise(offsets)))
+    never = 1 << 30
+    ends = (offsets[1:] + (n,) * MAX_MODULES)[:MAX_MODULES]
+    cum_blocks = (cum[:-1] + [never] * MAX_MODULES)[:MAX_MODULES - 1]
+    return ends, tuple(cum_blocks), cum[-1]
 
 
 def num_tiles_bound(num_tokens: int, num_segs: int, block_t: int) -> int:

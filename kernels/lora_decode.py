@@ -18,8 +18,6 @@ capturable; chunks never straddle modules (per-module chunk ranges, as sgmv_expa
 """
 from __future__ import annotations
 
-import itertools
-
 import torch
 import triton
 import triton.language as tl
@@ -28,12 +26,12 @@ from kernels._common import (
     check_contiguous,
     check_device,
     check_lora_meta,
+    check_out_offsets,
     module_of,
+    module_table,
     num_tiles_bound,
     segment_tile,
 )
-
-MAX_MODULES = 4
 
 
 @triton.jit(do_not_specialize=["T", "G"])
@@ -115,13 +113,10 @@ def lora_decode(x: torch.Tensor, a_pool: torch.Tensor, b_pool: torch.Tensor, out
     num_tokens, h_in = x.shape
     num_slots, num_mods, max_rank, a_h_in = a_pool.shape
     n = out.shape[1]
-    offsets = tuple(int(o) for o in out_offsets)
+    offsets = check_out_offsets(out_offsets, num_mods, n)
     if a_h_in != h_in or tuple(b_pool.shape) != (num_slots, max_rank, n) or out.shape[0] != num_tokens:
         raise ValueError(f"shapes do not match: x {tuple(x.shape)}, a_pool {tuple(a_pool.shape)}, "
                          f"b_pool {tuple(b_pool.shape)}, out {tuple(out.shape)}")
-    if len(offsets) != num_mods + 1 or offsets[0] != 0 or offsets[-1] != n or num_mods > MAX_MODULES or \
-            any(b <= a for a, b in itertools.pairwise(offsets)):
-        raise ValueError(f"out_offsets {offsets} must rise strictly from 0 to N={n} in M+1 <= 5 steps")
     if block_t not in (1, 2) or rank_bound is None or not 1 <= rank_bound <= min(max_rank, 32):
         raise ValueError(f"block_t must be 1 or 2 and rank_bound in [1, min(R, 32)]: {block_t}, {rank_bound}")
     check_contiguous(x=x, a_pool=a_pool, b_pool=b_pool, out=out, slot_scales=slot_scales)
@@ -130,15 +125,11 @@ def lora_decode(x: torch.Tensor, a_pool: torch.Tensor, b_pool: torch.Tensor, out
         return out
     cfg = {**default_config(h_in, rank_bound, block_t), **(config or {})}
     chunk = cfg["chunk"]
-    chunks = [triton.cdiv(b - a, chunk) for a, b in itertools.pairwise(offsets)]
-    cum = list(itertools.accumulate(chunks))
-    big = 1 << 30                                       # unused modules: never reached
-    offs = (offsets[1:] + (n,) * MAX_MODULES)[:MAX_MODULES]
-    chs = (cum[:-1] + [big] * MAX_MODULES)[:MAX_MODULES - 1]
-    grid = (num_tiles_bound(num_tokens, num_segs, block_t) * cum[-1],)
+    offs, chs, num_chunks = module_table(offsets, chunk)
+    grid = (num_tiles_bound(num_tokens, num_segs, block_t) * num_chunks,)
     _lora_decode_kernel[grid](
         x, a_pool, b_pool, out, seg_indptr, seg_slots, slot_ranks, slot_scales,
-        num_tokens, num_segs, h_in, n, cum[-1], *offs, *chs,
+        num_tokens, num_segs, h_in, n, num_chunks, *offs, *chs,
         R=max_rank, M=num_mods, RB=triton.next_power_of_2(rank_bound), CHUNK=chunk,
         BLOCK_G=triton.next_power_of_2(num_segs + 2), BLOCK_T=block_t, BLOCK_K=cfg["block_k"],
         BLOCK_N=cfg["block_n"], num_warps=cfg["num_warps"])

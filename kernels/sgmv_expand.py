@@ -18,8 +18,6 @@ each row scaled by its y value. Accumulation is fp32; out is read, added to and 
 """
 from __future__ import annotations
 
-import itertools
-
 import torch
 import triton
 import triton.language as tl
@@ -28,8 +26,10 @@ from kernels._common import (
     check_contiguous,
     check_device,
     check_lora_meta,
+    check_out_offsets,
     launch_options,
     module_of,
+    module_table,
     num_tiles_bound,
     pdl_enabled,
     pdl_start,
@@ -37,8 +37,6 @@ from kernels._common import (
     segment_tile,
 )
 from kernels.tiles import pick_block_t
-
-MAX_MODULES = 4
 
 
 # T and G change every prompt step: not specialized on (T % 16, T == 1, ...), so a new
@@ -143,12 +141,7 @@ def sgmv_expand(y: torch.Tensor, b_pool: torch.Tensor, out_offsets: tuple[int, .
                          f"{tuple(y.shape)}, {tuple(b_pool.shape)}, {tuple(out.shape)}")
     num_tokens, num_mods, max_rank = y.shape
     num_slots, b_rank, n = b_pool.shape
-    offsets = tuple(int(o) for o in out_offsets)
-    if len(offsets) != num_mods + 1 or offsets[0] != 0 or offsets[-1] != n or \
-            any(b <= a for a, b in itertools.pairwise(offsets)):
-        raise ValueError(f"out_offsets {offsets} must rise strictly from 0 to N={n} in M+1={num_mods + 1} steps")
-    if num_mods > MAX_MODULES:
-        raise ValueError(f"at most {MAX_MODULES} fused modules, got {num_mods}")
+    offsets = check_out_offsets(out_offsets, num_mods, n)
     if b_rank != max_rank:
         raise ValueError(f"b_pool rank {b_rank} != y rank {max_rank}")
     if tuple(out.shape) != (num_tokens, n):
@@ -171,13 +164,7 @@ def sgmv_expand(y: torch.Tensor, b_pool: torch.Tensor, out_offsets: tuple[int, .
     if use_dot and block_r == 32 and b_pool.dtype != torch.float32:
         # faults with "misaligned address" (triton 3.6, H200): see default_config
         raise ValueError("tl.dot path with bf16/fp16 B does not support block_r = 32; use 16 or 64")
-    widths = [b - a for a, b in itertools.pairwise(offsets)]
-    blocks = [triton.cdiv(w, block_n) for w in widths]
-    cum_blocks = [sum(blocks[: i + 1]) for i in range(len(blocks))]
-    big = 1 << 30                                       # unused modules: never reached
-    offs = (offsets[1:] + (n,) * MAX_MODULES)[:MAX_MODULES]
-    cbs = (cum_blocks[:-1] + [big] * MAX_MODULES)[:MAX_MODULES - 1]
-    num_nb = cum_blocks[-1]
+    offs, cbs, num_nb = module_table(offsets, block_n)
     num_tiles = num_tiles_bound(num_tokens, num_segs, block_t)
     nb_per_prog = cfg.get("nb_per_prog", 1)
     grid = (num_tiles * triton.cdiv(num_nb, nb_per_prog),)

@@ -53,8 +53,8 @@ class LoRALinear(nn.Module):
         # fp32 intermediate: the Triton shrink needs it for split-K, and it keeps precision in bf16
         y = self.shrink_scratch[: x.shape[0] * num_modules * max_rank].view(x.shape[0], num_modules, max_rank)
         config = None if lora.block_t is None else {"block_t": lora.block_t}
-        shrink_config = {**(config or {}), "rank_bound": lora.rank_bound} if lora.rank_bound else config
-        self.ops.sgmv_shrink(x, self.a_pool, lora.seg_indptr, lora.seg_slots, lora.slot_ranks, y, config=shrink_config)
+        self.ops.sgmv_shrink(x, self.a_pool, lora.seg_indptr, lora.seg_slots, lora.slot_ranks, y,
+                             config={**(config or {}), "rank_bound": lora.rank_bound})
         self.ops.sgmv_expand(y, self.b_pool, self.out_offsets, lora.seg_indptr, lora.seg_slots,
                              lora.slot_ranks, lora.slot_scales, out, config=config)
         return out
