@@ -76,14 +76,15 @@ def test_background_work_gives_the_same_outputs(family_model, adapters_of, flags
         assert_same_greedy_tokens(rid, got[rid], w, tie=1e-4)
 
 
-@pytest.mark.parametrize("switch", ["OPENLORA_FUSED_DECODE", "OPENLORA_SGMV_PDL"])
-def test_experimental_kernel_switches_give_the_same_outputs(family_model, adapters_of, monkeypatch, switch):
-    """The experimental kernel paths (fused decode LoRA, programmatic dependent launch) in the
-    engine with its decode graphs: the greedy tokens of the default kernels."""
+@pytest.mark.parametrize("switch,off,on", [("OPENLORA_FUSED_DECODE", "0", "1"), ("OPENLORA_SGMV_PDL", "0", "1")])
+def test_kernel_switches_give_the_same_outputs(family_model, adapters_of, monkeypatch, switch, off, on):
+    """The kernel switches (the experimental fused decode LoRA; programmatic dependent launch, on
+    by default) in the engine with its decode graphs: the same greedy tokens either way."""
     model_dir = family_model("llama")
     adapter_dirs = adapters_of(model_dir)
+    monkeypatch.setenv(switch, off)
     want, _, _ = _run(model_dir, adapter_dirs, "float32", cuda_graphs=True)
-    monkeypatch.setenv(switch, "1")
+    monkeypatch.setenv(switch, on)
     got, _, _ = _run(model_dir, adapter_dirs, "float32", cuda_graphs=True)
     for rid, w in want.items():
         assert_same_greedy_tokens(rid, got[rid], w, tie=1e-4)

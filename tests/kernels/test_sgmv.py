@@ -14,7 +14,7 @@ import torch
 from kernels.reference import sgmv_expand_ref, sgmv_shrink_ref
 from kernels.sgmv_expand import sgmv_expand
 from kernels.sgmv_shrink import sgmv_shrink
-from tests.kernels.helpers import make_meta, make_pools, rel_err
+from tests.kernels.helpers import added_close, make_meta, make_pools, rel_err
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 5e-3}
@@ -179,14 +179,14 @@ def test_sgmv_gpu_llama_sizes(module, tokens, adapters):
         out = out0.clone()
         sgmv_expand(y, b, offsets, indptr, slots, slot_ranks, scales, out)
         out_ref = sgmv_expand_ref(y.float(), b, offsets, indptr, slots, slot_ranks, scales, out0.float())
-        assert rel_err(out.float() - out0.float(), out_ref - out0.float()) < 2e-2
+        assert added_close(out, out0, out_ref)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("pdl", [False, True])
 def test_sgmv_gpu_cuda_graph_no_sync(pdl, monkeypatch):
     """Captured once, replayed on new metadata of the same shapes: no host sync, right answers;
-    also with programmatic dependent launch (OPENLORA_SGMV_PDL, experimental)."""
+    with and without programmatic dependent launch (OPENLORA_SGMV_PDL)."""
     monkeypatch.setenv("OPENLORA_SGMV_PDL", "1" if pdl else "0")
     from kernels._common import pdl_enabled
     assert pdl_enabled(torch.device("cuda")) == (pdl and torch.cuda.get_device_capability()[0] >= 9)
@@ -304,10 +304,13 @@ def test_rank_bound_skips_padding_rows(block_t, split_k):
         sgmv_shrink(x, a, indptr, slots, slot_ranks, y, config={"rank_bound": R + 1})
 
 
-def test_pdl_is_off_unless_asked_and_never_on_cpu(monkeypatch):
-    from kernels._common import launch_options, pdl_enabled
-    monkeypatch.setenv("OPENLORA_SGMV_PDL", "1")
+def test_pdl_switch_and_never_on_cpu(monkeypatch):
+    """PDL: on by default on Hopper, off with OPENLORA_SGMV_PDL=0, never without CUDA."""
+    from kernels._common import gdc_wait, launch_options, pdl_enabled
+    monkeypatch.delenv("OPENLORA_SGMV_PDL", raising=False)
     assert not pdl_enabled(torch.device("cpu")) and launch_options(torch.device("cpu")) == {}
-    monkeypatch.delenv("OPENLORA_SGMV_PDL")
     if torch.cuda.is_available():
+        hopper = torch.cuda.get_device_capability()[0] >= 9 and gdc_wait is not None
+        assert pdl_enabled(torch.device("cuda")) == hopper
+        monkeypatch.setenv("OPENLORA_SGMV_PDL", "0")
         assert not pdl_enabled(torch.device("cuda")) and launch_options(torch.device("cuda")) == {}
