@@ -141,7 +141,11 @@ class ModelRunner:
             slot_mapping=self._upload("slot_mapping", slot_mapping), cu_seqlens=self._upload("cu_seqlens", cu_seqlens),
             block_tables=dev_tables.view(num_rows, width), context_lens=self._upload("context_lens", context_lens),
             prefill_bounds=cu_seqlens, prefill_max_len=max((s.num_tokens for s in prefills), default=0))
-        step_rank = max((self.slot_pool.host_ranks[s.slot] for s in seqs if s.slot >= 0), default=0)
+        # the shrink's rank bound only for graph steps (decode), where it drops the padding programs;
+        # prompt steps keep the pool's R: their split-K and block choices were tuned at R, and a
+        # bound there changes them (fewer column blocks -> 16-way split-K) and JIT-compiles new variants
+        step_rank = max((self.slot_pool.host_ranks[s.slot] for s in seqs if s.slot >= 0), default=0) \
+            if bucket is not None else self.slot_pool.max_rank
         lora = LoraBatchMeta(
             has_lora=any(s >= 0 for s in seg_slots), seg_indptr=self._upload("seg_indptr", indptr),
             seg_slots=self._upload("seg_slots", seg_slots), slot_ranks=self.slot_pool.slot_ranks,

@@ -68,6 +68,8 @@ def test_padded_graph_steps_match_eager(family_model, adapters_of, make_engine, 
                 assert step_rank <= batch.lora.rank_bound in rank_bounds(pool.max_rank)
                 if batch.graph_bucket is not None:
                     buckets_used.append((batch.graph_bucket, len(decodes), batch.lora.block_t))
+                else:                                   # prompt steps keep the shrink's tuned path at R
+                    assert batch.lora.rank_bound == pool.max_rank
                 return batch
             engine.runner.prepare = recording_prepare
         driver = Driver(engine)
