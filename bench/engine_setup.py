@@ -50,6 +50,14 @@ WORKLOADS = {
 }
 
 
+def projection_dims(geometry: str) -> dict[str, int]:
+    """PROJECTIONS' dimension letters -> sizes: h hidden, i intermediate, q query heads, kv KV heads."""
+    g = GEOMETRIES[geometry]
+    head_dim = g["hidden_size"] // g["num_attention_heads"]
+    return {"h": g["hidden_size"], "i": g["intermediate_size"], "q": g["num_attention_heads"] * head_dim,
+            "kv": g["num_key_value_heads"] * head_dim}
+
+
 def make_model_dir(geometry: str, out: Path) -> Path:
     """config.json of the geometry + the tiny model's tokenizer files (no weights needed)."""
     import transformers
@@ -99,11 +107,8 @@ class BenchAdapterSource:
     """AdapterSource over the workloads' adapters "<workload>/<i>"; weights made once per (rank, set)."""
 
     def __init__(self, geometry: str, distinct: int, pin: bool, device: torch.device) -> None:
-        g = GEOMETRIES[geometry]
-        head_dim = g["hidden_size"] // g["num_attention_heads"]
-        self._dims = {"h": g["hidden_size"], "i": g["intermediate_size"], "q": g["num_attention_heads"] * head_dim,
-                      "kv": g["num_key_value_heads"] * head_dim}
-        self.num_layers = g["num_hidden_layers"]
+        self._dims = projection_dims(geometry)
+        self.num_layers = GEOMETRIES[geometry]["num_hidden_layers"]
         self.distinct, self.pin, self.device = distinct, pin, device
         self._sets: dict[tuple[int, int], dict] = {}
 

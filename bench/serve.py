@@ -1,8 +1,8 @@
 """End-to-end serving benchmark (issue 9): the S100 workload through the services, beside the engine alone.
 
-1. A model dir (a tiny Llama made with init_model, or --model-dir) and --num-adapters rank-16 PEFT
-   adapters on all 7 projections (peft makes one, which gives the config and tensor names; every
-   adapter's weights are then drawn afresh, bf16), pushed to the store.
+1. A model dir (a tiny Llama made with init_model, --geometry llama3-8b with random weights drawn on
+   the device, or --model-dir) and --num-adapters rank-16 PEFT adapters on all 7 projections
+   (bench/serve_setup.py), pushed to the store.
 2. gRPC: store, --workers workers and a router as local processes (services.local_cluster);
    --concurrency client threads, each its own channel, stream Generate through the router in a
    closed loop (a finished request is replaced) until --requests are done; prompt_token_ids of
@@ -16,10 +16,12 @@
 On CPU every engine gets --cpu-threads torch threads (default cores - 1): the services need a core.
 
 Usage: python bench/serve.py [--num-adapters 100] [--requests 256] [--concurrency 64] [--prompt-tokens 256]
-           [--output-tokens 128] [--workers 1] [--device auto|cpu|cuda] [--model tiny|small | --model-dir DIR]
+           [--output-tokens 128] [--workers 1] [--device auto|cpu|cuda]
+           [--model tiny|small | --geometry llama3-8b | --model-dir DIR]
            [--out bench/results/serve-<device>.json]
        python bench/serve.py --quick          # CPU smoke: tiny model, 4 adapters, a few requests
-  GPU:  python bench/serve.py --device cuda --model-dir /models/Meta-Llama-3-8B   # the issue's S100
+  GPU:  python bench/serve.py --device cuda --geometry llama3-8b      # the issue's S100, random weights
+        python bench/serve.py --device cuda --model-dir /models/Meta-Llama-3-8B   # the same, real weights
 """
 from __future__ import annotations
 
@@ -29,7 +31,6 @@ import datetime
 import json
 import os
 import platform
-import shutil
 import sys
 import tempfile
 import threading
@@ -43,26 +44,24 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.engine import Run, StepRecorder, _triton_version, copy_bandwidth, git_commit  # noqa: E402
-from bench.engine_setup import PROJECTIONS, Workload, adapter_sequence, random_prompts  # noqa: E402
+from bench.engine_setup import GEOMETRIES, Workload, adapter_sequence, random_prompts  # noqa: E402
 from bench.engine_stats import _fmt, pct  # noqa: E402
+from bench.serve_setup import MODELS, describe, make_adapters, make_served_model  # noqa: E402
 from inference_worker import cli as worker_cli  # noqa: E402
 from inference_worker.config import EngineConfig  # noqa: E402
 from protos import router_pb2_grpc  # noqa: E402
 from services.channels import insecure_channel  # noqa: E402
 from services.generate_cli import build_request, stream_generate  # noqa: E402
 from services.local_cluster import LocalCluster, LocalClusterConfig  # noqa: E402
-from services.store_client import CONFIG_FILE, WEIGHTS_FILE, StoreClient  # noqa: E402
-from services.tiny_model import TinyModelConfig, init_model  # noqa: E402
-
-MODELS = {"tiny": TinyModelConfig(),
-          "small": TinyModelConfig(hidden_size=256, intermediate_size=768, num_hidden_layers=4,
-                                   num_attention_heads=8, num_key_value_heads=4)}
+from services.store_client import StoreClient  # noqa: E402
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="small", choices=sorted(MODELS), help="tiny model made here (random weights)")
     p.add_argument("--model-dir", default="", help="an existing Hugging Face Llama-family dir instead of --model")
+    p.add_argument("--geometry", default="", choices=["", *sorted(GEOMETRIES)],
+                   help="a real model shape instead of --model: random bf16 weights drawn on each worker's device")
     p.add_argument("--num-adapters", type=int, default=100)
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--workers", type=int, default=1)
@@ -102,39 +101,15 @@ def parse_args(argv=None):
         is_cpu = EngineConfig(device=args.device).torch_device.type == "cpu"
         args.cpu_threads = max(1, (os.cpu_count() or 2) - 1) if is_cpu else 0
     args.rate = 0.0                                   # closed loop (bench.engine.Run reads it)
+    args.model_flags = []                             # the served model's own worker flags (make_served_model)
     return args
 
 
 def worker_flags(args) -> list[str]:
     flags = ["--device", args.device, "--max-num-seqs", str(args.max_num_seqs),
              "--max-adapter-slots", str(args.max_adapter_slots), "--max-lora-rank", str(args.max_lora_rank)]
-    return flags + (["--kv-cache-mb", str(args.kv_cache_mb)] if args.kv_cache_mb else []) + list(args.engine_flag)
-
-
-def make_adapters(model_dir: Path, out: Path, num: int, rank: int, seed: int) -> list[Path]:
-    """num PEFT adapter dirs (rank, all 7 projections): peft makes the first once (config, tensor names
-    and shapes); every adapter's weights are then drawn from its own seed, bf16 (no model load each)."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    from services.peft_adapter import make_adapter
-
-    first = make_adapter(model_dir, out / "a0", rank=rank, alpha=2.0 * rank, target_modules=tuple(PROJECTIONS),
-                         seed=seed)
-    with safe_open(first / WEIGHTS_FILE, "pt") as f:
-        metadata = f.metadata()
-        shapes = {name: f.get_slice(name).get_shape() for name in f.keys()}
-    dirs = []
-    for i in range(num):
-        adapter_dir = out / f"a{i}"
-        adapter_dir.mkdir(parents=True, exist_ok=True)
-        if i:
-            shutil.copy(first / CONFIG_FILE, adapter_dir / CONFIG_FILE)
-        gen = torch.Generator().manual_seed(seed + i)
-        tensors = {name: (torch.randn(shape, generator=gen) * 0.1).to(torch.bfloat16) for name, shape in shapes.items()}
-        save_file(tensors, str(adapter_dir / WEIGHTS_FILE), metadata=metadata)
-        dirs.append(adapter_dir)
-    return dirs
+    return (flags + (["--kv-cache-mb", str(args.kv_cache_mb)] if args.kv_cache_mb else []) + list(args.model_flags)
+            + list(args.engine_flag))
 
 
 class ClosedLoopClients:
@@ -328,21 +303,19 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     device = EngineConfig(device=args.device).torch_device
     device_name, device_short = device_label(device)
-    report = {"device": device_name, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "commit": git_commit(), "command": "python bench/serve.py " + " ".join(argv or sys.argv[1:]),
-              "cpu_count": os.cpu_count(), "versions": _versions(), "args": vars(args), "worker_flags": worker_flags(args)}
     with tempfile.TemporaryDirectory(prefix="openlora-serve-") as tmp:
         tmp = Path(tmp)
-        if args.model_dir:
-            model_dir = Path(args.model_dir).resolve()
-        else:
-            model_dir = init_model(tmp / "model", MODELS[args.model])
-        model_config = json.loads((model_dir / "config.json").read_text())
-        report["model"] = {k: model_config.get(k) for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
-                                                            "num_attention_heads", "num_key_value_heads", "vocab_size")}
-        report["model"]["dir"] = args.model_dir or f"init_model({args.model})"
+        served = make_served_model(args, tmp)
+        args.model_flags = served.worker_flags
+        report = {"device": device_name,
+                  "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                  "commit": git_commit(), "command": "python bench/serve.py " + " ".join(argv or sys.argv[1:]),
+                  "cpu_count": os.cpu_count(), "versions": _versions(), "args": vars(args),
+                  "worker_flags": worker_flags(args), "model": describe(served.model_dir, served.label)}
+        model_dir, model_config = served.model_dir, json.loads((served.model_dir / "config.json").read_text())
         t0 = time.perf_counter()
-        adapter_dirs = make_adapters(model_dir, tmp / "adapters", args.num_adapters, args.rank, args.seed)
+        adapter_dirs = make_adapters(model_dir, tmp / "adapters", args.num_adapters, args.rank, args.seed,
+                                     geometry=args.geometry)
         report["adapters_made_s"] = time.perf_counter() - t0
 
         # the same requests for both runs: prompts, and adapters uniform over the pushed names

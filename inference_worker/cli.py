@@ -31,6 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stream-interval", type=int, default=1,
                         help="tokens per streamed message; the first token and the end go at once (default 1: "
                              "every token; more costs the worker less per token)")
+    parser.add_argument("--random-weights", action="store_true",
+                        help="benchmarks only: draw random weights on the device from config.json (the model "
+                             "dir needs no safetensors; outputs are meaningless)")
     parser.add_argument("--no-cuda-graphs", action="store_true", help="run decode steps eagerly (debugging)")
     parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                         help="schedule each step before the previous one's tokens are read back (default: on "
@@ -54,6 +57,7 @@ def config_from_args(args: argparse.Namespace):
         model_dir=args.model, store=args.store, listen=args.listen, worker_id=args.worker_id,
         base_model=args.base_model, data_dir=args.data_dir, cpu_cache_bytes=args.cpu_cache_mb * MB,
         disk_cache_bytes=args.disk_cache_mb * MB, grace_s=args.grace_s, stream_interval=args.stream_interval,
+        random_weights=args.random_weights,
         engine=engine)
 
 

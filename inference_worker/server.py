@@ -39,6 +39,7 @@ class WorkerConfig:
     disk_cache_bytes: int = 50 << 30
     grace_s: float = 10.0                 # drain: running requests get this long to finish
     stream_interval: int = 1              # tokens per streamed message (the first and last go at once)
+    random_weights: bool = False          # benchmarks: weights drawn on the device from config.json alone
     engine: EngineConfig = field(default_factory=EngineConfig)
 
     def __post_init__(self) -> None:
@@ -115,7 +116,7 @@ def build_worker(config: WorkerConfig, telemetry: Telemetry | None = None) -> Wo
         pin_memory=device.type == "cuda", merge_device=str(device)),
         store, ModelShapes.from_model_dir(config.model_dir), telemetry)
     try:
-        engine = LLMEngine(config.engine, config.model_dir, manager)
+        engine = LLMEngine(config.engine, config.model_dir, manager, random_weights=config.random_weights)
     except BaseException:
         manager.close()
         store.close()
