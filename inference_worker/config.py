@@ -51,6 +51,9 @@ class EngineConfig:
     #   never waits between steps. Finished sequences are noticed one step later (their extra
     #   token is dropped).
     async_scheduling: bool | None = None
+    # Compile at start the SGMV kernel variants prompt steps can meet (inference_worker/lora/warmup.py),
+    # instead of on first use with the batch waiting; None = on for CUDA (Triton), off on CPU.
+    warm_kernels: bool | None = None
 
     def __post_init__(self) -> None:
         if self.device != "auto":
@@ -101,5 +104,5 @@ class EngineConfig:
                              "(a step must fit a whole sequence: no chunked prefill)")
         on_cuda = self.torch_device.type == "cuda"
         background = {name: on_cuda if getattr(self, name) is None else getattr(self, name)
-                      for name in ("overlap_outputs", "adapter_load_thread", "async_scheduling")}
+                      for name in ("overlap_outputs", "adapter_load_thread", "async_scheduling", "warm_kernels")}
         return dataclasses.replace(self, max_model_len=max_model_len, max_num_batched_tokens=batched, **background)

@@ -78,6 +78,8 @@ class LLMEngine:
             buckets = config.cuda_graph_buckets or default_buckets(config.max_num_seqs)
         self.runner = ModelRunner(self.model, self.slot_pool, num_blocks, config.block_size, config.max_num_seqs,
                                   config.max_num_batched_tokens, config.max_model_len, cuda_graph_buckets=buckets)
+        if config.warm_kernels and self.ops.name == "triton":
+            self._warm_kernels()
         self.block_manager = BlockManager(num_blocks, config.block_size)
         self.max_seq_tokens = min(self.max_model_len, num_blocks * config.block_size)
         self.scheduler = Scheduler(self.block_manager, TicketGate(self.slot_pool), config.max_num_seqs,
@@ -104,6 +106,15 @@ class LLMEngine:
                  config.max_lora_rank, self.slot_pool.nbytes / 2**20, self.max_model_len)
 
     # ---- public API (any thread) -------------------------------------------------------
+    def _warm_kernels(self) -> None:
+        from inference_worker.lora.warmup import warm_lora_kernels
+
+        try:
+            warm_lora_kernels(self.slot_pool, self.config.max_num_batched_tokens, self.config.max_num_seqs,
+                              self.runner.eager_block_g)
+        except Exception:  # noqa: BLE001 - serving still works; a variant then compiles on first use
+            log.exception("compiling the LoRA kernel variants ahead failed; they will compile on first use")
+
     def start(self) -> None:
         with self._cond:
             if self._thread is None:

@@ -20,6 +20,7 @@ from inference_worker.lora.metadata import LoraBatchMeta, segments_of
 from inference_worker.lora.slot_pool import SlotPool
 from inference_worker.model.llama import LlamaForCausalLM
 from inference_worker.sequence import Sequence
+from kernels.tiles import segment_table_width
 
 
 @dataclass
@@ -65,6 +66,8 @@ class ModelRunner:
         # the newest step's sampled tokens on the device [B]: inputs of decodes whose last token
         # is still pending (async scheduling), gathered by row (Sequence.pending_row)
         self.prev_tokens: torch.Tensor | None = None
+        # eager steps' SGMV segment-table width: one for every G <= max_num_seqs (lora/warmup.py)
+        self.eager_block_g = segment_table_width(max_num_seqs)
         self.graphs: DecodeGraphs | None = None
         buckets = tuple(b for b in cuda_graph_buckets or () if b <= max_num_seqs)
         if buckets:
@@ -150,7 +153,8 @@ class ModelRunner:
             has_lora=any(s >= 0 for s in seg_slots), seg_indptr=self._upload("seg_indptr", indptr),
             seg_slots=self._upload("seg_slots", seg_slots), slot_ranks=self.slot_pool.slot_ranks,
             slot_scales=self.slot_pool.slot_scales, block_t=tile,
-            rank_bound=rank_bound_for(step_rank, self.slot_pool.max_rank))
+            rank_bound=rank_bound_for(step_rank, self.slot_pool.max_rank),
+            block_g=self.eager_block_g if bucket is None else None)
         ids = self._upload("input_ids", input_ids)
         if gather_dst:
             ids.index_copy_(0, self._upload("gather_dst", gather_dst),

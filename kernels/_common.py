@@ -102,6 +102,17 @@ def module_table(offsets: tuple[int, ...], block: int) -> tuple[tuple[int, ...],
     return ends, tuple(cum_blocks), cum[-1]
 
 
+def block_g_for(num_segs: int, block_g: int | None = None) -> int:
+    """BLOCK_G: the segment-table width a program loads (a power of 2 >= G + 2). A caller may fix it
+    wider (config "block_g"), so that steps of any segment count share one compiled variant."""
+    need = triton.next_power_of_2(num_segs + 2)
+    if block_g is None:
+        return need
+    if block_g < need or block_g & (block_g - 1):
+        raise ValueError(f"block_g {block_g} must be a power of 2 >= G + 2 = {num_segs + 2}")
+    return block_g
+
+
 def num_tiles_bound(num_tokens: int, num_segs: int, block_t: int) -> int:
     """Upper bound of the tiles sum_g ceil(len_g / BLOCK_T) over the G segments plus the tail.
 

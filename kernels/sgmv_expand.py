@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from kernels._common import (
+    block_g_for,
     check_contiguous,
     check_device,
     check_lora_meta,
@@ -126,14 +127,29 @@ def default_config(num_tokens: int, num_segs: int, n: int, max_rank: int, block_
             "num_warps": num_warps, "num_stages": num_stages}
 
 
+def launch_config(num_tokens: int, num_segs: int, n: int, max_rank: int, b_dtype: torch.dtype,
+                  config: dict | None = None) -> dict:
+    """Every compile-time choice of a launch, from host ints only (see sgmv_shrink.launch_config);
+    `config` overrides block sizes and may give "block_g"."""
+    config = config or {}
+    cfg = {"nb_per_prog": 1, **default_config(num_tokens, num_segs, n, max_rank, config.get("block_t")), **config}
+    cfg["block_g"], cfg["use_dot"] = block_g_for(num_segs, config.get("block_g")), cfg["block_t"] >= 16
+    if cfg["use_dot"] and (cfg["block_n"] < 16 or cfg["block_r"] < 16):
+        raise ValueError("tl.dot path (block_t >= 16) needs block_n, block_r >= 16")
+    if cfg["use_dot"] and cfg["block_r"] == 32 and b_dtype != torch.float32:
+        # faults with "misaligned address" (triton 3.6, H200): see default_config
+        raise ValueError("tl.dot path with bf16/fp16 B does not support block_r = 32; use 16 or 64")
+    return cfg
+
+
 def sgmv_expand(y: torch.Tensor, b_pool: torch.Tensor, out_offsets: tuple[int, ...], seg_indptr: torch.Tensor,
                 seg_slots: torch.Tensor, slot_ranks: torch.Tensor, slot_scales: torch.Tensor,
                 out: torch.Tensor, *, config: dict | None = None) -> torch.Tensor:
     """out[t, off_m:off_m+1] += scale * y[t, m, :r] @ b_pool[slot, :r, off_m:off_m+1] (module docstring).
 
     y [T, M, R] fp32 or B's dtype, b_pool [S, R, N] bf16/fp16/fp32, out [T, N] B's dtype,
-    out_offsets a tuple of M+1 ints (M <= 4) from 0 to N. All contiguous. No host-device
-    sync; capturable in a CUDA graph.
+    out_offsets a tuple of M+1 ints (M <= 4) from 0 to N. All contiguous. `config` overrides
+    block sizes and may give "block_g" (launch_config). No host-device sync; capturable in a CUDA graph.
     """
     check_device(y, b_pool, seg_indptr, seg_slots, slot_ranks, slot_scales, out)
     if y.dim() != 3 or b_pool.dim() != 3 or out.dim() != 2:
@@ -155,25 +171,17 @@ def sgmv_expand(y: torch.Tensor, b_pool: torch.Tensor, out_offsets: tuple[int, .
     num_segs = check_lora_meta(seg_indptr, seg_slots, slot_ranks, num_slots, slot_scales)
     if num_tokens == 0:
         return out
-    cfg = default_config(num_tokens, num_segs, n, max_rank, (config or {}).get("block_t"))
-    cfg.update(config or {})
-    block_t, block_n, block_r = cfg["block_t"], cfg["block_n"], cfg["block_r"]
-    use_dot = block_t >= 16
-    if use_dot and (block_n < 16 or block_r < 16):
-        raise ValueError("tl.dot path (block_t >= 16) needs block_n, block_r >= 16")
-    if use_dot and block_r == 32 and b_pool.dtype != torch.float32:
-        # faults with "misaligned address" (triton 3.6, H200): see default_config
-        raise ValueError("tl.dot path with bf16/fp16 B does not support block_r = 32; use 16 or 64")
+    cfg = launch_config(num_tokens, num_segs, n, max_rank, b_pool.dtype, config)
+    block_t, block_n, block_r, nb_per_prog = cfg["block_t"], cfg["block_n"], cfg["block_r"], cfg["nb_per_prog"]
     offs, cbs, num_nb = module_table(offsets, block_n)
     num_tiles = num_tiles_bound(num_tokens, num_segs, block_t)
-    nb_per_prog = cfg.get("nb_per_prog", 1)
     grid = (num_tiles * triton.cdiv(num_nb, nb_per_prog),)
     _sgmv_expand_kernel[grid](
         y, b_pool, out, seg_indptr, seg_slots, slot_ranks, slot_scales,
         num_tokens, num_segs, n, num_mods * max_rank, num_nb,
         *offs, *cbs,
-        R=max_rank, BLOCK_G=triton.next_power_of_2(num_segs + 2), BLOCK_T=block_t, BLOCK_N=block_n,
-        BLOCK_R=block_r, NB_PER_PROG=nb_per_prog, USE_DOT=use_dot, PDL=pdl_enabled(y.device),
+        R=max_rank, BLOCK_G=cfg["block_g"], BLOCK_T=block_t, BLOCK_N=block_n,
+        BLOCK_R=block_r, NB_PER_PROG=nb_per_prog, USE_DOT=cfg["use_dot"], PDL=pdl_enabled(y.device),
         IEEE=(b_pool.dtype == torch.float32), num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3),
         **launch_options(y.device))
     return out

@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from kernels._common import (
+    block_g_for,
     check_contiguous,
     check_device,
     check_lora_meta,
@@ -147,6 +148,28 @@ def default_config(num_tokens: int, num_segs: int, ncol: int, max_rank: int, h_i
                 "num_warps": 4}
 
 
+def launch_config(num_tokens: int, num_segs: int, num_mods: int, max_rank: int, h_in: int, out_fp32: bool,
+                  config: dict | None = None) -> dict:
+    """Every compile-time choice of a launch, from host ints only: two launches with equal
+    dicts (and dtypes) run one compiled variant (inference_worker/lora/warmup.py compiles them
+    ahead). `config` overrides block sizes and may give "rank_bound" and "block_g"."""
+    config = config or {}
+    rank_bound = config.get("rank_bound") or max_rank
+    if not 1 <= rank_bound <= max_rank:
+        raise ValueError(f"rank_bound {rank_bound} must be in [1, R={max_rank}]")
+    cfg = default_config(num_tokens, num_segs, num_mods * rank_bound, rank_bound, h_in, out_fp32,
+                         config.get("block_t"))
+    cfg.update(config)
+    cfg["rank_bound"], cfg["block_g"] = rank_bound, block_g_for(num_segs, config.get("block_g"))
+    cfg["use_dot"], cfg["atomic"] = cfg["block_t"] >= 16, cfg["split_k"] > 1
+    cfg["can_skip"] = cfg["block_n"] <= rank_bound and rank_bound % cfg["block_n"] == 0
+    if cfg["use_dot"] and (cfg["block_n"] < 16 or cfg["block_k"] < 16):
+        raise ValueError("tl.dot path (block_t >= 16) needs block_n, block_k >= 16")
+    if cfg["atomic"] and not out_fp32:
+        raise ValueError("split_k > 1 needs a float32 out (fp32 atomics)")
+    return cfg
+
+
 def sgmv_shrink(x: torch.Tensor, a_pool: torch.Tensor, seg_indptr: torch.Tensor, seg_slots: torch.Tensor,
                 slot_ranks: torch.Tensor, out: torch.Tensor, *, config: dict | None = None) -> torch.Tensor:
     """out[t, m, :r] = x[t] @ a_pool[slot(t), m, :r]ᵀ; zeros up to the rank bound (module docstring).
@@ -154,7 +177,8 @@ def sgmv_shrink(x: torch.Tensor, a_pool: torch.Tensor, seg_indptr: torch.Tensor,
     x [T, H_in] bf16/fp16/fp32, a_pool [S, M, R, H_in] same dtype, out [T, M, R] (fp32
     recommended: it enables split-K; else x's dtype). All contiguous. `config` overrides
     block sizes (benchmarks) and may give "rank_bound" (>= every slot's rank in the step;
-    rows past it are not written). No host-device sync; capturable in a CUDA graph.
+    rows past it are not written) and "block_g" (launch_config). No host-device sync; capturable
+    in a CUDA graph.
     """
     check_device(x, a_pool, seg_indptr, seg_slots, slot_ranks, out)
     if x.dim() != 2 or a_pool.dim() != 4 or out.dim() != 3:
@@ -174,31 +198,20 @@ def sgmv_shrink(x: torch.Tensor, a_pool: torch.Tensor, seg_indptr: torch.Tensor,
     num_segs = check_lora_meta(seg_indptr, seg_slots, slot_ranks, num_slots)
     if num_tokens == 0:
         return out
-    rank_bound = (config or {}).get("rank_bound") or max_rank
-    if not 1 <= rank_bound <= max_rank:
-        raise ValueError(f"rank_bound {rank_bound} must be in [1, R={max_rank}]")
-    ncol = num_mods * rank_bound
-    cfg = default_config(num_tokens, num_segs, ncol, rank_bound, h_in, out.dtype == torch.float32,
-                         (config or {}).get("block_t"))
-    cfg.update(config or {})
-    block_t, block_n, block_k, split_k = cfg["block_t"], cfg["block_n"], cfg["block_k"], cfg["split_k"]
-    use_dot = block_t >= 16
-    if use_dot and (block_n < 16 or block_k < 16):
-        raise ValueError("tl.dot path (block_t >= 16) needs block_n, block_k >= 16")
-    atomic = split_k > 1
-    if atomic:
-        if out.dtype != torch.float32:
-            raise ValueError("split_k > 1 needs a float32 out (fp32 atomics)")
+    cfg = launch_config(num_tokens, num_segs, num_mods, max_rank, h_in, out.dtype == torch.float32, config)
+    block_t, block_n, block_k, split_k, rank_bound = (cfg[k] for k in ("block_t", "block_n", "block_k", "split_k",
+                                                                        "rank_bound"))
+    if cfg["atomic"]:
         out.zero_()
+    ncol = num_mods * rank_bound
     k_per_split = triton.cdiv(triton.cdiv(h_in, split_k), block_k) * block_k
     num_tiles = num_tiles_bound(num_tokens, num_segs, block_t)
     grid = (num_tiles * triton.cdiv(ncol, block_n) * split_k,)
     _sgmv_shrink_kernel[grid](
         x, a_pool, out, seg_indptr, seg_slots, slot_ranks,
         num_tokens, num_segs, h_in, ncol, k_per_split,
-        R=max_rank, RB=rank_bound, BLOCK_G=triton.next_power_of_2(num_segs + 2), BLOCK_T=block_t, BLOCK_N=block_n,
-        BLOCK_K=block_k, SPLIT_K=split_k, USE_DOT=use_dot, ATOMIC=atomic,
-        CAN_SKIP=(block_n <= rank_bound and rank_bound % block_n == 0),
+        R=max_rank, RB=rank_bound, BLOCK_G=cfg["block_g"], BLOCK_T=block_t, BLOCK_N=block_n,
+        BLOCK_K=block_k, SPLIT_K=split_k, USE_DOT=cfg["use_dot"], ATOMIC=cfg["atomic"], CAN_SKIP=cfg["can_skip"],
         IEEE=(x.dtype == torch.float32), PDL=pdl_enabled(x.device), num_warps=cfg["num_warps"],
         num_stages=cfg.get("num_stages", 3), **launch_options(x.device))
     return out

@@ -18,6 +18,11 @@ def pick_block_t(num_tokens: int, num_segs: int) -> int:
     return min(64, max(16, 1 << (int(avg) - 1).bit_length()))
 
 
+def segment_table_width(max_segs: int) -> int:
+    """The SGMV segment-table width (BLOCK_G, a power of 2 >= G + 2) that serves every G <= max_segs."""
+    return 1 << (max_segs + 1).bit_length()
+
+
 def fused_decode_enabled() -> bool:
     """kernels/lora_decode.py: EXPERIMENTAL, off unless OPENLORA_FUSED_DECODE=1 (not yet measured)."""
     return os.environ.get("OPENLORA_FUSED_DECODE", "0") == "1"

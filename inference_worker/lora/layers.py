@@ -52,9 +52,11 @@ class LoRALinear(nn.Module):
         num_modules, max_rank = self.a_pool.shape[1], self.a_pool.shape[2]
         # fp32 intermediate: the Triton shrink needs it for split-K, and it keeps precision in bf16
         y = self.shrink_scratch[: x.shape[0] * num_modules * max_rank].view(x.shape[0], num_modules, max_rank)
-        config = None if lora.block_t is None else {"block_t": lora.block_t}
+        # the step's fixed launch choices (a decode graph's token tile; an eager step's segment-
+        # table width, inference_worker/lora/warmup.py); None = the launchers pick
+        config = {k: v for k, v in (("block_t", lora.block_t), ("block_g", lora.block_g)) if v is not None}
         self.ops.sgmv_shrink(x, self.a_pool, lora.seg_indptr, lora.seg_slots, lora.slot_ranks, y,
-                             config={**(config or {}), "rank_bound": lora.rank_bound})
+                             config={**config, "rank_bound": lora.rank_bound})
         self.ops.sgmv_expand(y, self.b_pool, self.out_offsets, lora.seg_indptr, lora.seg_slots,
-                             lora.slot_ranks, lora.slot_scales, out, config=config)
+                             lora.slot_ranks, lora.slot_scales, out, config=config or None)
         return out

@@ -27,6 +27,9 @@ class LoraBatchMeta:
     # launches no programs for rank rows past it (kernels/sgmv_shrink.py); a decode graph fixes
     # it at capture too (cuda_graphs.rank_bounds)
     rank_bound: int | None = None
+    # the SGMV segment-table width (a power of 2 >= G + 2; None = the kernels' own): eager steps
+    # fix it for the engine, so any G shares one compiled variant (inference_worker/lora/warmup.py)
+    block_g: int | None = None
 
 
 def segments_of(slots: list[int], num_tokens: list[int]) -> tuple[list[int], list[int]]:

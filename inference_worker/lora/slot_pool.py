@@ -79,6 +79,10 @@ class SlotPool:
         self.load_timings: list[tuple] | None = None
 
     @property
+    def layers(self) -> list[LoRALinear]:
+        return self._layers
+
+    @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for lin in self._layers for t in (lin.a_pool, lin.b_pool))
 

@@ -298,3 +298,31 @@ def test_async_scheduling_reads_tokens_back_one_step_late(tiny_model_dir, make_e
     assert engine.step()                                # token 3 is pending: only a read-back
     assert s.outputs[-1].finish_reason == "length" and s.token_ids == want.token_ids
     assert not engine.step() and engine.stats().kv_blocks_used == 0
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_kernel_warm_up_at_start(tiny_model_dir, make_engine, monkeypatch, fails):
+    """With Triton kernels and warm_kernels, the engine compiles the eager LoRA variants at start for
+    its token budget, sequence count and eager segment-table width; a failed warm-up only logs."""
+    import dataclasses
+
+    from inference_worker import engine as engine_mod
+    from inference_worker.lora import warmup
+    from kernels.backend import REFERENCE_OPS
+
+    calls = []
+
+    def warm(pool, max_tokens, max_segs, block_g):
+        calls.append((pool, max_tokens, max_segs, block_g))
+        if fails:
+            raise RuntimeError("compile failed")
+        return 0
+    monkeypatch.setattr(warmup, "warm_lora_kernels", warm)
+    monkeypatch.setattr(engine_mod, "get_ops", lambda device: dataclasses.replace(REFERENCE_OPS, name="triton"))
+    engine = make_engine(tiny_model_dir, warm_kernels=True, max_num_seqs=6, max_model_len=256,
+                         max_num_batched_tokens=512)
+    assert calls == [(engine.slot_pool, 512, 6, 8)] and engine.runner.eager_block_g == 8
+    engine.start()
+    out = submit(engine, "r", engine.tokenizer("hello").input_ids, max_tokens=3, ignore_eos=True)
+    assert out.wait().finish_reason == "length" and len(out.token_ids) == 3
+    assert not make_engine(tiny_model_dir, max_num_seqs=6).config.warm_kernels   # CPU default: off

@@ -1,0 +1,109 @@
+"""Compile the SGMV kernel variants of eager steps before serving.
+
+Why: a Triton kernel compiles the first time a launch makes a new set of compile-time choices
+(block sizes picked from the step's token count T and segment count G), 0.3-1 s each, on the
+engine thread, while every running request waits. Decode steps replay CUDA graphs captured at
+start; prompt steps run eagerly at any (T, G). On the H200 (bench/results/engine-h200-runs.md,
+run 11) the adapter workloads had TTFT p99 of ~3 s where the base model had 0.4 s.
+
+How: eager steps fix the segment-table width (LoraBatchMeta.block_g), so a launch's choices
+depend on T and on G only through the token tile the launchers pick from T / G
+(kernels.tiles.pick_block_t). For each LoRA layer shape, eager_variants walks T over the
+engine's range (every T up to 1024, then every 16th: the choices change at thresholds far
+wider than that) and the token tiles some G <= max_segs gives; each distinct choice is
+launched once on all-base segments (nothing is read from the adapter pools, nothing written
+past scratch buffers). tests/engine/test_warmup.py checks the walk against every (T, G).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+
+import torch
+
+from kernels import sgmv_expand, sgmv_shrink
+from kernels.tiles import pick_block_t
+
+log = logging.getLogger(__name__)
+
+EXHAUSTIVE_TOKENS = 1024
+TOKEN_STRIDE = 16
+
+
+def token_counts(max_tokens: int) -> Iterator[int]:
+    yield from range(1, min(max_tokens, EXHAUSTIVE_TOKENS) + 1)
+    yield from range(EXHAUSTIVE_TOKENS + TOKEN_STRIDE, max_tokens + 1, TOKEN_STRIDE)
+    if max_tokens > EXHAUSTIVE_TOKENS and (max_tokens - EXHAUSTIVE_TOKENS) % TOKEN_STRIDE:
+        yield max_tokens
+
+
+def segment_counts(num_tokens: int, max_segs: int) -> Iterator[int]:
+    """One G per token tile reachable with T tokens (G <= min(T, max_segs))."""
+    seen = set()
+    for g in range(min(num_tokens, max_segs), 0, -1):
+        tile = pick_block_t(num_tokens, g)
+        if tile not in seen:
+            seen.add(tile)
+            yield g
+
+
+def variant_key(shape: tuple, num_tokens: int, num_segs: int, block_g: int, dtype: torch.dtype) -> tuple:
+    """The compile-time choices of one eager LoRA step's shrink and expand on a layer of `shape`
+    = (H_in, M, R, N): what LoRALinear's eager path passes the launchers."""
+    h_in, num_mods, max_rank, n = shape
+    shrink = sgmv_shrink.launch_config(num_tokens, num_segs, num_mods, max_rank, h_in, True,
+                                       {"rank_bound": max_rank, "block_g": block_g})
+    expand = sgmv_expand.launch_config(num_tokens, num_segs, n, max_rank, dtype, {"block_g": block_g})
+    return tuple(sorted(shrink.items())), tuple(sorted(expand.items()))
+
+
+def eager_variants(shape: tuple, max_tokens: int, max_segs: int, block_g: int,
+                   dtype: torch.dtype) -> dict[tuple, tuple[int, int]]:
+    """Distinct variant key -> the first (T, G) that makes it."""
+    variants: dict[tuple, tuple[int, int]] = {}
+    for t in token_counts(max_tokens):
+        for g in segment_counts(t, max_segs):
+            variants.setdefault(variant_key(shape, t, g, block_g, dtype), (t, g))
+    return variants
+
+
+def layer_shape(lin) -> tuple:
+    _, num_mods, max_rank, h_in = lin.a_pool.shape
+    return h_in, num_mods, max_rank, lin.b_pool.shape[2]
+
+
+@torch.inference_mode()
+def warm_lora_kernels(pool, max_tokens: int, max_segs: int, block_g: int) -> int:
+    """Launch each eager variant of every distinct LoRA layer shape of the SlotPool's layers
+    once; -> launch pairs made."""
+    start = time.perf_counter()
+    by_shape = {}
+    for lin in pool.layers:
+        by_shape.setdefault(layer_shape(lin), lin)
+    if not by_shape:
+        return 0
+    any_lin = next(iter(by_shape.values()))
+    device, dtype = any_lin.a_pool.device, any_lin.a_pool.dtype
+    x_buf = torch.zeros(max_tokens * max(s[0] for s in by_shape), device=device, dtype=dtype)
+    out_buf = torch.zeros(max_tokens * max(s[3] for s in by_shape), device=device, dtype=dtype)
+    slots = torch.full((max_segs,), -1, dtype=torch.int32, device=device)      # all base: no adapter reads
+    launches = 0
+    for shape, lin in by_shape.items():
+        h_in, num_mods, max_rank, n = shape
+        for t, g in eager_variants(shape, max_tokens, max_segs, block_g, dtype).values():
+            cuts = [t * i // g for i in range(g + 1)]                          # G non-empty segments
+            indptr = torch.tensor(cuts, dtype=torch.int32, device=device)
+            x = x_buf[: t * h_in].view(t, h_in)
+            y = lin.shrink_scratch[: t * num_mods * max_rank].view(t, num_mods, max_rank)
+            out = out_buf[: t * n].view(t, n)
+            lin.ops.sgmv_shrink(x, lin.a_pool, indptr, slots[:g], pool.slot_ranks, y,
+                                config={"rank_bound": max_rank, "block_g": block_g})
+            lin.ops.sgmv_expand(y, lin.b_pool, lin.out_offsets, indptr, slots[:g], pool.slot_ranks,
+                                pool.slot_scales, out, config={"block_g": block_g})
+            launches += 1
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    log.info("compiled the eager LoRA kernel variants: %d launch pairs over %d layer shapes in %.1f s",
+             launches, len(by_shape), time.perf_counter() - start)
+    return launches
