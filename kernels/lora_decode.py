@@ -15,6 +15,11 @@ model at rank <= 16); `down` (H_in 14336) stays on the two-launch path
 
 Grid: 1-D over (token tile, chunk), sized from host ints (T, G, the chunk table): CUDA-graph
 capturable; chunks never straddle modules (per-module chunk ranges, as sgmv_expand's blocks).
+
+Measured on the H200 (bench/results/fused-sweep-h200.json): no faster than the two launches at
+q/k/v and o, 1.8x slower at gate/up (each program streams its 128 KB A_m before its first output);
+kept for the record and off by default. Programmatic dependent launch took the launch-gap part
+of its purpose (kernels/_common.pdl_enabled).
 """
 from __future__ import annotations
 

@@ -24,7 +24,8 @@ def segment_table_width(max_segs: int) -> int:
 
 
 def fused_decode_enabled() -> bool:
-    """kernels/lora_decode.py: EXPERIMENTAL, off unless OPENLORA_FUSED_DECODE=1 (not yet measured)."""
+    """kernels/lora_decode.py: EXPERIMENTAL, off unless OPENLORA_FUSED_DECODE=1 (slower than shrink +
+    expand on the H200: bench/notes/kernels.md, session 4)."""
     return os.environ.get("OPENLORA_FUSED_DECODE", "0") == "1"
 
 
