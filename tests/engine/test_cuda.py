@@ -14,6 +14,7 @@ pytestmark = pytest.mark.gpu
 
 
 def _run(model_dir, adapter_dirs, dtype, **overrides):
+    overrides = {"warm_kernels": False, **overrides}       # compiled on first use: the warm-up has its own test
     config = EngineConfig(device="cuda", dtype=dtype, max_adapter_slots=2, max_lora_rank=32, **overrides)
     engine = LLMEngine(config, str(model_dir), DirSource(adapter_dirs))
     try:

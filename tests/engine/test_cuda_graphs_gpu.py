@@ -15,6 +15,8 @@ pytestmark = pytest.mark.gpu
 
 
 def _run(model_dir, adapter_dirs, dtype, cuda_graphs, workload=_workload, **config_flags):
+    # kernels compile on first use here: the warm-up has its own test (below)
+    config_flags = {"warm_kernels": False, **config_flags}
     config = EngineConfig(device="cuda", dtype=dtype, max_adapter_slots=2, max_lora_rank=32, max_num_seqs=16,
                           max_model_len=128, cuda_graphs=cuda_graphs, **config_flags)
     engine = LLMEngine(config, str(model_dir), DirSource(adapter_dirs))
@@ -88,3 +90,31 @@ def test_kernel_switches_give_the_same_outputs(family_model, adapters_of, monkey
     got, _, _ = _run(model_dir, adapter_dirs, "float32", cuda_graphs=True)
     for rid, w in want.items():
         assert_same_greedy_tokens(rid, got[rid], w, tie=1e-4)
+
+
+def _compiled_sgmv_variants() -> int:
+    from kernels import sgmv_expand, sgmv_shrink
+    total = 0
+    for kernel in (sgmv_shrink._sgmv_shrink_kernel, sgmv_expand._sgmv_expand_kernel):
+        caches = getattr(kernel, "device_caches", None)       # triton >= 3.2: device -> (kernels, ...)
+        if caches is None:
+            pytest.skip("this triton keeps its compiled kernels elsewhere")
+        total += sum(len(cache[0]) for cache in caches.values())
+    return total
+
+
+def test_warm_kernels_leave_nothing_to_compile_while_serving(family_model, adapters_of):
+    """With the warm-up (the CUDA default), a run of mixed prompt and decode steps compiles no new
+    SGMV variant: every eager step's launch choices were compiled at start (lora/warmup.py)."""
+    model_dir = family_model("llama")
+    config = EngineConfig(device="cuda", dtype="bfloat16", max_adapter_slots=2, max_lora_rank=32, max_num_seqs=16,
+                          max_model_len=128, warm_kernels=True)
+    engine = LLMEngine(config, str(model_dir), DirSource(adapters_of(model_dir)))
+    try:
+        before = _compiled_sgmv_variants()
+        driver = Driver(engine)
+        arrivals, _ = _workload(driver, engine.tokenizer)
+        driver.run(arrivals)
+        assert _compiled_sgmv_variants() == before
+    finally:
+        engine.stop()
