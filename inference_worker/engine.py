@@ -105,7 +105,6 @@ class LLMEngine:
                  num_blocks, config.block_size, self.runner.kv_cache_bytes / 2**20, config.max_adapter_slots,
                  config.max_lora_rank, self.slot_pool.nbytes / 2**20, self.max_model_len)
 
-    # ---- public API (any thread) -------------------------------------------------------
     def _warm_kernels(self) -> None:
         from inference_worker.lora.warmup import warm_lora_kernels
 
@@ -115,6 +114,7 @@ class LLMEngine:
         except Exception:  # noqa: BLE001 - serving still works; a variant then compiles on first use
             log.exception("compiling the LoRA kernel variants ahead failed; they will compile on first use")
 
+    # ---- public API (any thread) -------------------------------------------------------
     def start(self) -> None:
         with self._cond:
             if self._thread is None:

@@ -1,8 +1,8 @@
 """Compile the SGMV kernel variants of eager steps before serving.
 
 Why: a Triton kernel compiles the first time a launch makes a new set of compile-time choices
-(block sizes picked from the step's token count T and segment count G), 0.3-1 s each, on the
-engine thread, while every running request waits. Decode steps replay CUDA graphs captured at
+(block sizes picked from the step's token count T and segment count G), on the engine thread,
+while every running request waits. Decode steps replay CUDA graphs captured at
 start; prompt steps run eagerly at any (T, G). On the H200 (bench/results/engine-h200-runs.md,
 run 11) the adapter workloads had TTFT p99 of ~3 s where the base model had 0.4 s.
 
@@ -12,7 +12,7 @@ depend on T and on G only through the token tile the launchers pick from T / G
 engine's range (every T up to 1024, then every 16th: the choices change at thresholds far
 wider than that) and the token tiles some G <= max_segs gives; each distinct choice is
 launched once on all-base segments (nothing is read from the adapter pools, nothing written
-past scratch buffers). tests/engine/test_warmup.py checks the walk against every (T, G).
+past scratch buffers). tests/kernels/test_warmup.py checks the walk against every (T, G).
 """
 from __future__ import annotations
 
