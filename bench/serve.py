@@ -162,7 +162,9 @@ class ClosedLoopClients:
                 "output_tokens": out_tokens, "wall_s": wall, "tok_per_s": out_tokens / wall,
                 "ttft_ms_p50": pct(ttft, 50), "ttft_ms_p99": pct(ttft, 99),
                 "tpot_ms_p50": pct(tpot, 50), "tpot_ms_p99": pct(tpot, 99),
-                "finish_reasons": sorted({r.finish_reason for r in done}), "per_worker": dict(per_worker)}
+                "finish_reasons": sorted({r.finish_reason for r in done}), "per_worker": dict(per_worker),
+                # > 1: --stream-interval, or streams that fell behind the engine and caught up
+                "tokens_per_message": out_tokens / max(1, sum(r.messages for r in done))}
 
 
 def _cpu_s(pid: int) -> float | None:
@@ -366,6 +368,7 @@ def summarize(report: dict) -> str:
               "Requests per worker: " + ", ".join(f"{w}: {n}" for w, n in sorted(g["per_worker"].items())),
               f"In-process engine: batch mean {_fmt(e['batch_mean'])}, decode step p50 {_fmt(e['decode_step_ms_p50'], 2)} ms, "
               f"{_fmt(e['steps_per_s'], 0)} steps/s, adapter loads {e['adapter_loads']}"]
+    lines.append(f"Tokens per streamed message (gRPC): {_fmt(g.get('tokens_per_message'), 2)}")
     if g.get("cpu"):
         lines.append("CPU during the gRPC run (cores busy): " + ", ".join(
             f"{name} {c['cores']:.2f}" for name, c in g["cpu"].items()))

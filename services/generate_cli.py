@@ -53,6 +53,7 @@ class StreamResult:
     text: str = ""
     worker_id: str = ""
     tokens: int = 0
+    messages: int = 0                       # messages that carried tokens (a worker may group them)
     ttft_s: float = 0.0                     # client-side: send -> first text
     total_s: float = 0.0
     finish_reason: str = ""                 # length | stop | eos | cancelled
@@ -76,6 +77,7 @@ def stream_generate(stub: router_pb2_grpc.RouterStub, request: generate_pb2.Gene
             result.ttft_s = time.perf_counter() - start
         result.worker_id = message.worker_id
         result.tokens += len(message.token_ids)
+        result.messages += bool(message.token_ids)
         if message.text:
             result.chunks.append(message.text)
             if on_text is not None:

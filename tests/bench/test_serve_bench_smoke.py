@@ -27,7 +27,7 @@ def test_quick_serve_bench_writes_report(tmp_path, extra):
         assert res["tok_per_s"] > 0 and res["ttft_ms_p50"] > 0 and res["tpot_ms_p50"] > 0
     grpc_res = saved["grpc"]
     assert grpc_res["errors"] == 0 and grpc_res["warmup"]["errors"] == 0
-    assert grpc_res["finish_reasons"] == ["length"]
+    assert grpc_res["finish_reasons"] == ["length"] and grpc_res["tokens_per_message"] >= 1
     assert sum(grpc_res["per_worker"].values()) == args["requests"]
     assert saved["ratio_tok_per_s"] > 0
     for key in ("device", "date", "commit", "command", "versions", "model", "worker_flags"):
