@@ -21,6 +21,9 @@ def pct(values: list[float], q: float) -> float | None:
     return values[min(len(values) - 1, max(0, round(q / 100 * (len(values) - 1))))]
 
 
+SLOWEST = 8                    # steps listed by time in each workload's summary
+
+
 class StepRecorder:
     def __init__(self, engine, source, copy_bw: float) -> None:
         self.engine, self.source, self.copy_bw = engine, source, copy_bw
@@ -79,6 +82,7 @@ class StepRecorder:
                 s["gpu_ms"] = start_end[0].elapsed_time(start_end[1])
         decode = [s for s in self.steps if s["prefills"] == 0]
         times = [s["time_ms"] for s in decode]
+        mixed = [s["time_ms"] for s in self.steps if s["prefills"]]
         floors = [self.floor_ms(s) for s in decode]
         sizes = [s["prefills"] + s["decodes"] for s in self.steps]
         window = max(1, len(sizes) // 24)
@@ -89,7 +93,15 @@ class StepRecorder:
                "decode_x_floor_p50": pct([t / f for t, f in zip(times, floors)], 50),
                "decode_gpu_ms_p50": pct([s["gpu_ms"] for s in decode if "gpu_ms" in s], 50),
                "decode_adapters_p50": pct([len(s["adapters"]) for s in decode], 50),
-               "mixed_step_ms_p50": pct([s["time_ms"] for s in self.steps if s["prefills"]], 50),
+               "mixed_step_ms_p50": pct(mixed, 50), "mixed_step_ms_p99": pct(mixed, 99),
+               # where the wall time went: engine.step() calls that ran (decode, prompt-heavy), the rest
+               # (the harness idle or waiting), and the slowest steps (a stall shows here)
+               "decode_steps_s": sum(times) / 1e3, "mixed_steps_s": sum(mixed) / 1e3,
+               "outside_steps_s": wall - sum(s["time_ms"] for s in self.steps) / 1e3,
+               "slowest_steps": [{"time_ms": round(s["time_ms"], 2), "gpu_ms": round(s.get("gpu_ms", 0.0), 2),
+                                  "prefill_tokens": s["prefill_tokens"], "prefills": s["prefills"],
+                                  "decodes": s["decodes"], "adapters": len(s["adapters"]), "graph": s["graph"]}
+                                 for s in sorted(self.steps, key=lambda s: -s["time_ms"])[:SLOWEST]],
                "batch_mean": statistics.fmean(sizes) if sizes else None, "batch_p50": pct(sizes, 50),
                "batch_min": min(sizes, default=None), "batch_max": max(sizes, default=None),
                "batch_series": [round(statistics.fmean(sizes[i:i + window]), 1) for i in range(0, len(sizes), window)]}
@@ -125,6 +137,16 @@ def summarize(report: dict) -> str:
             f"{_fmt(100 * r['decode_graph_fraction'], 0)} | {_fmt(r['batch_mean'])} | {_fmt(r['decode_adapters_p50'])} | "
             f"{r['adapter_loads']} | {_fmt(r['load_ms_p50'], 2)}/{_fmt(r['load_ms_p99'], 2)} | "
             f"{_fmt(r.get('steps_waiting_on_loads'))} | {_fmt(r.get('gpu_mem_peak_gib'))} |")
+    timed = {name: r for name, r in report["workloads"].items() if "decode_steps_s" in r}
+    if timed:
+        lines += ["", "Where the wall time went (s): decode steps + prompt-heavy steps + outside steps; "
+                  "the slowest step (ms, its prompt tokens / decodes):"]
+        for name, r in timed.items():
+            worst = r["slowest_steps"][0] if r["slowest_steps"] else {}
+            lines.append(f"- {name}: {r['decode_steps_s']:.2f} + {r['mixed_steps_s']:.2f} + "
+                         f"{r['outside_steps_s']:.2f} of {r['wall_s']:.2f}; slowest "
+                         f"{_fmt(worst.get('time_ms'))} ms ({worst.get('prefill_tokens', '-')} / "
+                         f"{worst.get('decodes', '-')})")
     if report.get("ratios"):
         lines += ["", "Ratios: " + ", ".join(f"{k} {v:.2f}" for k, v in report["ratios"].items())]
     peft = report.get("peft_baseline")

@@ -16,10 +16,14 @@ def test_quick_bench_writes_report(tmp_path):
         assert "error" not in res, (name, res)
         assert res["output_tokens"] == args["requests"] * args["output_len"]
         assert res["decode_steps"] > 0 and res["decode_floor_ms_p50"] > 0
+        # the wall time split: steps that ran plus the rest, and the slowest steps, longest first
+        assert abs(res["decode_steps_s"] + res["mixed_steps_s"] + res["outside_steps_s"] - res["wall_s"]) < 1e-6
+        slowest = [s["time_ms"] for s in res["slowest_steps"]]
+        assert slowest == sorted(slowest, reverse=True) and 0 < len(slowest) <= res["steps"]
     assert saved["workloads"]["S0"]["adapter_loads"] == 0
     assert saved["workloads"]["S1000"]["adapter_loads"] >= 1
     assert "S100_over_S0" in saved["ratios"]
     for key in ("device", "date", "commit", "command", "torch", "triton", "copy_bw_TBps"):
         assert key in saved
     table = out.with_suffix(".md").read_text()
-    assert "| S1000 |" in table and report["device"] == "cpu"
+    assert "| S1000 |" in table and report["device"] == "cpu" and "Where the wall time went" in table
