@@ -9,10 +9,10 @@ run 11) the adapter workloads had TTFT p99 of ~3 s where the base model had 0.4 
 How: eager steps fix the segment-table width (LoraBatchMeta.block_g), so a launch's choices
 depend on T and on G only through the token tile the launchers pick from T / G
 (kernels.tiles.pick_block_t). For each LoRA layer shape, eager_variants walks T over the
-engine's range (every T up to 1024, then every 16th: the choices change at thresholds far
-wider than that) and the token tiles some G <= max_segs gives; each distinct choice is
-launched once on all-base segments (nothing is read from the adapter pools, nothing written
-past scratch buffers). tests/kernels/test_warmup.py checks the walk against every (T, G).
+engine's range (TOKEN_STEPS: the choices change at thresholds far wider than its steps) and
+the token tiles some G <= max_segs gives; each distinct choice is launched once, at the
+smallest T that makes it, on all-base segments (nothing is read from the adapter pools,
+nothing written but scratch buffers). tests/kernels/test_warmup.py checks the walk against every (T, G).
 """
 from __future__ import annotations
 
@@ -27,14 +27,20 @@ from kernels.tiles import pick_block_t
 
 log = logging.getLogger(__name__)
 
-EXHAUSTIVE_TOKENS = 1024
-TOKEN_STRIDE = 16
+# (up to T, step): every T to 1024, then every 16th to 8192, then every 256th. Past a few thousand
+# tokens only the 64-token tile is left and the choices change at one or two monotone thresholds
+# (split-K from 32 tiles, two column blocks a program from 1024 blocks).
+TOKEN_STEPS = ((1024, 1), (8192, 16), (None, 256))
 
 
 def token_counts(max_tokens: int) -> Iterator[int]:
-    yield from range(1, min(max_tokens, EXHAUSTIVE_TOKENS) + 1)
-    yield from range(EXHAUSTIVE_TOKENS + TOKEN_STRIDE, max_tokens + 1, TOKEN_STRIDE)
-    if max_tokens > EXHAUSTIVE_TOKENS and (max_tokens - EXHAUSTIVE_TOKENS) % TOKEN_STRIDE:
+    t = 0
+    for bound, step in TOKEN_STEPS:
+        bound = max_tokens if bound is None else min(bound, max_tokens)
+        while t + step <= bound:
+            t += step
+            yield t
+    if t < max_tokens:
         yield max_tokens
 
 
@@ -85,13 +91,17 @@ def warm_lora_kernels(pool, max_tokens: int, max_segs: int, block_g: int) -> int
         return 0
     any_lin = next(iter(by_shape.values()))
     device, dtype = any_lin.a_pool.device, any_lin.a_pool.dtype
-    x_buf = torch.zeros(max_tokens * max(s[0] for s in by_shape), device=device, dtype=dtype)
-    out_buf = torch.zeros(max_tokens * max(s[3] for s in by_shape), device=device, dtype=dtype)
+    todo = {shape: list(eager_variants(shape, max_tokens, max_segs, block_g, dtype).values()) for shape in by_shape}
+    # buffers for the largest T launched, not the token budget (a 128k-context model's budget
+    # would need GBs here)
+    most = max(t for steps in todo.values() for t, _ in steps)
+    x_buf = torch.zeros(most * max(s[0] for s in by_shape), device=device, dtype=dtype)
+    out_buf = torch.zeros(most * max(s[3] for s in by_shape), device=device, dtype=dtype)
     slots = torch.full((max_segs,), -1, dtype=torch.int32, device=device)      # all base: no adapter reads
     launches = 0
     for shape, lin in by_shape.items():
         h_in, num_mods, max_rank, n = shape
-        for t, g in eager_variants(shape, max_tokens, max_segs, block_g, dtype).values():
+        for t, g in todo[shape]:
             cuts = [t * i // g for i in range(g + 1)]                          # G non-empty segments
             indptr = torch.tensor(cuts, dtype=torch.int32, device=device)
             x = x_buf[: t * h_in].view(t, h_in)

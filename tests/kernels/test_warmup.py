@@ -8,7 +8,7 @@ from torch import nn
 
 from inference_worker.lora.layers import LoRALinear
 from inference_worker.lora.slot_pool import SlotPool
-from inference_worker.lora.warmup import eager_variants, variant_key, warm_lora_kernels
+from inference_worker.lora.warmup import eager_variants, token_counts, variant_key, warm_lora_kernels
 from kernels.tiles import segment_table_width
 from kernels.triton_ops import TRITON_OPS
 
@@ -27,6 +27,16 @@ def test_walk_finds_every_variant_of_every_step_shape(shape):
     assert len(every) < 60                       # what a fixed segment-table width leaves to compile
     for key, (t, g) in walked.items():
         assert g <= min(t, max_segs) and variant_key(shape, t, g, block_g, torch.bfloat16) == key
+
+
+def test_token_walk_is_exhaustive_then_strided_and_ends_at_the_budget():
+    walk = list(token_counts(131072))                # a 128k-context model's token budget
+    assert walk[:1024] == list(range(1, 1025)) and walk[1024:1027] == [1040, 1056, 1072]
+    assert walk[-1] == 131072 and walk == sorted(set(walk)) and len(walk) < 2000
+    assert list(token_counts(5)) == [1, 2, 3, 4, 5] and list(token_counts(1030))[-1] == 1030
+    # each variant is launched at the smallest T that makes it: a few thousand tokens at most
+    most = max(t for t, _ in eager_variants(LLAMA8B_SHAPES[0], 131072, 64, 128, torch.bfloat16).values())
+    assert most <= 8192
 
 
 def test_a_fixed_table_width_serves_any_segment_count():
