@@ -44,8 +44,11 @@ RUN --mount=type=bind,from=flash-attn,source=/wheels,target=/wheels \
 # Non-root. The volume mount points exist and belong to the user, so a fresh named
 # volume mounted there starts writable by it.
 RUN useradd --uid 10001 --create-home --shell /usr/sbin/nologin openlora \
-    && mkdir -p /data/store /models \
+    && mkdir -p /data/store /data/kernel-cache /models \
     && chown -R openlora:openlora /data /models
+# Triton's compiled kernels: a worker compiles its LoRA kernel variants at start (minutes the
+# first time); with this dir on a volume (compose.yaml, deploy/k8s) a restart loads them instead
+ENV TRITON_CACHE_DIR=/data/kernel-cache
 USER 10001:10001
 WORKDIR /home/openlora
 

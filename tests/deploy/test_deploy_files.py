@@ -35,6 +35,11 @@ def test_compose_has_the_promised_services(compose):
     assert "postgresql+psycopg://" in " ".join(services["adapter-store"]["command"])
     assert services["postgres"]["healthcheck"]["test"][-1].startswith("pg_isready")
     assert (checks.ROOT / "deploy" / "otel-collector.yaml").is_file()
+    # the workers keep Triton's compiled kernels on a volume at the image's TRITON_CACHE_DIR
+    cache_dir = next(line.split("=", 1)[1] for line in (checks.ROOT / "Dockerfile").read_text().splitlines()
+                     if line.startswith("ENV TRITON_CACHE_DIR="))
+    for name in ("worker", "worker-2"):
+        assert f"kernel-cache:{cache_dir}" in services[name]["volumes"], name
 
 
 @pytest.mark.parametrize("break_it, expected", [
@@ -80,6 +85,9 @@ def test_k8s_has_the_promised_objects(k8s):
             ("PersistentVolumeClaim", "openlora-blobs"), ("StatefulSet", "openlora-postgres"),
             ("ConfigMap", "openlora-env"), ("Namespace", "openlora")} <= kinds
     assert (checks.K8S / "README.md").is_file()
+    worker = _doc(k8s, "StatefulSet", "openlora-worker")["spec"]["template"]["spec"]
+    mounts = {m["name"]: m["mountPath"] for m in worker["containers"][0]["volumeMounts"]}
+    assert mounts["kernel-cache"] == "/data/kernel-cache" and any(v["name"] == "kernel-cache" for v in worker["volumes"])
 
 
 def _doc(files, kind, name):
