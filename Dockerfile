@@ -46,7 +46,7 @@ RUN --mount=type=bind,from=flash-attn,source=/wheels,target=/wheels \
 RUN useradd --uid 10001 --create-home --shell /usr/sbin/nologin openlora \
     && mkdir -p /data/store /data/kernel-cache /models \
     && chown -R openlora:openlora /data /models
-# Triton's compiled kernels: a worker compiles its LoRA kernel variants at start (minutes the
+# Triton's compiled kernels: a worker compiles its kernel variants at start (all of them the
 # first time); with this dir on a volume (compose.yaml, deploy/k8s) a restart loads them instead
 ENV TRITON_CACHE_DIR=/data/kernel-cache
 USER 10001:10001
