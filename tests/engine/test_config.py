@@ -40,5 +40,7 @@ def test_kv_blocks_from_a_byte_budget(tiny_model_dir, make_engine):
 def test_background_work_defaults_follow_the_device(device, on):
     resolved = EngineConfig(device=device).resolved(4096)      # no GPU needed: nothing is allocated
     assert resolved.overlap_outputs is on and resolved.adapter_load_thread is on and resolved.async_scheduling is on
-    chosen = EngineConfig(device=device, async_scheduling=False, adapter_load_thread=True).resolved(4096)
-    assert chosen.async_scheduling is False and chosen.adapter_load_thread is True
+    assert resolved.warm_kernels is on
+    chosen = EngineConfig(device=device, async_scheduling=False, adapter_load_thread=True,
+                          warm_kernels=False).resolved(4096)
+    assert chosen.async_scheduling is False and chosen.adapter_load_thread is True and chosen.warm_kernels is False
