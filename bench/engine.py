@@ -233,6 +233,8 @@ def parse_args(argv=None):
                    help="issue adapter copies from a loader thread (EngineConfig.adapter_load_thread; default: on for CUDA)")
     p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                    help="schedule each step before the previous one's tokens are read back (default: on for CUDA)")
+    p.add_argument("--warm-kernels", action=argparse.BooleanOptionalAction, default=None,
+                   help="compile the eager LoRA kernel variants at engine start (default: on for CUDA)")
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="CPU smoke: tiny model, a few requests")
@@ -259,7 +261,8 @@ def build_engine(args, model_dir: Path, source: BenchAdapterSource) -> LLMEngine
                           num_kv_blocks=args.concurrency * (max_len // block) + 1,
                           max_adapter_slots=args.max_slots, max_lora_rank=args.max_rank,
                           cuda_graphs=args.graph_buckets != "none", cuda_graph_buckets=buckets,
-                          adapter_load_thread=args.adapter_load_thread, async_scheduling=args.async_scheduling)
+                          adapter_load_thread=args.adapter_load_thread, async_scheduling=args.async_scheduling,
+                          warm_kernels=args.warm_kernels)
     return LLMEngine(config, str(model_dir), source, random_weights=True)
 
 
