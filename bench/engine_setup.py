@@ -58,6 +58,13 @@ def projection_dims(geometry: str) -> dict[str, int]:
             "kv": g["num_key_value_heads"] * head_dim}
 
 
+def adapter_bytes(geometry: str, rank: int, element_size: int = 2) -> int:
+    """A and B bytes of one adapter on all 7 projections of every layer."""
+    dims = projection_dims(geometry)
+    per_rank = sum(dims[i] + dims[o] for i, o in PROJECTIONS.values())
+    return GEOMETRIES[geometry]["num_hidden_layers"] * per_rank * rank * element_size
+
+
 def make_model_dir(geometry: str, out: Path) -> Path:
     """config.json of the geometry + the tiny model's tokenizer files (no weights needed)."""
     import transformers
@@ -107,15 +114,14 @@ class BenchAdapterSource:
     """AdapterSource over the workloads' adapters "<workload>/<i>"; weights made once per (rank, set)."""
 
     def __init__(self, geometry: str, distinct: int, pin: bool, device: torch.device) -> None:
-        self._dims = projection_dims(geometry)
+        self.geometry, self._dims = geometry, projection_dims(geometry)
         self.num_layers = GEOMETRIES[geometry]["num_hidden_layers"]
         self.distinct, self.pin, self.device = distinct, pin, device
         self._sets: dict[tuple[int, int], dict] = {}
 
     def adapter_bytes(self, key: str, element_size: int = 2) -> int:
-        """A and B bytes of an adapter (all layers and projections): what a step reads of it."""
-        per_rank = sum(self._dims[i] + self._dims[o] for i, o in PROJECTIONS.values())
-        return self.num_layers * per_rank * rank_of(key) * element_size
+        """What a step reads of an adapter."""
+        return adapter_bytes(self.geometry, rank_of(key), element_size)
 
     def _module_set(self, rank: int, which: int) -> dict:
         """All modules' A [r, in] and B [out, r] as views of one (pinned) buffer, drawn on the device."""

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from bench.engine_setup import GEOMETRIES, PROJECTIONS, make_model_dir, projection_dims
+from bench.engine_setup import GEOMETRIES, PROJECTIONS, adapter_bytes, make_model_dir, projection_dims
 from inference_worker.adapter_checks import base_model_name
 from services.store_client import CONFIG_FILE, WEIGHTS_FILE
 from services.tiny_model import TinyModelConfig, init_model
@@ -47,13 +47,6 @@ def make_served_model(args, tmp: Path) -> ServedModel:
         return ServedModel(model_dir, f"{args.geometry} (random bf16 weights drawn on the device)",
                            ["--random-weights", "--cpu-cache-mb", str(cache_mb)])
     return ServedModel(init_model(tmp / "model", MODELS[args.model]), f"init_model({args.model})", [])
-
-
-def adapter_bytes(geometry: str, rank: int, element_size: int = 2) -> int:
-    """A and B bytes of one adapter on all 7 projections of every layer."""
-    dims = projection_dims(geometry)
-    per_rank = sum(dims[i] + dims[o] for i, o in PROJECTIONS.values())
-    return GEOMETRIES[geometry]["num_hidden_layers"] * per_rank * rank * element_size
 
 
 def make_adapters(model_dir: Path, out: Path, num: int, rank: int, seed: int, geometry: str = "") -> list[Path]:
