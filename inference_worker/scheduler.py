@@ -59,7 +59,7 @@ class Scheduler:
                  max_num_batched_tokens: int, max_seq_tokens: int | None = None) -> None:
         self.block_manager = block_manager
         self.gate = gate
-        self.max_seq_tokens = max_seq_tokens      # a sequence never grows past it
+        self.max_seq_tokens = max_seq_tokens or 1 << 62     # a sequence never grows past it
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -93,7 +93,7 @@ class Scheduler:
         # token to be read back, without a step or a block more
         queue, ending = [], []
         for seq in sorted(self.running, key=lambda s: s.arrival_index):
-            ends = seq.num_pending and seq.length_reached(self.max_seq_tokens or 1 << 62)
+            ends = seq.num_pending and seq.length_reached(self.max_seq_tokens)
             (ending if ends else queue).append(seq)
         kept: list[Sequence] = []
         while queue:

@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.tiles import segment_table_width
+
 
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -105,7 +107,7 @@ def module_table(offsets: tuple[int, ...], block: int) -> tuple[tuple[int, ...],
 def block_g_for(num_segs: int, block_g: int | None = None) -> int:
     """BLOCK_G: the segment-table width a program loads (a power of 2 >= G + 2). A caller may fix it
     wider (config "block_g"), so that steps of any segment count share one compiled variant."""
-    need = triton.next_power_of_2(num_segs + 2)
+    need = segment_table_width(num_segs)
     if block_g is None:
         return need
     if block_g < need or block_g & (block_g - 1):

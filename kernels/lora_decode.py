@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 from kernels._common import (
+    block_g_for,
     check_contiguous,
     check_device,
     check_lora_meta,
@@ -136,6 +137,6 @@ def lora_decode(x: torch.Tensor, a_pool: torch.Tensor, b_pool: torch.Tensor, out
         x, a_pool, b_pool, out, seg_indptr, seg_slots, slot_ranks, slot_scales,
         num_tokens, num_segs, h_in, n, num_chunks, *offs, *chs,
         R=max_rank, M=num_mods, RB=triton.next_power_of_2(rank_bound), CHUNK=chunk,
-        BLOCK_G=triton.next_power_of_2(num_segs + 2), BLOCK_T=block_t, BLOCK_K=cfg["block_k"],
+        BLOCK_G=block_g_for(num_segs), BLOCK_T=block_t, BLOCK_K=cfg["block_k"],
         BLOCK_N=cfg["block_n"], num_warps=cfg["num_warps"])
     return out

@@ -52,11 +52,11 @@ class LoRALinear(nn.Module):
         num_modules, max_rank = self.a_pool.shape[1], self.a_pool.shape[2]
         # fp32 intermediate: the Triton shrink needs it for split-K, and it keeps precision in bf16
         y = self.shrink_scratch[: x.shape[0] * num_modules * max_rank].view(x.shape[0], num_modules, max_rank)
-        # the step's fixed launch choices (a decode graph's token tile; an eager step's segment-
-        # table width, inference_worker/lora/warmup.py); None = the launchers pick
-        config = {k: v for k, v in (("block_t", lora.block_t), ("block_g", lora.block_g)) if v is not None}
+        # the step's fixed launch choices (a decode graph's token tile and rank bound; an eager
+        # step's segment-table width, inference_worker/lora/warmup.py)
+        shrink_config, expand_config = lora.sgmv_configs
         self.ops.sgmv_shrink(x, self.a_pool, lora.seg_indptr, lora.seg_slots, lora.slot_ranks, y,
-                             config={**config, "rank_bound": lora.rank_bound})
+                             config=shrink_config)
         self.ops.sgmv_expand(y, self.b_pool, self.out_offsets, lora.seg_indptr, lora.seg_slots,
-                             lora.slot_ranks, lora.slot_scales, out, config=config or None)
+                             lora.slot_ranks, lora.slot_scales, out, config=expand_config)
         return out

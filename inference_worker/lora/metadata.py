@@ -8,6 +8,7 @@ one among the decodes). Segments of the base model have slot -1 and get no LoRA.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -30,6 +31,19 @@ class LoraBatchMeta:
     # the SGMV segment-table width (a power of 2 >= G + 2; None = the kernels' own): eager steps
     # fix it for the engine, so any G shares one compiled variant (inference_worker/lora/warmup.py)
     block_g: int | None = None
+
+    @cached_property
+    def sgmv_configs(self) -> tuple[dict, dict | None]:
+        """(shrink config, expand config) of this step's LoRA launches: built once a step, not
+        once a layer."""
+        return sgmv_configs(self.block_t, self.block_g, self.rank_bound)
+
+
+def sgmv_configs(block_t: int | None, block_g: int | None, rank_bound: int | None) -> tuple[dict, dict | None]:
+    """The launch choices a step fixes, as the SGMV launchers take them (kernels/sgmv_*.py:
+    launch_config); None = the launchers pick. Also what the kernel warm-up compiles."""
+    fixed = {k: v for k, v in (("block_t", block_t), ("block_g", block_g)) if v is not None}
+    return {**fixed, "rank_bound": rank_bound}, fixed or None
 
 
 def segments_of(slots: list[int], num_tokens: list[int]) -> tuple[list[int], list[int]]:
