@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 import torch
 
@@ -115,6 +115,12 @@ class SlotPool:
             return False
         self._in_flight.pop(slot, None)
         return True
+
+    def settle(self) -> None:
+        """Wait until the loader thread has issued every load handed to it. For tests that need a
+        schedule independent of the loader's timing (which sequences a step admits depends on
+        it); serving never calls it."""
+        wait([load for load in self._in_flight.values() if isinstance(load, Future)])
 
     def wait_for_loads(self, slots: Iterable[int]) -> None:
         """The compute stream waits (on the device) for the loads of `slots` (a step's); on the

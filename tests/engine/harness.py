@@ -49,13 +49,27 @@ class Driver:
             result.first_token_step = self.step_index
         result.outputs.append(out)
 
+    def _settle_loads(self) -> None:
+        """A load the scheduler polls is first let finish: the loader thread still issues it."""
+        pool = self.engine.slot_pool
+        is_loaded = pool.is_loaded
+
+        def settled_is_loaded(key: str) -> bool:
+            pool.settle()
+            return is_loaded(key)
+        pool.is_loaded = settled_is_loaded
+
     def run(self, arrivals: dict[int, list[EngineRequest]], max_steps: int = 400,
-            idle_timeout_s: float = 60.0) -> dict[str, Result]:
+            idle_timeout_s: float = 60.0, settle_loads: bool = False) -> dict[str, Result]:
         """Steps until every request finished. A step that runs nothing (requests waiting for an
         adapter copy on the loader thread, say) sleeps briefly and does not count towards
-        max_steps: busy-polling would spend the budget before a real load is done."""
+        max_steps: busy-polling would spend the budget before a real load is done.
+        settle_loads: an adapter load is done by the time the scheduler asks, so a loader thread's
+        timing cannot change which sequences a step admits (a test that needs a given schedule)."""
         ran_steps, deadline = 0, time.monotonic() + idle_timeout_s
         self.step_index = 0
+        if settle_loads:
+            self._settle_loads()
         while ran_steps < max_steps and time.monotonic() < deadline:
             for request in arrivals.get(self.step_index, []):
                 self.engine.add_request(request)

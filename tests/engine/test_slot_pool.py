@@ -187,6 +187,22 @@ def test_loader_thread_loads_in_background_and_steps_wait_for_their_slots():
         pool.close()
 
 
+def test_settle_waits_for_the_loader_thread():
+    import threading
+
+    pool, _ = make_pool(num_slots=1, load_thread=True)
+    try:
+        gate = threading.Event()
+        pool._loader.submit(gate.wait)                      # hold the loader: the load stays queued
+        pool.acquire("x", lambda: adapter("x", rank=4))
+        assert not pool.is_loaded("x")
+        threading.Timer(0.2, gate.set).start()
+        pool.settle()
+        assert pool.is_loaded("x")
+    finally:
+        pool.close()
+
+
 def test_failed_background_load_frees_its_slot_and_raises():
     pool, _ = make_pool(num_slots=1, load_thread=True)
     try:
