@@ -9,6 +9,7 @@ any) form a virtual base segment G, so they are still zeroed by shrink.
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 
@@ -16,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.tiles import segment_table_width
+from kernels.tiles import cdiv, segment_table_width
 
 
 def interpreting() -> bool:
@@ -35,8 +36,13 @@ def pdl_enabled(device: torch.device) -> bool:
     the stream finishes: its programs find their segment (metadata written long before) and only
     then wait (`gdc_wait`) for the previous kernel's writes (x, y, out). H200, 64 tokens x 64
     rank-16 adapters, one layer in a CUDA graph: 90.3 -> 78.6 µs (bench/results/kernels-h200-quick.md)."""
-    return (os.environ.get("OPENLORA_SGMV_PDL", "1") != "0" and gdc_wait is not None and device.type == "cuda"
-            and not interpreting() and torch.cuda.get_device_capability(device)[0] >= 9)
+    return device.type == "cuda" and _pdl_on(os.environ.get("OPENLORA_SGMV_PDL", "1") != "0", device.index)
+
+
+@functools.lru_cache(maxsize=None)
+def _pdl_on(wanted: bool, index: int | None) -> bool:
+    # cached: every SGMV launch asks, and the capability query costs microseconds of host time
+    return wanted and gdc_wait is not None and not interpreting() and torch.cuda.get_device_capability(index)[0] >= 9
 
 
 def launch_options(device: torch.device) -> dict:
@@ -97,7 +103,7 @@ def module_table(offsets: tuple[int, ...], block: int) -> tuple[tuple[int, ...],
     column ends, the MAX_MODULES-1 cumulative block counts, the total blocks), padded so that
     unused modules are never reached."""
     n = offsets[-1]
-    cum = list(itertools.accumulate(triton.cdiv(b - a, block) for a, b in itertools.pairwise(offsets)))
+    cum = list(itertools.accumulate(cdiv(b - a, block) for a, b in itertools.pairwise(offsets)))
     never = 1 << 30
     ends = (offsets[1:] + (n,) * MAX_MODULES)[:MAX_MODULES]
     cum_blocks = (cum[:-1] + [never] * MAX_MODULES)[:MAX_MODULES - 1]

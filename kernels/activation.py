@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 from kernels._common import check_contiguous, check_device
+from kernels.tiles import cdiv, next_pow2
 
 
 @triton.jit
@@ -38,7 +39,7 @@ def silu_and_mul(gate_up: torch.Tensor, *, block: int | None = None) -> torch.Te
     out = gate_up.new_empty(num_tokens, inter)
     if num_tokens == 0 or inter == 0:
         return out
-    block = block or min(1024, triton.next_power_of_2(inter))
-    _silu_mul_kernel[(num_tokens, triton.cdiv(inter, block))](gate_up, out, inter, BLOCK=block,
+    block = block or min(1024, next_pow2(inter))
+    _silu_mul_kernel[(num_tokens, cdiv(inter, block))](gate_up, out, inter, BLOCK=block,
                                                              num_warps=max(1, min(4, block // 256)))
     return out

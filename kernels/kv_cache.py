@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from kernels._common import check_contiguous, check_device
+from kernels.tiles import cdiv, next_pow2
 
 
 @triton.jit
@@ -50,6 +51,6 @@ def write_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_ca
     if num_tokens == 0:
         return
     row = k.shape[1] * k.shape[2]
-    block = min(1024, triton.next_power_of_2(row))
-    _write_kv_kernel[(num_tokens, triton.cdiv(row, block))](k, v, k_cache, v_cache, slot_mapping, row,
+    block = min(1024, next_pow2(row))
+    _write_kv_kernel[(num_tokens, cdiv(row, block))](k, v, k_cache, v_cache, slot_mapping, row,
                                                            BLOCK=block, num_warps=4)

@@ -38,6 +38,7 @@ from kernels._common import (
     num_tiles_bound,
     segment_tile,
 )
+from kernels.tiles import next_pow2
 
 
 @triton.jit(do_not_specialize=["T", "G"])
@@ -104,7 +105,7 @@ def default_config(h_in: int, rank_bound: int, block_t: int) -> dict:
     896 (gate_up) programs."""
     # [BLOCK_T, RB, BLOCK] fp32 products of 8 K values: compiled for sm_90 (bench/kernel_regs.py),
     # RB 16 x 512 at 8 warps takes 99 registers (two programs an SM), x 1024 takes 228
-    block = max(64, 8192 // (triton.next_power_of_2(rank_bound) * block_t))
+    block = max(64, 8192 // (next_pow2(rank_bound) * block_t))
     return {"chunk": 2048, "block_k": block, "block_n": block, "num_warps": 8}
 
 
@@ -136,7 +137,7 @@ def lora_decode(x: torch.Tensor, a_pool: torch.Tensor, b_pool: torch.Tensor, out
     _lora_decode_kernel[grid](
         x, a_pool, b_pool, out, seg_indptr, seg_slots, slot_ranks, slot_scales,
         num_tokens, num_segs, h_in, n, num_chunks, *offs, *chs,
-        R=max_rank, M=num_mods, RB=triton.next_power_of_2(rank_bound), CHUNK=chunk,
+        R=max_rank, M=num_mods, RB=next_pow2(rank_bound), CHUNK=chunk,
         BLOCK_G=block_g_for(num_segs), BLOCK_T=block_t, BLOCK_K=cfg["block_k"],
         BLOCK_N=cfg["block_n"], num_warps=cfg["num_warps"])
     return out

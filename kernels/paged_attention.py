@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from kernels._common import check_contiguous, check_device
+from kernels.tiles import cdiv, next_pow2
 
 _LOG2E = 1.4426950408889634
 
@@ -151,7 +152,7 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     block_n = block_n or min(64, partition)
     if partition % block_n:
         raise ValueError(f"partition {partition} must be a multiple of block_n {block_n}")
-    num_parts = triton.cdiv(max_ctx, partition)
+    num_parts = cdiv(max_ctx, partition)
     single = num_parts == 1
     if single:
         po = pm = pl = out                                                   # unused
@@ -162,12 +163,12 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     _paged_attn_kernel[(num_seqs * num_kv_heads, num_parts)](
         q, k_cache, v_cache, block_tables, context_lens, out, po, pm, pl,
         float(scale) * _LOG2E, max_blocks, num_heads, num_kv_heads, num_parts,
-        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
+        GROUP=group, GROUP_PAD=max(16, next_pow2(group)), HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size, BLOCK_N=block_n, PARTITION=partition, SINGLE=single,
         IEEE=(q.dtype == torch.float32), num_warps=num_warps)
     if not single:
         _paged_attn_reduce_kernel[(num_seqs * num_heads,)](
             po, pm, pl, context_lens, out, num_heads, num_parts,
-            HEAD_DIM=head_dim, PARTS_PAD=triton.next_power_of_2(num_parts), PARTITION=partition,
+            HEAD_DIM=head_dim, PARTS_PAD=next_pow2(num_parts), PARTITION=partition,
             num_warps=4)
     return out

@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from kernels._common import check_contiguous, check_device
+from kernels.tiles import next_pow2
 
 _MAX_H = 16384
 
@@ -54,7 +55,7 @@ def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
     num_rows, hidden = x.shape
     if num_rows == 0:
         return out
-    block = triton.next_power_of_2(hidden)
+    block = next_pow2(hidden)
     warps = num_warps or min(16, max(1, block // 512))       # ~16 elements a thread
     _rms_norm_kernel[(num_rows,)](x, x if residual is None else residual, weight, out, hidden, eps,
                                   HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=warps)

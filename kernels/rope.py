@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from kernels._common import check_contiguous, check_device
+from kernels.tiles import next_pow2
 
 
 @triton.jit
@@ -97,5 +98,5 @@ def rope_and_cache(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor
     half = head_dim // 2
     _rope_cache_kernel[(num_tokens, num_heads + num_kv_heads)](
         qkv, positions, cos, sin, k_cache, v_cache, slot_mapping, q, k, v, num_heads, num_kv_heads,
-        HEAD_DIM=head_dim, HALF=half, BLOCK_HALF=triton.next_power_of_2(half), num_warps=1 if half <= 64 else 2)
+        HEAD_DIM=head_dim, HALF=half, BLOCK_HALF=next_pow2(half), num_warps=1 if half <= 64 else 2)
     return q, k, v

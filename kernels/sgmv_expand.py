@@ -18,6 +18,10 @@ each row scaled by its y value. Accumulation is fp32; out is read, added to and 
 """
 from __future__ import annotations
 
+import functools
+from collections.abc import Mapping
+from types import MappingProxyType
+
 import torch
 import triton
 import triton.language as tl
@@ -37,7 +41,7 @@ from kernels._common import (
     pdl_wait,
     segment_tile,
 )
-from kernels.tiles import pick_block_t
+from kernels.tiles import cdiv, next_pow2, pick_block_t
 
 
 # T and G change every prompt step: not specialized on (T % 16, T == 1, ...), so a new
@@ -101,7 +105,7 @@ def default_config(num_tokens: int, num_segs: int, n: int, max_rank: int, block_
     """Block sizes from host-known shapes (tuned on an H200 with the rank-major B pool, see
     bench/notes/kernels.md); block_t given: the other sizes for that token tile."""
     block_t = block_t or pick_block_t(num_tokens, num_segs)
-    rank_p2 = triton.next_power_of_2(max_rank)
+    rank_p2 = next_pow2(max_rank)
     num_stages = 3
     if block_t >= 16:
         # BLOCK_R = 32 on the tl.dot path faulted ("misaligned address") with triton 3.6 on the
@@ -116,22 +120,29 @@ def default_config(num_tokens: int, num_segs: int, n: int, max_rank: int, block_
         # ~1500 column-block programs: 256 columns (qkv/o/down at 64 tokens) with 8 warps, up to
         # 1024 for gate_up's 28672 columns (26 vs 31 µs at 64 x 64), where 8-row steps keep
         # registers low
-        tiles = triton.cdiv(num_tokens, block_t)
+        tiles = cdiv(num_tokens, block_t)
         block_n = max(256, min(1024, 1 << max(0, (n * tiles // 1536).bit_length() - 1)))
         block_r = min(16 if block_n <= 512 else 8, rank_p2)
         num_warps = 8 if block_n <= 256 else 4
     # two column blocks a program (the tile lookup paid once) while >= ~1024 programs remain
-    blocks = triton.cdiv(num_tokens, block_t) * triton.cdiv(n, block_n)
+    blocks = cdiv(num_tokens, block_t) * cdiv(n, block_n)
     nb_per_prog = 2 if blocks >= 1024 else 1
     return {"block_t": block_t, "block_n": block_n, "block_r": block_r, "nb_per_prog": nb_per_prog,
             "num_warps": num_warps, "num_stages": num_stages}
 
 
 def launch_config(num_tokens: int, num_segs: int, n: int, max_rank: int, b_dtype: torch.dtype,
-                  config: dict | None = None) -> dict:
+                  config: dict | None = None) -> Mapping:
     """Every compile-time choice of a launch, from host ints only (see sgmv_shrink.launch_config);
-    `config` overrides block sizes and may give "block_g"."""
-    config = config or {}
+    `config` overrides block sizes and may give "block_g".
+    Cached (every layer of a step asks the same): the result is read-only."""
+    return _launch_config(num_tokens, num_segs, n, max_rank, b_dtype, tuple(sorted((config or {}).items())))
+
+
+@functools.lru_cache(maxsize=4096)
+def _launch_config(num_tokens: int, num_segs: int, n: int, max_rank: int, b_dtype: torch.dtype,
+                   config_items: tuple) -> Mapping:
+    config = dict(config_items)
     cfg = {"nb_per_prog": 1, **default_config(num_tokens, num_segs, n, max_rank, config.get("block_t")), **config}
     cfg["block_g"], cfg["use_dot"] = block_g_for(num_segs, config.get("block_g")), cfg["block_t"] >= 16
     if cfg["use_dot"] and (cfg["block_n"] < 16 or cfg["block_r"] < 16):
@@ -139,7 +150,7 @@ def launch_config(num_tokens: int, num_segs: int, n: int, max_rank: int, b_dtype
     if cfg["use_dot"] and cfg["block_r"] == 32 and b_dtype != torch.float32:
         # faults with "misaligned address" (triton 3.6, H200): see default_config
         raise ValueError("tl.dot path with bf16/fp16 B does not support block_r = 32; use 16 or 64")
-    return cfg
+    return MappingProxyType(cfg)
 
 
 def sgmv_expand(y: torch.Tensor, b_pool: torch.Tensor, out_offsets: tuple[int, ...], seg_indptr: torch.Tensor,
@@ -175,7 +186,7 @@ def sgmv_expand(y: torch.Tensor, b_pool: torch.Tensor, out_offsets: tuple[int, .
     block_t, block_n, block_r, nb_per_prog = cfg["block_t"], cfg["block_n"], cfg["block_r"], cfg["nb_per_prog"]
     offs, cbs, num_nb = module_table(offsets, block_n)
     num_tiles = num_tiles_bound(num_tokens, num_segs, block_t)
-    grid = (num_tiles * triton.cdiv(num_nb, nb_per_prog),)
+    grid = (num_tiles * cdiv(num_nb, nb_per_prog),)
     _sgmv_expand_kernel[grid](
         y, b_pool, out, seg_indptr, seg_slots, slot_ranks, slot_scales,
         num_tokens, num_segs, n, num_mods * max_rank, num_nb,

@@ -22,6 +22,10 @@ once for all BLOCK_T tokens of its tile:
 """
 from __future__ import annotations
 
+import functools
+from collections.abc import Mapping
+from types import MappingProxyType
+
 import torch
 import triton
 import triton.language as tl
@@ -38,7 +42,7 @@ from kernels._common import (
     pdl_wait,
     segment_tile,
 )
-from kernels.tiles import pick_block_t
+from kernels.tiles import cdiv, next_pow2, pick_block_t
 
 
 # T and G change every prompt step: not specialized on (T % 16, T == 1, ...), so a new
@@ -129,18 +133,18 @@ def default_config(num_tokens: int, num_segs: int, ncol: int, max_rank: int, h_i
         # long segments: x tiles of up to 64 tokens. Split H_in 4 ways at 4096, 8 at 14336
         # when there are many tiles (prefill), 16 ways when few (a 64-token decode batch of
         # one adapter would otherwise run on a handful of programs)
-        block_n = min(64, max(16, triton.next_power_of_2(ncol)))
+        block_n = min(64, max(16, next_pow2(ncol)))
         block_k = 128
-        real_tiles = triton.cdiv(num_tokens, block_t) * triton.cdiv(ncol, block_n)
+        real_tiles = cdiv(num_tokens, block_t) * cdiv(ncol, block_n)
         split_k = max(1, min(8, h_in // 1024)) if real_tiles >= 32 else max(1, min(16, h_in // 256))
     else:
         # decode: 4 rank rows a program, K blocks of 4096 A elements (8 KB bf16) per step;
         # split only a long H_in (down proj) in two
         block_n = 4
-        split_k = triton.cdiv(h_in, 8192)
+        split_k = cdiv(h_in, 8192)
         # K blocks of 4096 A elements (8 KB bf16); 2048 when programs are many (fewer
         # registers, more resident programs: H200 sweep, qkv at 64 tokens x 64 adapters)
-        progs = triton.cdiv(num_tokens, block_t) * triton.cdiv(ncol, block_n) * split_k
+        progs = cdiv(num_tokens, block_t) * cdiv(ncol, block_n) * split_k
         block_k = (4096 if progs < 600 or block_t > 1 else 2048) // (block_n * block_t)
     if not atomic_ok:
         split_k = 1
@@ -149,11 +153,19 @@ def default_config(num_tokens: int, num_segs: int, ncol: int, max_rank: int, h_i
 
 
 def launch_config(num_tokens: int, num_segs: int, num_mods: int, max_rank: int, h_in: int, out_fp32: bool,
-                  config: dict | None = None) -> dict:
+                  config: dict | None = None) -> Mapping:
     """Every compile-time choice of a launch, from host ints only: two launches with equal
     dicts (and dtypes) run one compiled variant (inference_worker/lora/warmup.py compiles them
-    ahead). `config` overrides block sizes and may give "rank_bound" and "block_g"."""
-    config = config or {}
+    ahead). `config` overrides block sizes and may give "rank_bound" and "block_g".
+    Cached (every layer of a step asks the same): the result is read-only."""
+    return _launch_config(num_tokens, num_segs, num_mods, max_rank, h_in, out_fp32,
+                          tuple(sorted((config or {}).items())))
+
+
+@functools.lru_cache(maxsize=4096)
+def _launch_config(num_tokens: int, num_segs: int, num_mods: int, max_rank: int, h_in: int, out_fp32: bool,
+                   config_items: tuple) -> Mapping:
+    config = dict(config_items)
     rank_bound = config.get("rank_bound") or max_rank
     if not 1 <= rank_bound <= max_rank:
         raise ValueError(f"rank_bound {rank_bound} must be in [1, R={max_rank}]")
@@ -167,7 +179,7 @@ def launch_config(num_tokens: int, num_segs: int, num_mods: int, max_rank: int, 
         raise ValueError("tl.dot path (block_t >= 16) needs block_n, block_k >= 16")
     if cfg["atomic"] and not out_fp32:
         raise ValueError("split_k > 1 needs a float32 out (fp32 atomics)")
-    return cfg
+    return MappingProxyType(cfg)
 
 
 def sgmv_shrink(x: torch.Tensor, a_pool: torch.Tensor, seg_indptr: torch.Tensor, seg_slots: torch.Tensor,
@@ -204,9 +216,9 @@ def sgmv_shrink(x: torch.Tensor, a_pool: torch.Tensor, seg_indptr: torch.Tensor,
     if cfg["atomic"]:
         out.zero_()
     ncol = num_mods * rank_bound
-    k_per_split = triton.cdiv(triton.cdiv(h_in, split_k), block_k) * block_k
+    k_per_split = cdiv(cdiv(h_in, split_k), block_k) * block_k
     num_tiles = num_tiles_bound(num_tokens, num_segs, block_t)
-    grid = (num_tiles * triton.cdiv(ncol, block_n) * split_k,)
+    grid = (num_tiles * cdiv(ncol, block_n) * split_k,)
     _sgmv_shrink_kernel[grid](
         x, a_pool, out, seg_indptr, seg_slots, slot_ranks,
         num_tokens, num_segs, h_in, ncol, k_per_split,
