@@ -116,6 +116,13 @@ def default_config(num_tokens: int, num_segs: int, n: int, max_rank: int, block_
         num_stages, num_warps = 2, 4
     elif block_t == 2:
         block_r, block_n, num_warps = min(16, rank_p2), 512, 4      # 64 x 8 sweep: 5.6 vs 7.4 µs (qkv)
+    elif rank_p2 > 16:
+        # ranks above 16 in the step (issue 9's S1000: ranks 8..64 in a rank-64 pool): programs do
+        # up to 4x the rows, so narrower blocks (more programs) win, with 8-row steps (a rank-8
+        # slot wastes none). H200 sweep, 64 tokens x 46 adapters: the layer's expands 118 -> 88 µs
+        # (gate_up 65.5 -> 49.2); bench/notes/kernels.md, session 5
+        return {"block_t": block_t, "block_n": 256, "block_r": 8, "nb_per_prog": 1, "num_warps": 8,
+                "num_stages": 3}
     else:
         # ~1500 column-block programs: 256 columns (qkv/o/down at 64 tokens) with 8 warps, up to
         # 1024 for gate_up's 28672 columns (26 vs 31 µs at 64 x 64), where 8-row steps keep
@@ -134,7 +141,8 @@ def default_config(num_tokens: int, num_segs: int, n: int, max_rank: int, block_
 def launch_config(num_tokens: int, num_segs: int, n: int, max_rank: int, b_dtype: torch.dtype,
                   config: dict | None = None) -> Mapping:
     """Every compile-time choice of a launch, from host ints only (see sgmv_shrink.launch_config);
-    `config` overrides block sizes and may give "block_g".
+    `config` overrides block sizes and may give "block_g" and "rank_bound" (>= every slot's rank in
+    the step; the block sizes are picked for it, default R).
     Cached (every layer of a step asks the same): the result is read-only."""
     return _launch_config(num_tokens, num_segs, n, max_rank, b_dtype, tuple(sorted((config or {}).items())))
 
@@ -143,7 +151,10 @@ def launch_config(num_tokens: int, num_segs: int, n: int, max_rank: int, b_dtype
 def _launch_config(num_tokens: int, num_segs: int, n: int, max_rank: int, b_dtype: torch.dtype,
                    config_items: tuple) -> Mapping:
     config = dict(config_items)
-    cfg = {"nb_per_prog": 1, **default_config(num_tokens, num_segs, n, max_rank, config.get("block_t")), **config}
+    rank_bound = config.pop("rank_bound", None) or max_rank
+    if not 1 <= rank_bound <= max_rank:
+        raise ValueError(f"rank_bound {rank_bound} must be in [1, R={max_rank}]")
+    cfg = {"nb_per_prog": 1, **default_config(num_tokens, num_segs, n, rank_bound, config.get("block_t")), **config}
     cfg["block_g"], cfg["use_dot"] = block_g_for(num_segs, config.get("block_g")), cfg["block_t"] >= 16
     if cfg["use_dot"] and (cfg["block_n"] < 16 or cfg["block_r"] < 16):
         raise ValueError("tl.dot path (block_t >= 16) needs block_n, block_r >= 16")

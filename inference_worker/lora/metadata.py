@@ -43,7 +43,10 @@ def sgmv_configs(block_t: int | None, block_g: int | None, rank_bound: int | Non
     """The launch choices a step fixes, as the SGMV launchers take them (kernels/sgmv_*.py:
     launch_config); None = the launchers pick. Also what the kernel warm-up compiles."""
     fixed = {k: v for k, v in (("block_t", block_t), ("block_g", block_g)) if v is not None}
-    return {**fixed, "rank_bound": rank_bound}, fixed or None
+    # the expand takes the rank bound too: it picks its block sizes by it (its loop stops at each
+    # slot's own rank either way)
+    expand = {**fixed, "rank_bound": rank_bound} if rank_bound is not None else fixed
+    return {**fixed, "rank_bound": rank_bound}, expand or None
 
 
 def segments_of(slots: list[int], num_tokens: list[int]) -> tuple[list[int], list[int]]:

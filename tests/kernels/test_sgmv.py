@@ -297,11 +297,35 @@ def test_rank_bound_skips_padding_rows(block_t, split_k):
     assert (y[:, :, RB:].isnan() if split_k == 1 else y[:, :, RB:] == 0).all(), f"seed {seed}"
     out0 = torch.randn(num_tokens, 56, generator=gen).to(DEV)
     out = out0.clone()
-    sgmv_expand(y, b, (0, 24, 40, 56), indptr, slots, slot_ranks, scales, out, config={"block_t": block_t})
+    sgmv_expand(y, b, (0, 24, 40, 56), indptr, slots, slot_ranks, scales, out,
+                config={"block_t": block_t, "rank_bound": RB})
     want = sgmv_expand_ref(y_ref, b, (0, 24, 40, 56), indptr, slots, slot_ranks, scales, out0.clone())
     assert rel_err(out, want) < 1e-4, f"seed {seed}"
     with pytest.raises(ValueError, match="rank_bound"):
         sgmv_shrink(x, a, indptr, slots, slot_ranks, y, config={"rank_bound": R + 1})
+    with pytest.raises(ValueError, match="rank_bound"):
+        sgmv_expand(y, b, (0, 24, 40, 56), indptr, slots, slot_ranks, scales, out, config={"rank_bound": R + 1})
+
+
+def test_expand_picks_blocks_by_rank_bound():
+    """Decode tiles of a step with ranks above 16 take narrow column blocks and 8-row steps (H200
+    sweep, mixed ranks 8..64); at rank 16 the wide blocks stay. Both give the reference's result."""
+    from kernels.sgmv_expand import launch_config
+    wide = launch_config(64, 46, 28672, 64, torch.bfloat16, {"block_t": 1, "rank_bound": 16})
+    narrow = launch_config(64, 46, 28672, 64, torch.bfloat16, {"block_t": 1, "rank_bound": 64})
+    assert (wide["block_n"], narrow["block_n"], narrow["block_r"]) == (1024, 256, 8)
+    assert launch_config(64, 46, 28672, 64, torch.bfloat16)["block_n"] == 256     # no bound: the pool's R
+    seed = random.randrange(1 << 30)
+    gen = torch.Generator().manual_seed(seed)
+    ranks = [8, 64, 16, 32, 5]
+    indptr, slots, num_tokens = make_meta([1, 2, 1, 1, 1], [0, 1, 2, 3, 4], DEV)
+    _, b, slot_ranks, scales = make_pools(5, 2, 64, 8, 300, ranks, torch.float32, DEV, gen)
+    y = torch.randn(num_tokens, 2, 64, generator=gen).to(DEV)
+    out0 = torch.randn(num_tokens, 300, generator=gen).to(DEV)
+    out = out0.clone()
+    sgmv_expand(y, b, (0, 100, 300), indptr, slots, slot_ranks, scales, out, config={"block_t": 1, "rank_bound": 64})
+    want = sgmv_expand_ref(y, b, (0, 100, 300), indptr, slots, slot_ranks, scales, out0.clone())
+    assert rel_err(out, want) < 1e-4, f"seed {seed}"
 
 
 def test_pdl_switch_and_never_on_cpu(monkeypatch):
