@@ -16,6 +16,7 @@ import argparse
 import datetime
 import os
 import random
+import statistics
 import sys
 import time
 
@@ -49,15 +50,18 @@ def lora_layer(pools, x, y, out, meta) -> None:
                     pools.scales, out[g], config=expand_cfg)
 
 
-def host_us(fn, calls: int = 20) -> float:
-    fn()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(calls):
+def host_us(fn, calls: int = 20, rounds: int = 7) -> float:
+    """Host µs per call: median over rounds of `calls` back-to-back calls (a busy host swings single rounds)."""
+    times = []
+    for _ in range(rounds):
         fn()
-    elapsed = time.perf_counter() - start
-    torch.cuda.synchronize()
-    return elapsed / calls * 1e6
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        times.append((time.perf_counter() - start) / calls * 1e6)
+        torch.cuda.synchronize()
+    return statistics.median(times)
 
 
 def run_case(rank: int, ranks: list[int], rng: random.Random) -> dict:
