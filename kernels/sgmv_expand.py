@@ -109,9 +109,13 @@ def default_config(num_tokens: int, num_segs: int, n: int, max_rank: int, block_
     num_stages = 3
     if block_t >= 16:
         # BLOCK_R = 32 on the tl.dot path faulted ("misaligned address") with triton 3.6 on the
-        # H200 (bf16/fp16 B, R = 32: tests/kernels/test_tiny_shapes_gpu.py); 16 or 64 only.
+        # H200 (bf16/fp16 B, R = 32: tests/kernels/test_tiny_shapes_gpu.py). 16 also in rank-64
+        # pools: a slot's rank loop then stops within 15 rows of its rank (64 made rank-8 adapters
+        # multiply 56 rows of zeros): H200, a mixed step of 1,842 tokens over ranks 8..64, the
+        # layer's LoRA 565 -> 414 µs (bench/lora_mixed_step.py; bench/notes/kernels.md, session 5); a
+        # prefill of rank-64 adapters only pays 8 % (2048 x 8 expands 199 -> 216 µs).
         # 2048 x 8 sweep: 256 columns and 2 stages beat 128 and 3 by ~15 % (not for gate_up)
-        block_r = 16 if rank_p2 <= 32 else 64
+        block_r = 16
         block_n = 256 if n <= 8192 else 128
         num_stages, num_warps = 2, 4
     elif block_t == 2:

@@ -24,6 +24,7 @@ OUT_ULP = {torch.float32: 0.0, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** 
 SCENARIOS = {
     "decode_every_token_own_adapter": ([1] * 7, [0, 3, 1, 5, 2, 4, 6], [8, 1, 5, 8, 3, 7, 2], 8),
     "long_segments": ([37, 21], [1, 0], [16, 11], 16),
+    "long_segments_mixed_ranks": ([37, 21, 18], [1, 0, 2], [64, 8, 33], 64),   # dot path, 16-row steps
     "empty_and_base_segments": ([0, 5, 3, 0, 6, 2, 0], [2, -1, 0, 1, -1, 2, 3], [4, 2, 3, 1], 4),
     "all_base": ([4, 3], [-1, -1], [8, 8], 8),
     "one_adapter_for_all": ([19], [2], [3, 5, 6], 8),
