@@ -1,6 +1,6 @@
 """SGMV block-size sweep on the H200 (issue 7): each projection group's shrink and expand alone, over
-config lists, at 64 decode tokens x 64 (and 8) rank-16 adapters in pools of max rank 16 and 64, and a
-2048-token prefill over 8 adapters; correctness of the defaults first. Prints one line per op and writes
+config lists, at 64 decode tokens x 64 (and 8) rank-16 adapters in pools of max rank 16 and 64, a
+2048-token prefill over 8 adapters, and 64 tokens over 46 adapters of ranks 8..64 (`--cases mixed`); correctness of the defaults first. Prints one line per op and writes
 JSON (per op: default, best, every config). What the default_config functions were tuned from.
 
 Usage: python bench/sgmv_sweep.py --out bench/results/sgmv-sweep-h200.json      (CUDA only)
@@ -27,6 +27,15 @@ DECODE_SHRINK = [{"block_t": 1, "block_n": bn, "block_k": k, "split_k": 1, "num_
                  for bn in (4, 8, 16) for k in (256, 512)]
 TILE2_EXPAND = [{"block_t": 2, "block_n": bn, "block_r": br, "num_warps": nw}
                 for bn in (128, 256, 512) for br in (8, 16) for nw in (4, 8)]
+# decode of mixed ranks 8..64 in a rank-64 pool (issue 9's S1000): 64 tokens over 46 adapters
+MIXED_EXPAND = ([{"block_t": 1, "block_n": bn, "block_r": br, "nb_per_prog": nbp, "num_warps": nw}
+                 for bn in (256, 512, 1024) for br in (8, 16, 32) for nbp in (1, 2) for nw in (4, 8)]
+                + [{"block_t": 2, "block_n": bn, "block_r": br, "num_warps": nw}
+                   for bn in (256, 512) for br in (8, 16) for nw in (4, 8)])
+MIXED_SHRINK = ([{"block_t": 1, "block_n": bn, "block_k": k, "split_k": 1, "num_warps": 4}
+                 for bn in (4, 8, 16) for k in (256, 512, 1024)]
+                + [{"block_t": 2, "block_n": bn, "block_k": k, "split_k": 1, "num_warps": 4}
+                   for bn in (4, 8) for k in (256, 512)])
 PREFILL_EXPAND = [{"block_t": 64, "block_n": bn, "block_r": 16, "num_warps": nw, "num_stages": ns}
                   for bn in (64, 128, 256) for nw in (4, 8) for ns in (2, 3)]
 
@@ -64,15 +73,27 @@ def sweep_all(log: list[str]) -> dict:
     return cases
 
 
+def mixed_ranks_case(log: list[str]) -> dict:
+    """64 decode tokens over 46 adapters with ranks drawn from 8..64 in a rank-64 pool (S1000's decode)."""
+    gen = torch.Generator().manual_seed(0)
+    pools = bk.Pools(64)
+    pools.ranks.copy_(torch.tensor([8, 16, 32, 64])[torch.randint(0, 4, pools.ranks.shape, generator=gen)])
+    return bk.sweep_case(pools, 64, 46, MIXED_SHRINK, MIXED_EXPAND, log)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="")
+    ap.add_argument("--cases", choices=("all", "mixed"), default="all",
+                    help="mixed: only the mixed-ranks decode case (~6 min on the H200)")
     args = ap.parse_args()
     torch.manual_seed(0)
     check_defaults()
     log: list[str] = []
+    cases = sweep_all(log) if args.cases == "all" else {}
+    cases["decode_64x46_R64_mixed"] = mixed_ranks_case(log)
     report = {"device": torch.cuda.get_device_name(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
-              "command": "python " + " ".join(sys.argv), "cases": sweep_all(log), "log": log}
+              "command": "python " + " ".join(sys.argv), "cases": cases, "log": log}
     if args.out:
         with open(args.out, "w") as f:
             json.dump(report, f, indent=1, default=str)
