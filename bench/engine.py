@@ -8,15 +8,18 @@ time p50 beside its floor = (base weight bytes + KV bytes read + A/B bytes of th
 adapters in the step) / device-to-device copy bandwidth measured in this run (bytes read +
 written), the GPU time of the forward (CUDA events) vs the step's wall time (the rest is
 host work), adapter loads and their copy latency p50/p99 (pinned CPU -> slot, CUDA events on
-the copy stream), GPU memory. Optional baseline: transformers + PEFT mixed-adapter generate.
+the copy stream), GPU memory, the host time of each phase of engine.step() (bench/step_phases.py).
+Optional: the transformers + PEFT mixed-adapter baseline; a cProfile of each workload (--cprofile N).
 
 Usage: python bench/engine.py [--model llama3-8b] [--workloads S0,S1,S100,S1000] [--requests 256]
        [--concurrency 64] [--rate R] [--peft-baseline] [--out bench/results/engine-h200.json]
        python bench/engine.py --quick          # CPU smoke: tiny model, a few requests
+       python bench/engine.py ... --cprofile 30   # diagnosis: where the engine thread's host time goes
 """
 from __future__ import annotations
 
 import argparse
+import cProfile
 import datetime
 import json
 import math
@@ -41,6 +44,7 @@ from bench.engine_setup import (  # noqa: E402
     random_prompts,
 )
 from bench.engine_stats import StepRecorder, pct, summarize  # noqa: E402
+from bench.step_phases import top_functions  # noqa: E402
 from inference_worker.config import EngineConfig  # noqa: E402
 from inference_worker.engine import LLMEngine  # noqa: E402
 from inference_worker.interfaces import EngineRequest, RequestOutput, SamplingConfig  # noqa: E402
@@ -107,6 +111,23 @@ class Run:
         self.recorder.reset()
         if engine.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
+        profile = cProfile.Profile() if args.cprofile else None
+        if profile is not None:
+            profile.enable()
+        try:
+            wall = self._drive(total)
+        finally:
+            if profile is not None:
+                profile.disable()
+        res = self._metrics(wall, engine.slot_pool.num_loads - loads_before)
+        if profile is not None:
+            res["cprofile_top"] = top_functions(profile, args.cprofile)
+        res["steps_waiting_on_loads"] = engine.slot_pool.num_step_waits - waits_before   # issue 9: should be 0
+        return res
+
+    def _drive(self, total: int) -> float:
+        """Submit and step until `total` requests finished; -> the wall seconds."""
+        args = self.args
         start = time.perf_counter()
         if args.rate:                                   # open loop: Poisson arrival times
             rng = random.Random(args.seed + 1)
@@ -129,10 +150,7 @@ class Run:
                     self._submit()
             if time.perf_counter() - start > args.max_seconds:
                 raise RuntimeError(f"{self.workload.name}: over --max-seconds {args.max_seconds}")
-        wall = time.perf_counter() - start
-        res = self._metrics(wall, engine.slot_pool.num_loads - loads_before)
-        res["steps_waiting_on_loads"] = engine.slot_pool.num_step_waits - waits_before   # issue 9: should be 0
-        return res
+        return time.perf_counter() - start
 
     def _metrics(self, wall: float, num_loads: int) -> dict:
         ttft = [(ts[0] - self.arrivals[rid]) * 1e3 for rid, ts in self.token_times.items()]
@@ -238,6 +256,9 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="CPU smoke: tiny model, a few requests")
+    p.add_argument("--cprofile", type=int, default=0, metavar="N",
+                   help="diagnosis: cProfile each measured workload and report its N busiest functions "
+                        "(the profiler slows the host: not for throughput numbers)")
     p.add_argument("--out", default="")
     args = p.parse_args(argv)
     if args.quick:
@@ -296,12 +317,13 @@ def main(argv=None) -> dict:
         recorder = StepRecorder(engine, source, report["copy_bw_TBps"] * 1e12)
         report["base_weight_gib"] = recorder.base_bytes / 2**30
         if args.warmup:
-            warm = argparse.Namespace(**{**vars(args), "requests": args.warmup})
+            warm = argparse.Namespace(**{**vars(args), "requests": args.warmup, "cprofile": 0})
             report["warmup"] = {"requests": args.warmup, "wall_s": Run(engine, recorder, warm, WARMUP).run()["wall_s"]}
         for name in args.workloads.split(","):
             try:
                 if args.warmup_each:
-                    warm = argparse.Namespace(**{**vars(args), "requests": args.warmup_each, "seed": args.seed + 7})
+                    warm = argparse.Namespace(**{**vars(args), "requests": args.warmup_each, "seed": args.seed + 7,
+                                                 "cprofile": 0})
                     Run(engine, recorder, warm, WORKLOADS[name]).run()
                 report["workloads"][name] = Run(engine, recorder, args, WORKLOADS[name]).run()
             except Exception as exc:                     # keep the other workloads' numbers

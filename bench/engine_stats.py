@@ -13,6 +13,8 @@ import time
 
 import torch
 
+from bench.step_phases import PHASES, StepPhases
+
 
 def pct(values: list[float], q: float) -> float | None:
     if not values:
@@ -22,6 +24,7 @@ def pct(values: list[float], q: float) -> float | None:
 
 
 SLOWEST = 8                    # steps listed by time in each workload's summary
+CPROFILE_LINES = 12            # functions listed per workload with bench/engine.py --cprofile
 
 
 class StepRecorder:
@@ -57,6 +60,7 @@ class StepRecorder:
             return logits
 
         runner.prepare, runner.forward = recording_prepare, timed_forward
+        self.phases = StepPhases(engine)
 
     def reset(self) -> None:
         self.steps = []
@@ -65,8 +69,10 @@ class StepRecorder:
         start = time.perf_counter()
         ran = self.engine.step()
         elapsed = time.perf_counter() - start
+        phases = self.phases.take()
         if ran and self._pending:
             self._pending["time_ms"] = elapsed * 1e3
+            self._pending["host_ms"] = phases
             self.steps.append(self._pending)
         self._pending = {}
         return ran
@@ -104,8 +110,17 @@ class StepRecorder:
                                  for s in sorted(self.steps, key=lambda s: -s["time_ms"])[:SLOWEST]],
                "batch_mean": statistics.fmean(sizes) if sizes else None, "batch_p50": pct(sizes, 50),
                "batch_min": min(sizes, default=None), "batch_max": max(sizes, default=None),
-               "batch_series": [round(statistics.fmean(sizes[i:i + window]), 1) for i in range(0, len(sizes), window)]}
+               "batch_series": [round(statistics.fmean(sizes[i:i + window]), 1) for i in range(0, len(sizes), window)],
+               "host_phases_ms_p50": {"decode": phase_medians(decode),
+                                      "mixed": phase_medians([s for s in self.steps if s["prefills"]])}}
         return res
+
+
+def phase_medians(steps: list[dict]) -> dict[str, float | None]:
+    """p50 of each host phase over `steps`, and of the rest of their wall time ("other")."""
+    res = {phase: pct([s["host_ms"][phase] for s in steps], 50) for phase in PHASES}
+    res["other"] = pct([s["time_ms"] - sum(s["host_ms"].values()) for s in steps], 50)
+    return res
 
 
 def _fmt(value, digits: int = 1) -> str:
@@ -147,6 +162,17 @@ def summarize(report: dict) -> str:
                          f"{r['outside_steps_s']:.2f} of {r['wall_s']:.2f}; slowest "
                          f"{_fmt(worst.get('time_ms'))} ms ({worst.get('prefill_tokens', '-')} / "
                          f"{worst.get('decodes', '-')})")
+    phased = {name: r["host_phases_ms_p50"] for name, r in timed.items() if "host_phases_ms_p50" in r}
+    if phased:
+        lines += ["", "Host phases of engine.step(), p50 ms, decode steps | prompt-heavy steps "
+                  f"(bench/step_phases.py): {', '.join(PHASES)}, other:"]
+        for name, kinds in phased.items():
+            lines.append(f"- {name}: " + " | ".join(
+                " / ".join(_fmt(v, 2) for v in kinds[kind].values()) for kind in ("decode", "mixed")))
+    for name, r in timed.items():
+        if r.get("cprofile_top"):
+            lines += ["", f"{name}: busiest host functions (cProfile, own time s / calls):"]
+            lines += [f"- {f['function']}: {f['tottime_s']:.3f} / {f['calls']}" for f in r["cprofile_top"][:CPROFILE_LINES]]
     if report.get("ratios"):
         lines += ["", "Ratios: " + ", ".join(f"{k} {v:.2f}" for k, v in report["ratios"].items())]
     peft = report.get("peft_baseline")

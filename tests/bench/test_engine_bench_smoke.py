@@ -8,7 +8,7 @@ from bench import engine as bench_engine
 
 def test_quick_bench_writes_report(tmp_path):
     out = tmp_path / "engine-cpu.json"
-    report = bench_engine.main(["--quick", "--out", str(out)])
+    report = bench_engine.main(["--quick", "--cprofile", "5", "--out", str(out)])
     saved = json.loads(out.read_text())
     assert saved["workloads"].keys() == {"S0", "S1", "S100", "S1000"}
     args = saved["args"]
@@ -18,7 +18,14 @@ def test_quick_bench_writes_report(tmp_path):
         assert res["decode_steps"] > 0 and res["decode_floor_ms_p50"] > 0
         # the wall time split: steps that ran plus the rest, and the slowest steps, longest first
         assert abs(res["decode_steps_s"] + res["mixed_steps_s"] + res["outside_steps_s"] - res["wall_s"]) < 1e-6
+        # the host phases of a step (bench/step_phases.py): measured, disjoint (what is left of
+        # each step's wall time is never negative: a phase counted twice would make it so)
+        phases = res["host_phases_ms_p50"]["decode"]
+        assert phases["forward"] > 0 and phases["prepare"] > 0 and phases["schedule"] > 0
+        assert phases["other"] >= 0
         slowest = [s["time_ms"] for s in res["slowest_steps"]]
+        top = [f["tottime_s"] for f in res["cprofile_top"]]          # --cprofile: the busiest, busiest first
+        assert len(top) == 5 and top == sorted(top, reverse=True) and top[0] > 0
         assert slowest == sorted(slowest, reverse=True) and 0 < len(slowest) <= res["steps"]
     assert saved["workloads"]["S0"]["adapter_loads"] == 0
     assert saved["workloads"]["S1000"]["adapter_loads"] >= 1
@@ -27,3 +34,4 @@ def test_quick_bench_writes_report(tmp_path):
         assert key in saved
     table = out.with_suffix(".md").read_text()
     assert "| S1000 |" in table and report["device"] == "cpu" and "Where the wall time went" in table
+    assert "Host phases of engine.step()" in table and "busiest host functions" in table
