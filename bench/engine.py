@@ -102,7 +102,8 @@ class Run:
         self.engine.add_request(EngineRequest(rid, self.prompts[i], sampling, adapter=self.adapters[i],
                                               on_output=self._on_output))
 
-    def run(self) -> dict:
+    def run(self, cprofile_top: int = 0) -> dict:
+        """cprofile_top: > 0 profiles the run and reports its that many busiest functions."""
         args, engine = self.args, self.engine
         total = args.requests
         self.source.prepare(self.workload)
@@ -111,7 +112,7 @@ class Run:
         self.recorder.reset()
         if engine.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        profile = cProfile.Profile() if args.cprofile else None
+        profile = cProfile.Profile() if cprofile_top else None
         if profile is not None:
             profile.enable()
         try:
@@ -121,7 +122,7 @@ class Run:
                 profile.disable()
         res = self._metrics(wall, engine.slot_pool.num_loads - loads_before)
         if profile is not None:
-            res["cprofile_top"] = top_functions(profile, args.cprofile)
+            res["cprofile_top"] = top_functions(profile, cprofile_top)
         res["steps_waiting_on_loads"] = engine.slot_pool.num_step_waits - waits_before   # issue 9: should be 0
         return res
 
@@ -317,15 +318,14 @@ def main(argv=None) -> dict:
         recorder = StepRecorder(engine, source, report["copy_bw_TBps"] * 1e12)
         report["base_weight_gib"] = recorder.base_bytes / 2**30
         if args.warmup:
-            warm = argparse.Namespace(**{**vars(args), "requests": args.warmup, "cprofile": 0})
+            warm = argparse.Namespace(**{**vars(args), "requests": args.warmup})
             report["warmup"] = {"requests": args.warmup, "wall_s": Run(engine, recorder, warm, WARMUP).run()["wall_s"]}
         for name in args.workloads.split(","):
             try:
                 if args.warmup_each:
-                    warm = argparse.Namespace(**{**vars(args), "requests": args.warmup_each, "seed": args.seed + 7,
-                                                 "cprofile": 0})
+                    warm = argparse.Namespace(**{**vars(args), "requests": args.warmup_each, "seed": args.seed + 7})
                     Run(engine, recorder, warm, WORKLOADS[name]).run()
-                report["workloads"][name] = Run(engine, recorder, args, WORKLOADS[name]).run()
+                report["workloads"][name] = Run(engine, recorder, args, WORKLOADS[name]).run(args.cprofile)
             except Exception as exc:                     # keep the other workloads' numbers
                 report["workloads"][name] = {"error": f"{type(exc).__name__}: {exc}"}
             print(f"{name}: {json.dumps(report['workloads'][name])[:400]}", flush=True)
