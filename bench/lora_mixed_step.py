@@ -43,11 +43,11 @@ def meta_of(lens: list[int], slots: list[int]) -> dict:
 
 def lora_layer(pools, x, y, out, meta) -> None:
     """One layer's LoRA as an eager engine step launches it (inference_worker/lora/warmup.eager_configs)."""
-    shrink_cfg, expand_cfg = {"block_g": BLOCK_G, "rank_bound": pools.rank}, {"block_g": BLOCK_G, "rank_bound": pools.rank}
+    config = {"block_g": BLOCK_G, "rank_bound": pools.rank}       # the same for shrink and expand
     for g, (_h_in, widths) in bk.GROUPS.items():
-        sgmv_shrink(x[g], pools.a[g], meta["indptr"], meta["slots"], pools.ranks, y[g], config=shrink_cfg)
+        sgmv_shrink(x[g], pools.a[g], meta["indptr"], meta["slots"], pools.ranks, y[g], config=config)
         sgmv_expand(y[g], pools.b[g], bk.offsets_of(widths), meta["indptr"], meta["slots"], pools.ranks,
-                    pools.scales, out[g], config=expand_cfg)
+                    pools.scales, out[g], config=config)
 
 
 def host_us(fn, calls: int = 20, rounds: int = 7) -> float:
@@ -77,9 +77,13 @@ def run_case(rank: int, ranks: list[int], rng: random.Random) -> dict:
     def rows(d, lo, hi):
         return {g: t[lo:hi] for g, t in d.items()}
 
-    one = lambda: lora_layer(pools, layer.x, layer.y, layer.out, whole)  # noqa: E731
-    split = lambda: [lora_layer(pools, rows(layer.x, lo, hi), rows(layer.y, lo, hi), rows(layer.out, lo, hi), m)  # noqa: E731
-                     for m, lo, hi in parts]
+    def one():
+        lora_layer(pools, layer.x, layer.y, layer.out, whole)
+
+    def split():
+        for meta, lo, hi in parts:
+            lora_layer(pools, rows(layer.x, lo, hi), rows(layer.y, lo, hi), rows(layer.out, lo, hi), meta)
+
     base, outs = bk.Base(), {g: torch.empty_like(o) for g, o in layer.out.items()}
     return {"rank": rank, "ranks": ranks,
             "one_gpu_us": bk.median_graph_us(one, reps=20), "one_host_us": host_us(one),
