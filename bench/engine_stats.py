@@ -88,7 +88,8 @@ class StepRecorder:
                 s["gpu_ms"] = start_end[0].elapsed_time(start_end[1])
         decode = [s for s in self.steps if s["prefills"] == 0]
         times = [s["time_ms"] for s in decode]
-        mixed = [s["time_ms"] for s in self.steps if s["prefills"]]
+        mixed_steps = [s for s in self.steps if s["prefills"]]
+        mixed = [s["time_ms"] for s in mixed_steps]
         floors = [self.floor_ms(s) for s in decode]
         sizes = [s["prefills"] + s["decodes"] for s in self.steps]
         window = max(1, len(sizes) // 24)
@@ -112,7 +113,7 @@ class StepRecorder:
                "batch_min": min(sizes, default=None), "batch_max": max(sizes, default=None),
                "batch_series": [round(statistics.fmean(sizes[i:i + window]), 1) for i in range(0, len(sizes), window)],
                "host_phases_ms_p50": {"decode": phase_medians(decode),
-                                      "mixed": phase_medians([s for s in self.steps if s["prefills"]])}}
+                                      "mixed": phase_medians(mixed_steps)}}
         return res
 
 

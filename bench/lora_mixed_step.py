@@ -42,7 +42,7 @@ def meta_of(lens: list[int], slots: list[int]) -> dict:
 
 
 def lora_layer(pools, x, y, out, meta) -> None:
-    """One layer's LoRA as an eager engine step launches it (inference_worker/lora/warmup.eager_configs)."""
+    """One layer's LoRA as an eager engine step launches it (inference_worker/lora/warmup.eager_config)."""
     config = {"block_g": BLOCK_G, "rank_bound": pools.rank}       # the same for shrink and expand
     for g, (_h_in, widths) in bk.GROUPS.items():
         sgmv_shrink(x[g], pools.a[g], meta["indptr"], meta["slots"], pools.ranks, y[g], config=config)

@@ -36,7 +36,6 @@ from kernels._common import (
     module_of,
     module_table,
     num_tiles_bound,
-    pdl_enabled,
     pdl_start,
     pdl_wait,
     segment_tile,
@@ -202,12 +201,13 @@ def sgmv_expand(y: torch.Tensor, b_pool: torch.Tensor, out_offsets: tuple[int, .
     offs, cbs, num_nb = module_table(offsets, block_n)
     num_tiles = num_tiles_bound(num_tokens, num_segs, block_t)
     grid = (num_tiles * cdiv(num_nb, nb_per_prog),)
+    options = launch_options(y.device)              # PDL, asked once a launch
     _sgmv_expand_kernel[grid](
         y, b_pool, out, seg_indptr, seg_slots, slot_ranks, slot_scales,
         num_tokens, num_segs, n, num_mods * max_rank, num_nb,
         *offs, *cbs,
         R=max_rank, BLOCK_G=cfg["block_g"], BLOCK_T=block_t, BLOCK_N=block_n,
-        BLOCK_R=block_r, NB_PER_PROG=nb_per_prog, USE_DOT=cfg["use_dot"], PDL=pdl_enabled(y.device),
+        BLOCK_R=block_r, NB_PER_PROG=nb_per_prog, USE_DOT=cfg["use_dot"], PDL="launch_pdl" in options,
         IEEE=(b_pool.dtype == torch.float32), num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3),
-        **launch_options(y.device))
+        **options)
     return out

@@ -37,7 +37,6 @@ from kernels._common import (
     check_lora_meta,
     launch_options,
     num_tiles_bound,
-    pdl_enabled,
     pdl_start,
     pdl_wait,
     segment_tile,
@@ -219,11 +218,12 @@ def sgmv_shrink(x: torch.Tensor, a_pool: torch.Tensor, seg_indptr: torch.Tensor,
     k_per_split = cdiv(cdiv(h_in, split_k), block_k) * block_k
     num_tiles = num_tiles_bound(num_tokens, num_segs, block_t)
     grid = (num_tiles * cdiv(ncol, block_n) * split_k,)
+    options = launch_options(x.device)              # PDL, asked once a launch
     _sgmv_shrink_kernel[grid](
         x, a_pool, out, seg_indptr, seg_slots, slot_ranks,
         num_tokens, num_segs, h_in, ncol, k_per_split,
         R=max_rank, RB=rank_bound, BLOCK_G=cfg["block_g"], BLOCK_T=block_t, BLOCK_N=block_n,
         BLOCK_K=block_k, SPLIT_K=split_k, USE_DOT=cfg["use_dot"], ATOMIC=cfg["atomic"], CAN_SKIP=cfg["can_skip"],
-        IEEE=(x.dtype == torch.float32), PDL=pdl_enabled(x.device), num_warps=cfg["num_warps"],
-        num_stages=cfg.get("num_stages", 3), **launch_options(x.device))
+        IEEE=(x.dtype == torch.float32), PDL="launch_pdl" in options, num_warps=cfg["num_warps"],
+        num_stages=cfg.get("num_stages", 3), **options)
     return out

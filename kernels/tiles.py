@@ -27,12 +27,12 @@ def pick_block_t(num_tokens: int, num_segs: int) -> int:
         return 1
     if avg < 12:
         return 2          # H200 sweep: 2-token tiles beat 4 and 8 for 4..8-token segments
-    return min(64, max(16, 1 << (int(avg) - 1).bit_length()))
+    return min(64, max(16, next_pow2(int(avg))))
 
 
 def segment_table_width(max_segs: int) -> int:
     """The SGMV segment-table width (BLOCK_G, a power of 2 >= G + 2) that serves every G <= max_segs."""
-    return 1 << (max_segs + 1).bit_length()
+    return next_pow2(max_segs + 2)
 
 
 def fused_decode_enabled() -> bool:

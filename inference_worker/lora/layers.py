@@ -54,9 +54,8 @@ class LoRALinear(nn.Module):
         y = self.shrink_scratch[: x.shape[0] * num_modules * max_rank].view(x.shape[0], num_modules, max_rank)
         # the step's fixed launch choices (a decode graph's token tile and rank bound; an eager
         # step's segment-table width, inference_worker/lora/warmup.py)
-        shrink_config, expand_config = lora.sgmv_configs
-        self.ops.sgmv_shrink(x, self.a_pool, lora.seg_indptr, lora.seg_slots, lora.slot_ranks, y,
-                             config=shrink_config)
+        config = lora.sgmv_config
+        self.ops.sgmv_shrink(x, self.a_pool, lora.seg_indptr, lora.seg_slots, lora.slot_ranks, y, config=config)
         self.ops.sgmv_expand(y, self.b_pool, self.out_offsets, lora.seg_indptr, lora.seg_slots,
-                             lora.slot_ranks, lora.slot_scales, out, config=expand_config)
+                             lora.slot_ranks, lora.slot_scales, out, config=config)
         return out

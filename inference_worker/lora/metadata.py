@@ -33,20 +33,19 @@ class LoraBatchMeta:
     block_g: int | None = None
 
     @cached_property
-    def sgmv_configs(self) -> tuple[dict, dict | None]:
-        """(shrink config, expand config) of this step's LoRA launches: built once a step, not
-        once a layer."""
-        return sgmv_configs(self.block_t, self.block_g, self.rank_bound)
+    def sgmv_config(self) -> dict:
+        """The config of this step's LoRA launches (shrink and expand take the same): built once a
+        step, not once a layer."""
+        return sgmv_config(self.block_t, self.block_g, self.rank_bound)
 
 
-def sgmv_configs(block_t: int | None, block_g: int | None, rank_bound: int | None) -> tuple[dict, dict | None]:
+def sgmv_config(block_t: int | None, block_g: int | None, rank_bound: int | None) -> dict:
     """The launch choices a step fixes, as the SGMV launchers take them (kernels/sgmv_*.py:
-    launch_config); None = the launchers pick. Also what the kernel warm-up compiles."""
+    launch_config; None = the launcher picks): the token tile, the segment-table width, and the
+    rank bound (the shrink launches no programs past it, the expand picks block sizes by it).
+    Also what the kernel warm-up compiles."""
     fixed = {k: v for k, v in (("block_t", block_t), ("block_g", block_g)) if v is not None}
-    # the expand takes the rank bound too: it picks its block sizes by it (its loop stops at each
-    # slot's own rank either way)
-    expand = {**fixed, "rank_bound": rank_bound} if rank_bound is not None else fixed
-    return {**fixed, "rank_bound": rank_bound}, expand or None
+    return {**fixed, "rank_bound": rank_bound}
 
 
 def segments_of(slots: list[int], num_tokens: list[int]) -> tuple[list[int], list[int]]:

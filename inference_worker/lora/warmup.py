@@ -22,7 +22,7 @@ from collections.abc import Iterator
 
 import torch
 
-from inference_worker.lora.metadata import sgmv_configs
+from inference_worker.lora.metadata import sgmv_config
 from kernels import sgmv_expand, sgmv_shrink
 from kernels.tiles import pick_block_t
 
@@ -55,19 +55,19 @@ def segment_counts(num_tokens: int, max_segs: int) -> Iterator[int]:
             yield g
 
 
-def eager_configs(max_rank: int, block_g: int) -> tuple[dict, dict | None]:
+def eager_config(max_rank: int, block_g: int) -> dict:
     """What an eager step's LoRA layers pass the launchers (ModelRunner.prepare: no token tile,
     the pool's rank, the engine's segment-table width)."""
-    return sgmv_configs(None, block_g, max_rank)
+    return sgmv_config(None, block_g, max_rank)
 
 
 def variant_key(shape: tuple, num_tokens: int, num_segs: int, block_g: int, dtype: torch.dtype) -> tuple:
     """The compile-time choices of one eager LoRA step's shrink and expand on a layer of `shape`
     = (H_in, M, R, N): what LoRALinear's eager path passes the launchers."""
     h_in, num_mods, max_rank, n = shape
-    shrink_config, expand_config = eager_configs(max_rank, block_g)
-    shrink = sgmv_shrink.launch_config(num_tokens, num_segs, num_mods, max_rank, h_in, True, shrink_config)
-    expand = sgmv_expand.launch_config(num_tokens, num_segs, n, max_rank, dtype, expand_config)
+    config = eager_config(max_rank, block_g)
+    shrink = sgmv_shrink.launch_config(num_tokens, num_segs, num_mods, max_rank, h_in, True, config)
+    expand = sgmv_expand.launch_config(num_tokens, num_segs, n, max_rank, dtype, config)
     return tuple(sorted(shrink.items())), tuple(sorted(expand.items()))
 
 
@@ -108,16 +108,16 @@ def warm_lora_kernels(pool, max_tokens: int, max_segs: int, block_g: int) -> int
     launches = 0
     for shape, lin in by_shape.items():
         h_in, num_mods, max_rank, n = shape
-        shrink_config, expand_config = eager_configs(max_rank, block_g)
+        config = eager_config(max_rank, block_g)
         for t, g in todo[shape]:
             cuts = [t * i // g for i in range(g + 1)]                          # G non-empty segments
             indptr = torch.tensor(cuts, dtype=torch.int32, device=device)
             x = x_buf[: t * h_in].view(t, h_in)
             y = lin.shrink_scratch[: t * num_mods * max_rank].view(t, num_mods, max_rank)
             out = out_buf[: t * n].view(t, n)
-            lin.ops.sgmv_shrink(x, lin.a_pool, indptr, slots[:g], pool.slot_ranks, y, config=shrink_config)
+            lin.ops.sgmv_shrink(x, lin.a_pool, indptr, slots[:g], pool.slot_ranks, y, config=config)
             lin.ops.sgmv_expand(y, lin.b_pool, lin.out_offsets, indptr, slots[:g], pool.slot_ranks,
-                                pool.slot_scales, out, config=expand_config)
+                                pool.slot_scales, out, config=config)
             launches += 1
     if device.type == "cuda":
         torch.cuda.synchronize(device)
