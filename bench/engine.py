@@ -107,7 +107,8 @@ class Run:
         args, engine = self.args, self.engine
         total = args.requests
         self.source.prepare(self.workload)
-        loads_before, waits_before = engine.slot_pool.num_loads, engine.slot_pool.num_step_waits
+        pool = engine.slot_pool
+        loads_before, waits_before, staged_before = pool.num_loads, pool.num_step_waits, pool.num_staged_loads
         engine.slot_pool.load_timings = []
         self.recorder.reset()
         if engine.device.type == "cuda":
@@ -123,7 +124,8 @@ class Run:
         res = self._metrics(wall, engine.slot_pool.num_loads - loads_before)
         if profile is not None:
             res["cprofile_top"] = top_functions(profile, cprofile_top)
-        res["steps_waiting_on_loads"] = engine.slot_pool.num_step_waits - waits_before   # issue 9: should be 0
+        res["steps_waiting_on_loads"] = pool.num_step_waits - waits_before   # issue 9: should be 0
+        res["staged_loads"] = pool.num_staged_loads - staged_before          # one copy + fill kernels
         return res
 
     def _drive(self, total: int) -> float:

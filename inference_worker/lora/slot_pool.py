@@ -14,9 +14,13 @@ sequence only once its adapter is in, so no step waits for a copy), and
 `wait_for_loads` makes the compute stream wait for the loads of a step's slots on the
 device (LoadAdapter pins may be used by the next step).
 
-With load_thread, the copies are issued by a loader thread: a Llama-3-8B adapter is
-~450 copies, ~10 ms of host time even issued from C++ (the GIL is released meanwhile),
-which on the engine thread would hold up the running batch's next step. A load is then
+A load on CUDA is staged (lora/staged_load.py): the adapter, whose tensors are views of
+one pinned buffer, goes to a staging region in one copy and two fill kernels scatter it
+into the slot, zeroing rows a higher-rank occupant left. Adapters that are not one
+buffer (merges) are copied module by module (~450 copies for a Llama-3-8B adapter).
+
+With load_thread, loads are issued by a loader thread, so their host work (a few CUDA calls
+staged, ~10 ms of them module by module) never holds up the running batch's next step. A load is then
 a Future of its done event; `wait_for_loads` waits on the host only for a load the step
 needs that is not issued yet (a sequence admitted with its adapter in the same step).
 """
@@ -31,29 +35,49 @@ import torch
 from inference_worker.adapter_weights import AdapterWeights
 from inference_worker.lora.layers import LoRALinear
 from inference_worker.lora.policy import CachePolicy, LRUPolicy
+from inference_worker.lora.staged_load import ModuleRows, adapter_span, fill_tables
 from services.errors import FailedPrecondition
 
 
 class SlotPool:
     def __init__(self, lora_layers: list[tuple[int, LoRALinear]], num_slots: int, max_rank: int,
                  max_tokens: int, device: torch.device, dtype: torch.dtype,
-                 policy: CachePolicy | None = None, load_thread: bool = False) -> None:
-        """load_thread: issue loads from a loader thread (EngineConfig.adapter_load_thread)."""
+                 policy: CachePolicy | None = None, load_thread: bool = False,
+                 staged_loads: bool | None = None) -> None:
+        """load_thread: issue loads from a loader thread (EngineConfig.adapter_load_thread).
+        staged_loads: load an adapter as one copy plus fill kernels (lora/staged_load.py; default
+        on CUDA; on CPU only with TRITON_INTERPRET=1, for tests)."""
         self.num_slots, self.max_rank = num_slots, max_rank
         self.policy = policy or LRUPolicy()
         self.num_layers = 1 + max((i for i, _ in lora_layers), default=-1)
         # (layer, PEFT module name) -> (layer module, index of the module in its fused group)
         self._targets: dict[tuple[int, str], tuple[LoRALinear, int]] = {}
-        max_fused = 1
-        for layer_idx, lin in lora_layers:
-            num_modules = len(lin.module_names)
+        self._rows: dict[tuple[int, str], ModuleRows] = {}   # the same, as offsets into self._buffer
+        self.staged_loads = device.type == "cuda" if staged_loads is None else staged_loads
+        sizes = [(len(lin.module_names) * max_rank * lin.in_features, max_rank * lin.out_offsets[-1])
+                 for _, lin in lora_layers]
+        per_slot = sum(a + b for a, b in sizes)
+        # one buffer for every pool (a load's fill kernels address all of them from one base),
+        # plus a slot-sized staging region for the staged copy of an adapter
+        self._buffer = torch.zeros(num_slots * per_slot + (per_slot if self.staged_loads else 0),
+                                   device=device, dtype=dtype)
+        self._staging = self._buffer[num_slots * per_slot:]
+        offset, max_fused = 0, 1
+        for (layer_idx, lin), (a_size, b_size) in zip(lora_layers, sizes):
+            num_modules, n = len(lin.module_names), lin.out_offsets[-1]
             max_fused = max(max_fused, num_modules)
-            lin.a_pool = torch.zeros(num_slots, num_modules, max_rank, lin.in_features, device=device, dtype=dtype)
+            lin.a_pool = self._buffer[offset: offset + num_slots * a_size].view(
+                num_slots, num_modules, max_rank, lin.in_features)
             # rank-major: a rank row is N contiguous values, so the expand reads only an adapter's
             # own rows whatever R (kernels/sgmv_expand.py)
-            lin.b_pool = torch.zeros(num_slots, max_rank, lin.out_offsets[-1], device=device, dtype=dtype)
+            b_offset = offset + num_slots * a_size
+            lin.b_pool = self._buffer[b_offset: b_offset + num_slots * b_size].view(num_slots, max_rank, n)
             for m, name in enumerate(lin.module_names):
                 self._targets[(layer_idx, name)] = (lin, m)
+                self._rows[(layer_idx, name)] = ModuleRows(
+                    offset + m * max_rank * lin.in_features, a_size, lin.in_features,
+                    b_offset + lin.out_offsets[m], b_size, lin.out_offsets[m + 1] - lin.out_offsets[m], n)
+            offset = b_offset + num_slots * b_size
         scratch = torch.zeros(max_tokens * max_fused * max_rank, device=device, dtype=torch.float32)
         for _, lin in lora_layers:
             lin.shrink_scratch = scratch
@@ -65,6 +89,7 @@ class SlotPool:
         self._free = list(range(num_slots - 1, -1, -1))    # pop() gives slot 0 first
         self.num_loads = 0
         self.num_evictions = 0
+        self.num_staged_loads = 0        # loads that took the staged path (the others copied module by module)
         self.num_step_waits = 0          # steps whose compute had to wait for a copy not yet done
         self.loads_async = device.type == "cuda"
         self._copy_stream = torch.cuda.Stream(device) if self.loads_async else None
@@ -241,7 +266,7 @@ class SlotPool:
         """The copies of one load (on the loader thread, if any); -> the event after them on the
         copy stream (None on CPU, where the copies are done on return)."""
         if self._copy_stream is None:
-            self._copy_into(slot, adapter, rank)
+            self._fill(slot, adapter, rank)
             if self.load_timings is not None:
                 self.load_timings.append((None, time.perf_counter() - host_start, 0.0))
             return None
@@ -250,12 +275,34 @@ class SlotPool:
             start = torch.cuda.Event(enable_timing=True) if self.load_timings is not None else None
             if start is not None:
                 start.record()
-            self._copy_into(slot, adapter, rank)
+            self._fill(slot, adapter, rank)
             done = torch.cuda.Event(enable_timing=start is not None)
             done.record()
         if start is not None:
             self.load_timings.append((start, done, time.perf_counter() - host_start))
         return done
+
+    def _fill(self, slot: int, adapter: AdapterWeights, rank: int) -> None:
+        """Write the adapter into the slot (on the current stream): staged when it can be."""
+        span = adapter_span(adapter, self._buffer.dtype) if self.staged_loads else None
+        if span is None or span.tensor.numel() > self._staging.numel():
+            self._copy_into(slot, adapter, rank)
+            return
+        from kernels.slot_fill import fill_slot  # Triton: imported only where loads use it
+
+        rows, transposed = fill_tables(self._rows, adapter, span, slot, self._dirty_rank[slot])
+        staging = self._staging[: span.tensor.numel()]
+        staging.copy_(span.tensor, non_blocking=True)
+        # both tables in one small copy (from pinned memory: asynchronous, kept alive until done)
+        flat = [v for entry in rows for v in entry] + [v for entry in transposed for v in entry]
+        tables = torch.tensor(flat, dtype=torch.int64)
+        if self._buffer.is_cuda:
+            tables = tables.pin_memory().to(self._buffer.device, non_blocking=True)
+        fill_slot(staging, self._buffer, tables[: 4 * len(rows)].view(-1, 4), tables[4 * len(rows):].view(-1, 6))
+        self._dirty_rank[slot] = rank
+        self.slot_ranks[slot] = rank
+        self.slot_scales[slot] = adapter.scaling
+        self.num_staged_loads += 1
 
     def _copy_into(self, slot: int, adapter: AdapterWeights, rank: int) -> None:
         # Zero the slot only when a row the new adapter does not overwrite may be non-zero: a

@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
-from inference_worker.detokenizer import IncrementalDetokenizer
+from inference_worker.detokenizer import IncrementalDetokenizer, list_decoder
 
 
 @pytest.fixture(scope="module")
@@ -68,3 +69,26 @@ def test_nothing_after_stop(tokenizer):
     out = [detok.add(t) for t in tokenizer("abc STOP def", add_special_tokens=False).input_ids]
     assert "".join(out) == "abc " and detok.stopped
     assert detok.add(tokenizer("more", add_special_tokens=False).input_ids[0]) == "" and detok.flush() == ""
+
+
+def test_list_decoder_equals_decode(tokenizer):
+    """The detokenizer's decode path (transformers' _decode, skipping decode's input conversion)
+    gives tokenizer.decode's text for any ids, special tokens and partial characters included."""
+    decode = list_decoder(tokenizer)
+    assert decode is not tokenizer.decode                # the fast path is the one under test
+    gen = torch.Generator().manual_seed(0)
+    specials = list(tokenizer.all_special_ids)
+    for n in (1, 2, 7, 40):
+        for _ in range(25):
+            ids = torch.randint(0, len(tokenizer), (n,), generator=gen).tolist()
+            ids[0:0] = specials[: n % 3]
+            for skip in (True, False):
+                assert decode(ids, skip_special_tokens=skip) == tokenizer.decode(ids, skip_special_tokens=skip)
+
+
+def test_list_decoder_falls_back_to_decode():
+    class Plain:
+        def decode(self, ids, skip_special_tokens=False):
+            return ",".join(map(str, ids))
+
+    assert list_decoder(Plain())([1, 2], skip_special_tokens=True) == "1,2"
