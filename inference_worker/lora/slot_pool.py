@@ -14,8 +14,8 @@ sequence only once its adapter is in, so no step waits for a copy), and
 `wait_for_loads` makes the compute stream wait for the loads of a step's slots on the
 device (LoadAdapter pins may be used by the next step).
 
-A load on CUDA is staged (lora/staged_load.py): the adapter, whose tensors are views of
-one pinned buffer, goes to a staging region in one copy and two fill kernels scatter it
+A load on CUDA is staged (lora/staged_load.py): the adapter, whose tensors are views of a
+few pinned buffers, goes to a staging region in one copy per buffer and two fill kernels scatter it
 into the slot, zeroing rows a higher-rank occupant left. Adapters that are not one
 buffer (merges) are copied module by module (~450 copies for a Llama-3-8B adapter).
 
@@ -285,20 +285,23 @@ class SlotPool:
     def _fill(self, slot: int, adapter: AdapterWeights, rank: int) -> None:
         """Write the adapter into the slot (on the current stream): staged when it can be."""
         span = adapter_span(adapter, self._buffer.dtype) if self.staged_loads else None
-        if span is None or span.tensor.numel() > self._staging.numel():
+        if span is None or span.numel > self._staging.numel():
             self._copy_into(slot, adapter, rank)
             return
         from kernels.slot_fill import fill_slot  # Triton: imported only where loads use it
 
         rows, transposed = fill_tables(self._rows, adapter, span, slot, self._dirty_rank[slot])
-        staging = self._staging[: span.tensor.numel()]
-        staging.copy_(span.tensor, non_blocking=True)
+        offset = 0
+        for chunk in span.chunks:                     # one copy per host buffer of the adapter
+            self._staging[offset: offset + chunk.numel()].copy_(chunk, non_blocking=True)
+            offset += chunk.numel()
         # both tables in one small copy (from pinned memory: asynchronous, kept alive until done)
         flat = [v for entry in rows for v in entry] + [v for entry in transposed for v in entry]
         tables = torch.tensor(flat, dtype=torch.int64)
         if self._buffer.is_cuda:
             tables = tables.pin_memory().to(self._buffer.device, non_blocking=True)
-        fill_slot(staging, self._buffer, tables[: 4 * len(rows)].view(-1, 4), tables[4 * len(rows):].view(-1, 6))
+        split = 4 * len(rows)
+        fill_slot(self._staging[:offset], self._buffer, tables[:split].view(-1, 4), tables[split:].view(-1, 6))
         self._dirty_rank[slot] = rank
         self.slot_ranks[slot] = rank
         self.slot_scales[slot] = adapter.scaling

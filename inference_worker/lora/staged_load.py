@@ -5,10 +5,10 @@ are an element offset into it: A rows of module m of a LoRALinear at
     a_base + s * M*R*in + m * R*in      (contiguous [r, in])
 B rows (rank-major [R, N], module columns lo:hi) at
     b_base + s * R*N + lo               (rows N apart)
-An adapter whose tensors are views of one buffer in the pool's dtype (a blob read into
-pinned memory, inference_worker/blob_reader.py) is copied to a staging region whole;
-the fill tables say where each module's A and B go. Others (merges) take the slot
-pool's module-by-module copies.
+An adapter whose tensors are views of a few buffers in the pool's dtype (a blob read into
+pinned memory, inference_worker/blob_reader.py) is copied to a staging region in one copy
+per buffer; the fill tables say where each module's A and B go. Others (merges, a dtype
+other than the pool's) take the slot pool's module-by-module copies.
 """
 from __future__ import annotations
 
@@ -34,33 +34,46 @@ class ModuleRows:
 
 @dataclass(frozen=True)
 class Span:
-    """One tensor over every module's A and B (a view of their shared buffer) and where each
-    pair starts in it (element offsets)."""
+    """The adapter as a few host tensors to copy one after another into the staging region
+    (each a view over one buffer of the adapter's), and where each module's A and B then start
+    there (element offsets)."""
 
-    tensor: torch.Tensor
+    chunks: list[torch.Tensor]
     offsets: dict[ModuleKey, tuple[int, int]]
+
+    @property
+    def numel(self) -> int:
+        return sum(c.numel() for c in self.chunks)
 
 
 def adapter_span(weights: AdapterWeights, dtype: torch.dtype) -> Span | None:
-    """The adapter's tensors as one span, or None when they are not contiguous views of one
-    storage in `dtype`."""
+    """The adapter's tensors as one chunk per buffer they are views of (a blob read into pinned
+    memory is a few buffers, inference_worker/blob_reader.py), or None when a tensor is not a
+    contiguous view in `dtype`."""
     pairs = [(key, a, b) for key, (a, b) in weights.modules.items() if a.numel() and b.numel()]
+    size = dtype.itemsize
+    buffers: dict[int, list] = {}                    # storage address -> [storage, lo, hi]
+    for _, a, b in pairs:
+        for t in (a, b):
+            storage = t.untyped_storage()
+            if t.dtype != dtype or not t.is_contiguous() or (t.data_ptr() - storage.data_ptr()) % size:
+                return None
+            extent = buffers.setdefault(storage.data_ptr(), [storage, t.data_ptr(), t.data_ptr() + t.nbytes])
+            extent[1], extent[2] = min(extent[1], t.data_ptr()), max(extent[2], t.data_ptr() + t.nbytes)
     if not pairs:
         return None
-    storage = pairs[0][1].untyped_storage()
-    base, size = storage.data_ptr(), dtype.itemsize
-    starts = {}
-    for key, a, b in pairs:
-        for t in (a, b):
-            if t.dtype != dtype or not t.is_contiguous() or t.untyped_storage().data_ptr() != base \
-                    or (t.data_ptr() - base) % size:
-                return None
-        starts[key] = (a.data_ptr(), b.data_ptr())
-    lo = min(min(s) for s in starts.values())
-    hi = max(max(a.data_ptr() + a.nbytes, b.data_ptr() + b.nbytes) for _, a, b in pairs)
-    tensor = torch.empty(0, dtype=dtype, device=pairs[0][1].device).set_(
-        storage, (lo - base) // size, ((hi - lo) // size,))
-    return Span(tensor, {key: ((a - lo) // size, (b - lo) // size) for key, (a, b) in starts.items()})
+    chunks, start_of, staged = [], {}, 0             # start_of: storage address -> (lo, staging offset)
+    for base, (storage, lo, hi) in buffers.items():
+        chunks.append(torch.empty(0, dtype=dtype, device=pairs[0][1].device).set_(
+            storage, (lo - base) // size, ((hi - lo) // size,)))
+        start_of[base] = (lo, staged)
+        staged += (hi - lo) // size
+
+    def staged_at(t: torch.Tensor) -> int:
+        lo, offset = start_of[t.untyped_storage().data_ptr()]
+        return offset + (t.data_ptr() - lo) // size
+
+    return Span(chunks, {key: (staged_at(a), staged_at(b)) for key, a, b in pairs})
 
 
 def fill_tables(targets: dict[ModuleKey, ModuleRows], weights: AdapterWeights, span: Span, slot: int,

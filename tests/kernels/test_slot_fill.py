@@ -89,21 +89,42 @@ def one_buffer_adapter(key: str, ranks: dict[str, int], seed: int, dtype=torch.f
     return AdapterWeights(key, "m", max(ranks.values()), 0.5 + seed, modules)
 
 
-def test_adapter_span_needs_one_buffer_of_the_pool_dtype():
-    adapter = one_buffer_adapter("a", {"q_proj": 4, "o_proj": 2}, 0)
+def split_buffers(adapter: AdapterWeights, parts: int) -> AdapterWeights:
+    """The same weights in `parts` buffers (a blob read into pinned memory is a few)."""
+    keys = list(adapter.modules)
+    modules = {}
+    for i in range(parts):
+        group = keys[i::parts]
+        flat = torch.cat([t.reshape(-1) for k in group for t in adapter.modules[k]])
+        offset = 0
+        for k in group:
+            pair = []
+            for t in adapter.modules[k]:
+                pair.append(flat[offset: offset + t.numel()].view_as(t))
+                offset += t.numel()
+            modules[k] = tuple(pair)
+    return AdapterWeights(adapter.key, "m", adapter.rank, adapter.scaling, modules)
+
+
+@pytest.mark.parametrize("parts", [1, 3])
+def test_adapter_span_stages_every_module(parts):
+    adapter = split_buffers(one_buffer_adapter("a", {"q_proj": 4, "o_proj": 2}, 0), parts)
     span = adapter_span(adapter, torch.float32)
+    assert len(span.chunks) == parts
+    staged = torch.cat(span.chunks)
     for key, (a, b) in adapter.modules.items():
         a_off, b_off = span.offsets[key]
-        assert torch.equal(span.tensor[a_off: a_off + a.numel()].view_as(a), a)
-        assert torch.equal(span.tensor[b_off: b_off + b.numel()].view_as(b), b)
-    assert adapter_span(adapter, torch.bfloat16) is None
-    separate = AdapterWeights("s", "m", 2, 1.0, {k: (a.clone(), b.clone()) for k, (a, b) in adapter.modules.items()})
-    assert adapter_span(separate, torch.float32) is None
+        assert torch.equal(staged[a_off: a_off + a.numel()].view_as(a), a)
+        assert torch.equal(staged[b_off: b_off + b.numel()].view_as(b), b)
+    assert adapter_span(adapter, torch.bfloat16) is None                     # not the pool's dtype
+    transposed = AdapterWeights("t", "m", 4, 1.0, {k: (a, b.t().contiguous().t()) for k, (a, b) in adapter.modules.items()})
+    assert adapter_span(transposed, torch.float32) is None                   # not contiguous
 
 
 def test_staged_pool_matches_module_copies():
-    """The same loads (ranks up and down, modules missing, per-module ranks, a merge-like adapter
-    of separate tensors, a reused slot) leave a staged pool and a copying pool equal."""
+    """The same loads (ranks up and down, modules missing, per-module ranks, weights over several
+    buffers or one tensor each, a dtype to convert, a reused slot) leave a staged pool and a
+    copying pool equal."""
     staged = SlotPool(make_layers(), 2, 8, 16, torch.device(DEVICE), torch.float32, staged_loads=True)
     copied = SlotPool(make_layers(), 2, 8, 16, torch.device(DEVICE), torch.float32, staged_loads=False)
     loads = [
@@ -113,8 +134,11 @@ def test_staged_pool_matches_module_copies():
         one_buffer_adapter("r8b", {"q_proj": 8, "k_proj": 8, "v_proj": 8, "o_proj": 8}, 4),
         one_buffer_adapter("r1", {"o_proj": 1}, 5),
     ]
-    separate = one_buffer_adapter("sep", {"k_proj": 5, "o_proj": 5}, 6)
+    loads.append(split_buffers(one_buffer_adapter("split", {"q_proj": 5, "k_proj": 5, "o_proj": 5}, 6), 3))
+    separate = one_buffer_adapter("sep", {"k_proj": 5, "o_proj": 5}, 7)     # a merge: one tensor each
     loads.append(AdapterWeights("sep", "m", 5, 1.5, {k: (a.clone(), b.clone()) for k, (a, b) in separate.modules.items()}))
+    half = one_buffer_adapter("f16", {"q_proj": 3, "o_proj": 3}, 8, dtype=torch.float16)  # copied, converted
+    loads.append(half)
     for i, adapter in enumerate(loads):
         for pool in (staged, copied):
             if i % 3 == 2:
@@ -130,4 +154,4 @@ def test_staged_pool_matches_module_copies():
         assert torch.equal(staged.slot_ranks.cpu(), copied.slot_ranks.cpu())
         assert torch.equal(staged.slot_scales.cpu(), copied.slot_scales.cpu())
         assert staged.slot_of(adapter.key) == copied.slot_of(adapter.key)
-    assert (staged.num_staged_loads, copied.num_staged_loads) == (len(loads) - 1, 0)   # "sep" copies
+    assert (staged.num_staged_loads, copied.num_staged_loads) == (len(loads) - 1, 0)   # "f16" copies

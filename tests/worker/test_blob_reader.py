@@ -12,8 +12,9 @@ from safetensors.torch import load_file, save_file
 
 from adapter_store.canonical import write_canonical
 from inference_worker import blob_reader
-from inference_worker.adapter_weights import load_adapter_blob
+from inference_worker.adapter_weights import adapter_from_state_dict, load_adapter_blob
 from inference_worker.blob_reader import _Entry, _groups, read_safetensors
+from inference_worker.lora.staged_load import adapter_span
 from services.adapter_format import read_safetensors_header
 
 PREFIX = "base_model.model.model.layers.{}.{}.lora_{}.weight"
@@ -187,3 +188,19 @@ def test_pinned_read_gives_pinned_equal_tensors(tmp_path):
     assert all(a.is_pinned() and b.is_pinned() for a, b in weights.modules.values())
     a = weights.modules[(1, "q_proj")][0]
     assert torch.equal(a.to("cuda", non_blocking=True).cpu(), expected[PREFIX.format(1, "self_attn.q_proj", "A")])
+
+
+def test_blob_in_buffers_stages_one_copy_per_buffer(tmp_path):
+    """What the CPU tier holds on CUDA (a blob read into a few buffers) takes the slot pool's
+    staged load: one chunk per buffer, every module found at its offset (lora/staged_load.py)."""
+    blob, _ = store_blob(tmp_path)
+    tensors = read_into_buffers(blob)
+    weights = adapter_from_state_dict("k", CONFIG, tensors)
+    span = adapter_span(weights, torch.bfloat16)
+    assert span is not None
+    assert len(span.chunks) == len({t.untyped_storage().data_ptr() for t in tensors.values()}) > 1
+    staged = torch.cat(span.chunks)
+    for key, (a, b) in weights.modules.items():
+        a_off, b_off = span.offsets[key]
+        assert torch.equal(staged[a_off: a_off + a.numel()].view_as(a), a)
+        assert torch.equal(staged[b_off: b_off + b.numel()].view_as(b), b)
