@@ -109,6 +109,7 @@ class Run:
         self.source.prepare(self.workload)
         pool = engine.slot_pool
         loads_before, waits_before, staged_before = pool.num_loads, pool.num_step_waits, pool.num_staged_loads
+        held_before = engine.scheduler.num_held_steps
         engine.slot_pool.load_timings = []
         self.recorder.reset()
         if engine.device.type == "cuda":
@@ -126,6 +127,7 @@ class Run:
             res["cprofile_top"] = top_functions(profile, cprofile_top)
         res["steps_waiting_on_loads"] = pool.num_step_waits - waits_before   # issue 9: should be 0
         res["staged_loads"] = pool.num_staged_loads - staged_before          # one copy + fill kernels
+        res["held_prefill_steps"] = engine.scheduler.num_held_steps - held_before
         return res
 
     def _drive(self, total: int) -> float:
@@ -254,6 +256,8 @@ def parse_args(argv=None):
                    help="issue adapter copies from a loader thread (EngineConfig.adapter_load_thread; default: on for CUDA)")
     p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                    help="schedule each step before the previous one's tokens are read back (default: on for CUDA)")
+    p.add_argument("--hold-prefill-steps", type=int, default=0,
+                   help="ready prompts wait up to N steps for a pending adapter (EngineConfig.hold_prefill_steps)")
     p.add_argument("--warm-kernels", action=argparse.BooleanOptionalAction, default=None,
                    help="compile the eager LoRA kernel variants at engine start (default: on for CUDA)")
     p.add_argument("--device", default="auto")
@@ -286,7 +290,7 @@ def build_engine(args, model_dir: Path, source: BenchAdapterSource) -> LLMEngine
                           max_adapter_slots=args.max_slots, max_lora_rank=args.max_rank,
                           cuda_graphs=args.graph_buckets != "none", cuda_graph_buckets=buckets,
                           adapter_load_thread=args.adapter_load_thread, async_scheduling=args.async_scheduling,
-                          warm_kernels=args.warm_kernels)
+                          warm_kernels=args.warm_kernels, hold_prefill_steps=args.hold_prefill_steps)
     return LLMEngine(config, str(model_dir), source, random_weights=True)
 
 

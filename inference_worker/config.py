@@ -51,6 +51,10 @@ class EngineConfig:
     #   never waits between steps. Finished sequences are noticed one step later (their extra
     #   token is dropped).
     async_scheduling: bool | None = None
+    # Ready prompts wait up to this many steps for a waiting request whose adapter is still being
+    # fetched or copied, so one burst of prompts shares one eager step (inference_worker/scheduler.py,
+    # rule 3). 0 = off (default: not yet measured on a GPU; bench/engine.py --hold-prefill-steps).
+    hold_prefill_steps: int = 0
     # Compile at start the SGMV kernel variants prompt steps can meet (inference_worker/lora/warmup.py),
     # instead of on first use with the batch waiting; None = on for CUDA (Triton), off on CPU.
     warm_kernels: bool | None = None
@@ -63,6 +67,8 @@ class EngineConfig:
                 raise ValueError(f"bad device {self.device!r}: {exc}") from None
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ValueError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.hold_prefill_steps < 0:
+            raise ValueError("hold_prefill_steps must be >= 0")
         for name in ("block_size", "max_num_seqs", "max_waiting", "max_adapter_slots", "max_lora_rank"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")

@@ -83,7 +83,8 @@ class LLMEngine:
         self.block_manager = BlockManager(num_blocks, config.block_size)
         self.max_seq_tokens = min(self.max_model_len, num_blocks * config.block_size)
         self.scheduler = Scheduler(self.block_manager, TicketGate(self.slot_pool), config.max_num_seqs,
-                                   config.max_num_batched_tokens, self.max_seq_tokens)
+                                   config.max_num_batched_tokens, self.max_seq_tokens,
+                                   hold_prefill_steps=config.hold_prefill_steps)
         self.sampler = Sampler(device, config.seed)
         self.device = device
         self.vocab_size = spec.vocab_size

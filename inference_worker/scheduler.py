@@ -9,6 +9,11 @@ Every step:
    whose adapter is still being fetched is skipped (it keeps its place, others pass
    it); the first one that does not fit for lack of a resource stops admission, so
    nobody overtakes it and it cannot starve.
+3. With hold_prefill_steps > 0, ready prompts wait up to that many steps while a waiting
+   sequence's adapter is still being fetched or copied and the step has room for it:
+   the prompts of one burst then share one eager (prompt-heavy) step instead of two,
+   which costs far more than the decode step they wait (issue 9's S1000, a prompt-heavy
+   step ~68 ms against a 10 ms decode step: bench/results/engine-h200-runs.md).
 """
 from __future__ import annotations
 
@@ -56,7 +61,8 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, gate: AdapterGate, max_num_seqs: int,
-                 max_num_batched_tokens: int, max_seq_tokens: int | None = None) -> None:
+                 max_num_batched_tokens: int, max_seq_tokens: int | None = None,
+                 hold_prefill_steps: int = 0) -> None:
         self.block_manager = block_manager
         self.gate = gate
         self.max_seq_tokens = max_seq_tokens or 1 << 62     # a sequence never grows past it
@@ -64,6 +70,9 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.hold_prefill_steps = hold_prefill_steps
+        self._held = 0                          # consecutive steps ready prompts were held
+        self.num_held_steps = 0
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -84,9 +93,30 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         out.decodes = self._schedule_decodes(out.preempted)
-        if not out.preempted:
-            self._admit(out, token_budget=self.max_num_batched_tokens - len(out.decodes))
+        budget = self.max_num_batched_tokens - len(out.decodes)
+        if not out.preempted and not self._hold(budget):
+            self._admit(out, token_budget=budget)
         return out
+
+    def _hold(self, token_budget: int) -> bool:
+        """Whether ready prompts wait this step for a pending adapter of the queue (rule 3).
+        Only while decodes keep the GPU busy, and at most hold_prefill_steps steps in a row."""
+        if not self.hold_prefill_steps or not self.running or self._held >= self.hold_prefill_steps:
+            self._held = 0
+            return False
+        ready_tokens, pending = 0, False
+        for seq in list(self.waiting)[: self.max_num_seqs - len(self.running)]:
+            state = self.gate.state(seq)                # (starts the adapter's copy, as admission would)
+            if state is AdapterState.PENDING:
+                pending = True
+            elif state is AdapterState.READY:
+                ready_tokens += seq.num_tokens
+        if not (pending and 0 < ready_tokens < token_budget):
+            self._held = 0
+            return False
+        self._held += 1
+        self.num_held_steps += 1
+        return True
 
     def _schedule_decodes(self, preempted: list[Sequence]) -> list[Sequence]:
         # tokens still in flight already end some (async scheduling): they wait for their last

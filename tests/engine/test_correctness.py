@@ -70,3 +70,16 @@ def test_matches_under_preemption_and_eviction(family, family_model, adapters_of
     assert engine.scheduler.num_preemptions > 0
     assert engine.slot_pool.num_evictions > 0
     check_against_hf(_reference(model_dir, adapter_dirs), requests, results, generate=False)
+
+
+def test_matches_with_prompts_held_for_pending_adapters(family_model, adapters_of, make_engine):
+    """hold_prefill_steps: ready prompts wait for the lagging adapter a few steps; tokens unchanged."""
+    model_dir = family_model("llama")
+    adapter_dirs = adapters_of(model_dir)
+    engine = make_engine(model_dir, DirSource(adapter_dirs, delays={"a32": 5}), max_adapter_slots=4,
+                         max_lora_rank=32, hold_prefill_steps=2)
+    driver = Driver(engine)
+    arrivals, requests = _workload(driver, engine.tokenizer)
+    results = driver.run(arrivals)
+    assert engine.scheduler.num_held_steps > 0
+    check_against_hf(_reference(model_dir, adapter_dirs), requests, results)

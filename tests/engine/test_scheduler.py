@@ -164,3 +164,49 @@ def test_lone_sequence_preempts_itself_only_when_nothing_else():
     advance(sched, out)
     out = sched.schedule()
     assert ids(out.preempted) == ["a"] and not out.decodes
+
+
+def hold_setup(hold: int):
+    """One sequence decoding, then a ready prompt and one whose adapter is pending."""
+    gate = FakeGate()
+    sched = Scheduler(BlockManager(64, 4), gate, 8, 64, hold_prefill_steps=hold)
+    sched.add(seq("running"))
+    advance(sched, sched.schedule())
+    gate.pending.add("slow")
+    sched.add(seq("ready"))
+    sched.add(seq("late", adapter="slow"))
+    return sched, gate
+
+
+def test_ready_prompts_wait_for_a_pending_adapter_up_to_the_hold():
+    sched, gate = hold_setup(hold=2)
+    for _ in range(2):                                   # held: the step only decodes
+        out = sched.schedule()
+        assert ids(out.decodes) == ["running"] and not out.prefills
+        advance(sched, out)
+    out = sched.schedule()                               # the hold is used up: admitted alone
+    assert ids(out.prefills) == ["ready"] and sched.num_held_steps == 2
+    advance(sched, out)
+    gate.pending.clear()
+    assert ids(sched.schedule().prefills) == ["late"]
+
+
+def test_held_prompts_join_the_pending_one_when_it_is_ready():
+    sched, gate = hold_setup(hold=3)
+    advance(sched, sched.schedule())
+    gate.pending.clear()                                 # the copy landed: one prompt step for both
+    assert ids(sched.schedule().prefills) == ["ready", "late"]
+
+
+def test_no_hold_when_off_idle_or_full():
+    sched, _ = hold_setup(hold=0)
+    assert ids(sched.schedule().prefills) == ["ready"]    # off: admitted at once
+    gate = FakeGate()
+    gate.pending.add("slow")
+    idle = Scheduler(BlockManager(64, 4), gate, 8, 64, hold_prefill_steps=2)
+    idle.add(seq("ready"))
+    idle.add(seq("late", adapter="slow"))
+    assert ids(idle.schedule().prefills) == ["ready"]     # nothing decoding: the GPU would idle
+    sched, _ = hold_setup(hold=2)
+    sched.waiting[0].request.prompt_token_ids[:] = [1] * 63
+    assert ids(sched.schedule().prefills) == ["ready"]    # the ready prompts fill the step already
