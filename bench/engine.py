@@ -47,6 +47,7 @@ from bench.engine_stats import StepRecorder, pct, summarize  # noqa: E402
 from bench.step_phases import top_functions  # noqa: E402
 from inference_worker.config import EngineConfig  # noqa: E402
 from inference_worker.engine import LLMEngine  # noqa: E402
+from inference_worker.gc_freeze import freeze_startup_objects, unfreeze  # noqa: E402
 from inference_worker.interfaces import EngineRequest, RequestOutput, SamplingConfig  # noqa: E402
 
 WARMUP = Workload("W", 16)
@@ -319,6 +320,7 @@ def main(argv=None) -> dict:
         start = time.perf_counter()
         engine = build_engine(args, model_dir, source)
         report["engine_init_s"] = time.perf_counter() - start
+        freeze_startup_objects()                         # as the worker does (inference_worker/gc_freeze.py)
         report["kernels"] = engine.ops.name
         report["graph_buckets"] = list(engine.runner.graphs.buckets) if engine.runner.graphs else []
         recorder = StepRecorder(engine, source, report["copy_bw_TBps"] * 1e12)
@@ -337,6 +339,7 @@ def main(argv=None) -> dict:
             print(f"{name}: {json.dumps(report['workloads'][name])[:400]}", flush=True)
         engine.stop()
         del engine
+        unfreeze()
     if args.peft_baseline:
         try:
             report["peft_baseline"] = peft_baseline(args, device)

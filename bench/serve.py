@@ -215,6 +215,7 @@ class _StoreAdapterSizes:
 def run_inprocess(args, model_dir: Path, store: str, data_dir: Path, requests: tuple, warm: tuple,
                   workload: Workload) -> dict:
     """The same requests on an engine build_worker makes from the same flags, stepped by bench.engine.Run."""
+    from inference_worker.gc_freeze import freeze_startup_objects, unfreeze
     from inference_worker.server import build_worker
 
     parser = argparse.ArgumentParser()
@@ -223,6 +224,7 @@ def run_inprocess(args, model_dir: Path, store: str, data_dir: Path, requests: t
                                   "--data-dir", str(data_dir)]
     worker = build_worker(worker_cli.config_from_args(parser.parse_args(flags)))
     engine = worker.engine
+    freeze_startup_objects()                 # as the worker process does (Worker.serve_forever)
     try:
         sizes = _StoreAdapterSizes(model_dir, args.rank, torch.empty(0, dtype=engine.config.torch_dtype).element_size())
         recorder = StepRecorder(engine, sizes, copy_bandwidth(engine.device))
@@ -236,6 +238,7 @@ def run_inprocess(args, model_dir: Path, store: str, data_dir: Path, requests: t
         engine.stop()
         worker.manager.close()
         worker.store.close()
+        unfreeze()
 
 
 def serve_and_compare(args, model_dir: Path, tmp: Path, adapters: dict[str, Path], requests: tuple, warm: tuple,

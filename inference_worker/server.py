@@ -12,6 +12,7 @@ import torch
 from inference_worker.adapter_checks import ModelShapes, base_model_name
 from inference_worker.adapter_manager import AdapterManager, ManagerConfig
 from inference_worker.config import EngineConfig
+from inference_worker.gc_freeze import freeze_startup_objects, unfreeze
 from inference_worker.observe import EngineMonitor
 from inference_worker.service import InferenceWorkerServicer
 from protos import inference_worker_pb2, inference_worker_pb2_grpc
@@ -95,9 +96,13 @@ class Worker:
     def serve_forever(self) -> int:
         """CLI entry: serve until SIGTERM/SIGINT, drain, exit code 0."""
         self.server.install_signal_handlers()
-        self.start()
-        self.server.wait()
-        self.stop()
+        freeze_startup_objects()          # the worker's process is ours: full GC passes stay short
+        try:
+            self.start()
+            self.server.wait()
+            self.stop()
+        finally:
+            unfreeze()
         return 0
 
 
