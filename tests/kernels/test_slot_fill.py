@@ -73,30 +73,16 @@ def make_layers():
     return layers
 
 
-def one_buffer_adapter(key: str, ranks: dict[str, int], seed: int, dtype=torch.float32) -> AdapterWeights:
-    """Every module's A [r, in] and B [out, r] as views of one buffer (what a blob read gives),
-    module ranks as given (a rank pattern), modules not named absent."""
-    gen = torch.Generator().manual_seed(seed)
-    shapes = [((layer, m), (r, HIDDEN), (OUT[m], r)) for layer in range(2) for m, r in ranks.items()]
-    flat = torch.randn(sum(a[0] * a[1] + b[0] * b[1] for _, a, b in shapes) + 7, generator=gen).to(dtype)
-    modules, offset = {}, 7                          # starts inside the buffer, as a blob's data does
-    for mkey, a_shape, b_shape in shapes:
-        a = flat[offset: offset + a_shape[0] * a_shape[1]].view(a_shape)
-        offset += a.numel()
-        b = flat[offset: offset + b_shape[0] * b_shape[1]].view(b_shape)
-        offset += b.numel()
-        modules[mkey] = (a, b)
-    return AdapterWeights(key, "m", max(ranks.values()), 0.5 + seed, modules)
-
-
-def split_buffers(adapter: AdapterWeights, parts: int) -> AdapterWeights:
-    """The same weights in `parts` buffers (a blob read into pinned memory is a few)."""
+def split_buffers(adapter: AdapterWeights, parts: int, lead: int = 7) -> AdapterWeights:
+    """The same weights as views of `parts` buffers (a blob read into pinned memory is a few),
+    each starting `lead` elements in, as a blob's data section does."""
     keys = list(adapter.modules)
     modules = {}
     for i in range(parts):
         group = keys[i::parts]
-        flat = torch.cat([t.reshape(-1) for k in group for t in adapter.modules[k]])
-        offset = 0
+        flat = torch.cat([adapter.modules[keys[0]][0].new_zeros(lead)] +
+                         [t.reshape(-1) for k in group for t in adapter.modules[k]])
+        offset = lead
         for k in group:
             pair = []
             for t in adapter.modules[k]:
@@ -104,6 +90,15 @@ def split_buffers(adapter: AdapterWeights, parts: int) -> AdapterWeights:
                 offset += t.numel()
             modules[k] = tuple(pair)
     return AdapterWeights(adapter.key, "m", adapter.rank, adapter.scaling, modules)
+
+
+def one_buffer_adapter(key: str, ranks: dict[str, int], seed: int, dtype=torch.float32) -> AdapterWeights:
+    """Every module's A [r, in] and B [out, r] as views of one buffer (what a blob read gives),
+    module ranks as given (a rank pattern), modules not named absent."""
+    gen = torch.Generator().manual_seed(seed)
+    modules = {(layer, m): (torch.randn(r, HIDDEN, generator=gen).to(dtype), torch.randn(OUT[m], r, generator=gen).to(dtype))
+               for layer in range(2) for m, r in ranks.items()}
+    return split_buffers(AdapterWeights(key, "m", max(ranks.values()), 0.5 + seed, modules), 1)
 
 
 @pytest.mark.parametrize("parts", [1, 3])
