@@ -112,6 +112,7 @@ class LLMEngine:
         try:
             warm_lora_kernels(self.slot_pool, self.config.max_num_batched_tokens, self.config.max_num_seqs,
                               self.runner.eager_block_g)
+            self.slot_pool.warm_fill()                 # the adapter loads' fill kernels
         except Exception:  # noqa: BLE001 - serving still works; a variant then compiles on first use
             log.exception("compiling the LoRA kernel variants ahead failed; they will compile on first use")
 

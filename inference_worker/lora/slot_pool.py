@@ -14,15 +14,17 @@ sequence only once its adapter is in, so no step waits for a copy), and
 `wait_for_loads` makes the compute stream wait for the loads of a step's slots on the
 device (LoadAdapter pins may be used by the next step).
 
-A load on CUDA is staged (lora/staged_load.py): the adapter, whose tensors are views of a
-few pinned buffers, goes to a staging region in one copy per buffer and two fill kernels scatter it
-into the slot, zeroing rows a higher-rank occupant left. Adapters that are not one
-buffer (merges) are copied module by module (~450 copies for a Llama-3-8B adapter).
+A load on CUDA is staged (lora/staged_load.py): the adapter, whose tensors are views of
+a few pinned buffers (a merge's tensors are each their own), goes to a staging region in
+one copy per buffer, and two fill kernels scatter it into the slot, zeroing rows a
+higher-rank occupant left. An adapter in another dtype than the pool's is copied module by
+module instead (~450 copies for a Llama-3-8B adapter, converting).
 
-With load_thread, loads are issued by a loader thread, so their host work (a few CUDA calls
-staged, ~10 ms of them module by module) never holds up the running batch's next step. A load is then
-a Future of its done event; `wait_for_loads` waits on the host only for a load the step
-needs that is not issued yet (a sequence admitted with its adapter in the same step).
+With load_thread, loads are issued by a loader thread, so their host work (a few CUDA
+calls staged, ~10 ms of them module by module) never holds up the running batch's next
+step. A load is then a Future of its done event; `wait_for_loads` waits on the host only
+for a load the step needs that is not issued yet (a sequence admitted with its adapter in
+the same step).
 """
 from __future__ import annotations
 
@@ -306,6 +308,17 @@ class SlotPool:
         self.slot_ranks[slot] = rank
         self.slot_scales[slot] = adapter.scaling
         self.num_staged_loads += 1
+
+    def warm_fill(self) -> None:
+        """Compile the fill kernels now (one variant per pool dtype), not in the first load: one
+        zero written into the staging region by each."""
+        if not self.staged_loads:
+            return
+        from kernels.slot_fill import fill_slot
+
+        at = self._buffer.numel() - self._staging.numel()      # the staging region, in dst offsets
+        tables = torch.tensor([0, at, 0, 1] + [0, at, 1, 0, 1, 1], dtype=torch.int64, device=self._buffer.device)
+        fill_slot(self._staging, self._buffer, tables[:4].view(1, 4), tables[4:].view(1, 6))
 
     def _copy_into(self, slot: int, adapter: AdapterWeights, rank: int) -> None:
         # Zero the slot only when a row the new adapter does not overwrite may be non-zero: a

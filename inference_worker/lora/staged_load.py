@@ -7,8 +7,9 @@ B rows (rank-major [R, N], module columns lo:hi) at
     b_base + s * R*N + lo               (rows N apart)
 An adapter whose tensors are views of a few buffers in the pool's dtype (a blob read into
 pinned memory, inference_worker/blob_reader.py) is copied to a staging region in one copy
-per buffer; the fill tables say where each module's A and B go. Others (merges, a dtype
-other than the pool's) take the slot pool's module-by-module copies.
+per buffer (a merge's tensors are each their own buffer); the fill tables say where each
+module's A and B go. Adapters in another dtype than the pool's, or not contiguous, take the
+slot pool's module-by-module copies.
 """
 from __future__ import annotations
 

@@ -150,3 +150,17 @@ def test_staged_pool_matches_module_copies():
         assert torch.equal(staged.slot_scales.cpu(), copied.slot_scales.cpu())
         assert staged.slot_of(adapter.key) == copied.slot_of(adapter.key)
     assert (staged.num_staged_loads, copied.num_staged_loads) == (len(loads) - 1, 0)   # "f16" copies
+
+
+def test_warm_fill_touches_only_the_staging_region():
+    pool = SlotPool(make_layers(), 2, 8, 16, torch.device(DEVICE), torch.float32, staged_loads=True)
+    adapter = one_buffer_adapter("r8", {"q_proj": 8, "o_proj": 8}, 1)
+    pool.acquire(adapter.key, lambda: adapter)
+    before = pool._buffer.clone()
+    pool._staging.fill_(5.0)
+    pool.warm_fill()
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+    staged_at = pool._buffer.numel() - pool._staging.numel()
+    assert torch.equal(pool._buffer[:staged_at], before[:staged_at])              # the slots untouched
+    assert pool._staging[0].item() == 0 and torch.all(pool._staging[1:] == 5.0)
