@@ -66,12 +66,14 @@ def profiled_step(recorder: StepRecorder) -> tuple[bool, dict | None]:
     spans = [(e.time_range.start, e.time_range.end) for e in kernels]
     kinds: dict[str, float] = {}
     for e in kernels:
-        kinds[kind_of(e.name)] = kinds.get(kind_of(e.name), 0.0) + (e.time_range.end - e.time_range.start) / 1e3
-    return ran, {"prompt_heavy": bool(step["prefills"]), "prefill_tokens": step["prefill_tokens"],
-            "decodes": step["decodes"], "adapters": len(step["adapters"]), "host_ms": host * 1e3,
-            "step_ms": total * 1e3, "kernel_ms": sum(kinds.values()), "busy_ms": busy_ms(spans),
-            "span_ms": (max(e for _, e in spans) - min(s for s, _ in spans)) / 1e3 if spans else 0.0,
-            "kernels": len(kernels), "host_phases_ms": step.get("host_ms"), "by_kind_ms": kinds}
+        kind = kind_of(e.name)
+        kinds[kind] = kinds.get(kind, 0.0) + (e.time_range.end - e.time_range.start) / 1e3
+    span = (max(e for _, e in spans) - min(s for s, _ in spans)) / 1e3 if spans else 0.0
+    row = {"prompt_heavy": bool(step["prefills"]), "prefill_tokens": step["prefill_tokens"],
+           "decodes": step["decodes"], "adapters": len(step["adapters"]), "host_ms": host * 1e3,
+           "step_ms": total * 1e3, "kernel_ms": sum(kinds.values()), "busy_ms": busy_ms(spans), "span_ms": span,
+           "kernels": len(kernels), "host_phases_ms": step.get("host_ms"), "by_kind_ms": kinds}
+    return ran, row
 
 
 def summarize_kind(rows: list[dict]) -> dict:
