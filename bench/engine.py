@@ -123,7 +123,7 @@ class Run:
         finally:
             if profile is not None:
                 profile.disable()
-        res = self._metrics(wall, engine.slot_pool.num_loads - loads_before)
+        res = self._metrics(wall, pool.num_loads - loads_before)
         if profile is not None:
             res["cprofile_top"] = top_functions(profile, cprofile_top)
         res["steps_waiting_on_loads"] = pool.num_step_waits - waits_before   # issue 9: should be 0

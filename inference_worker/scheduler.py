@@ -18,6 +18,7 @@ Every step:
 from __future__ import annotations
 
 import enum
+import itertools
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -105,7 +106,7 @@ class Scheduler:
             self._held = 0
             return False
         ready_tokens, pending = 0, False
-        for seq in list(self.waiting)[: self.max_num_seqs - len(self.running)]:
+        for seq in itertools.islice(self.waiting, max(0, self.max_num_seqs - len(self.running))):
             state = self.gate.state(seq)                # (starts the adapter's copy, as admission would)
             if state is AdapterState.PENDING:
                 pending = True

@@ -5,8 +5,8 @@ them into transposed (rank-major) B rows, each a temporary buffer plus a transpo
 ~10 ms of CUDA API calls per load. Issued from the loader thread they contend with the
 engine thread's kernel launches (H200, issue 9's S1000: an eager step's launches took
 60 ms with loads running beside them, 37 ms with loads issued inline instead). Here the
-adapter goes to the device in one copy (its tensors are views of one pinned buffer,
-inference_worker/blob_reader.py), then these kernels scatter it into the slot.
+adapter goes to the device in one copy per host buffer (a blob read into pinned memory is
+a few, inference_worker/blob_reader.py), then these kernels scatter it into the slot.
 
 Both kernels read `src` (the staged adapter) and write `dst` (one buffer holding every
 A/B pool, inference_worker/lora/slot_pool.py) at element offsets given per entry, so

@@ -37,7 +37,7 @@ import torch
 from inference_worker.adapter_weights import AdapterWeights
 from inference_worker.lora.layers import LoRALinear
 from inference_worker.lora.policy import CachePolicy, LRUPolicy
-from inference_worker.lora.staged_load import ModuleRows, adapter_span, fill_tables
+from inference_worker.lora.staged_load import ModuleRows, Span, adapter_span, fill_tables
 from services.errors import FailedPrecondition
 
 
@@ -288,9 +288,17 @@ class SlotPool:
         """Write the adapter into the slot (on the current stream): staged when it can be."""
         span = adapter_span(adapter, self._buffer.dtype) if self.staged_loads else None
         if span is None or span.numel > self._staging.numel():
-            self._copy_into(slot, adapter, rank)
-            return
-        from kernels.slot_fill import fill_slot  # Triton: imported only where loads use it
+            self._copy_into(slot, adapter)
+        else:
+            self._staged_fill(slot, adapter, span)
+            self.num_staged_loads += 1
+        self._dirty_rank[slot] = rank
+        self.slot_ranks[slot] = rank
+        self.slot_scales[slot] = adapter.scaling
+
+    def _staged_fill(self, slot: int, adapter: AdapterWeights, span: Span) -> None:
+        # Triton: imported only where loads use it
+        from kernels.slot_fill import ROWS_FIELDS, TRANSPOSED_FIELDS, fill_slot
 
         rows, transposed = fill_tables(self._rows, adapter, span, slot, self._dirty_rank[slot])
         offset = 0
@@ -302,32 +310,29 @@ class SlotPool:
         tables = torch.tensor(flat, dtype=torch.int64)
         if self._buffer.is_cuda:
             tables = tables.pin_memory().to(self._buffer.device, non_blocking=True)
-        split = 4 * len(rows)
-        fill_slot(self._staging[:offset], self._buffer, tables[:split].view(-1, 4), tables[split:].view(-1, 6))
-        self._dirty_rank[slot] = rank
-        self.slot_ranks[slot] = rank
-        self.slot_scales[slot] = adapter.scaling
-        self.num_staged_loads += 1
+        split = ROWS_FIELDS * len(rows)
+        fill_slot(self._staging[:offset], self._buffer, tables[:split].view(-1, ROWS_FIELDS),
+                  tables[split:].view(-1, TRANSPOSED_FIELDS))
 
     def warm_fill(self) -> None:
         """Compile the fill kernels now (one variant per pool dtype), not in the first load: one
         zero written into the staging region by each."""
         if not self.staged_loads:
             return
-        from kernels.slot_fill import fill_slot
+        from kernels.slot_fill import ROWS_FIELDS, TRANSPOSED_FIELDS, fill_slot
 
         at = self._buffer.numel() - self._staging.numel()      # the staging region, in dst offsets
         tables = torch.tensor([0, at, 0, 1] + [0, at, 1, 0, 1, 1], dtype=torch.int64, device=self._buffer.device)
-        fill_slot(self._staging, self._buffer, tables[:4].view(1, 4), tables[4:].view(1, 6))
+        fill_slot(self._staging, self._buffer, tables[:ROWS_FIELDS].view(1, ROWS_FIELDS),
+                  tables[ROWS_FIELDS:].view(1, TRANSPOSED_FIELDS))
 
-    def _copy_into(self, slot: int, adapter: AdapterWeights, rank: int) -> None:
+    def _copy_into(self, slot: int, adapter: AdapterWeights) -> None:
         # Zero the slot only when a row the new adapter does not overwrite may be non-zero: a
         # module it lacks, or a rank below the last occupant's (saves 8 launches per layer).
         covers = len(adapter.modules) == len(self._targets)
         min_rank = min((a.shape[0] for a, _ in adapter.modules.values()), default=0)
         if not covers or min_rank < self._dirty_rank[slot]:
             torch._foreach_zero_([t[slot] for lin in self._layers for t in (lin.a_pool, lin.b_pool)])
-        self._dirty_rank[slot] = rank
         # One foreach call issues the 2 x modules x layers copies from C++ (a Python loop of
         # copy_ costs ~17 µs each: 7.7 ms of host time per Llama-3-8B adapter, measured).
         # non_blocking: from pinned CPU memory the copies run asynchronously, in stream order.
@@ -343,5 +348,3 @@ class SlotPool:
             srcs += [a, b]
         if dsts:
             torch._foreach_copy_(dsts, srcs, non_blocking=True)
-        self.slot_ranks[slot] = rank
-        self.slot_scales[slot] = adapter.scaling

@@ -83,9 +83,9 @@ def fill_tables(targets: dict[ModuleKey, ModuleRows], weights: AdapterWeights, s
     A and B rows, then zeros up to dirty_rank (rows an earlier occupant may have left)."""
     rows, transposed = [], []
     for key, where in targets.items():
+        # a module the adapter lacks (or has at rank 0) is not in the span: zeros only
         a_src, b_src = span.offsets.get(key, (0, 0))
-        pair = weights.modules.get(key)
-        r = pair[0].shape[0] if pair is not None and key in span.offsets else 0
+        r = weights.modules[key][0].shape[0] if key in span.offsets else 0
         n = max(r, dirty_rank)
         if n == 0:
             continue                                  # nothing there, nothing to write
