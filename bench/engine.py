@@ -257,6 +257,8 @@ def parse_args(argv=None):
                    help="issue adapter copies from a loader thread (EngineConfig.adapter_load_thread; default: on for CUDA)")
     p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                    help="schedule each step before the previous one's tokens are read back (default: on for CUDA)")
+    p.add_argument("--lora-overlap", choices=("full", "shrink", "none"), default="full",
+                   help="decode graphs: LoRA kernels on a second stream beside the base matmuls (EngineConfig.lora_overlap)")
     p.add_argument("--hold-prefill-steps", type=int, default=0,
                    help="ready prompts wait up to N steps for a pending adapter (EngineConfig.hold_prefill_steps)")
     p.add_argument("--warm-kernels", action=argparse.BooleanOptionalAction, default=None,
@@ -291,7 +293,8 @@ def build_engine(args, model_dir: Path, source: BenchAdapterSource) -> LLMEngine
                           max_adapter_slots=args.max_slots, max_lora_rank=args.max_rank,
                           cuda_graphs=args.graph_buckets != "none", cuda_graph_buckets=buckets,
                           adapter_load_thread=args.adapter_load_thread, async_scheduling=args.async_scheduling,
-                          warm_kernels=args.warm_kernels, hold_prefill_steps=args.hold_prefill_steps)
+                          warm_kernels=args.warm_kernels, hold_prefill_steps=args.hold_prefill_steps,
+                          lora_overlap=args.lora_overlap)
     return LLMEngine(config, str(model_dir), source, random_weights=True)
 
 

@@ -43,6 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: on for CUDA)")
     parser.add_argument("--adapter-load-thread", action=argparse.BooleanOptionalAction, default=None,
                         help="issue adapter copies into device slots from a loader thread (default: on for CUDA)")
+    parser.add_argument("--lora-overlap", choices=("full", "shrink", "none"), default="full",
+                        help="in decode CUDA graphs, run the LoRA kernels on a second stream beside each base "
+                             "matmul: shrink and expand (full, default), the shrink only, or none")
     parser.add_argument("--hold-prefill-steps", type=int, default=0,
                         help="ready prompts wait up to N steps for a queued request whose adapter is still "
                              "loading, so they share one prompt step (default 0: off)")
@@ -59,7 +62,7 @@ def config_from_args(args: argparse.Namespace):
         max_adapter_slots=args.max_adapter_slots, max_lora_rank=args.max_lora_rank,
         cuda_graphs=not args.no_cuda_graphs, async_scheduling=args.async_scheduling,
         adapter_load_thread=args.adapter_load_thread, warm_kernels=args.warm_kernels,
-        hold_prefill_steps=args.hold_prefill_steps)
+        hold_prefill_steps=args.hold_prefill_steps, lora_overlap=args.lora_overlap)
     return WorkerConfig(
         model_dir=args.model, store=args.store, listen=args.listen, worker_id=args.worker_id,
         base_model=args.base_model, data_dir=args.data_dir, cpu_cache_bytes=args.cpu_cache_mb * MB,

@@ -77,7 +77,8 @@ class LLMEngine:
         if config.cuda_graphs and device.type == "cuda":
             buckets = config.cuda_graph_buckets or default_buckets(config.max_num_seqs)
         self.runner = ModelRunner(self.model, self.slot_pool, num_blocks, config.block_size, config.max_num_seqs,
-                                  config.max_num_batched_tokens, config.max_model_len, cuda_graph_buckets=buckets)
+                                  config.max_num_batched_tokens, config.max_model_len, cuda_graph_buckets=buckets,
+                                  lora_overlap=config.lora_overlap)
         if config.warm_kernels and self.ops.name == "triton":
             self._warm_kernels()
         self.block_manager = BlockManager(num_blocks, config.block_size)

@@ -49,6 +49,20 @@ def test_graph_replay_matches_eager(family_model, adapters_of, dtype, tol, workl
         torch.testing.assert_close(got.logits[0], want.logits[0], atol=tol, rtol=tol)   # same inputs
 
 
+@pytest.mark.parametrize("overlap", ["shrink", "none"])
+def test_lora_overlap_modes_match_eager(family_model, adapters_of, overlap):
+    """The decode graphs' LoRA kernels on one stream, or only the shrink on the side stream,
+    give the eager outputs (the default, "full", is the test above)."""
+    model_dir = family_model("llama")
+    adapter_dirs = adapters_of(model_dir)
+    eager, _, _ = _run(model_dir, adapter_dirs, "float32", cuda_graphs=False)
+    graphs, replays, _ = _run(model_dir, adapter_dirs, "float32", cuda_graphs=True, lora_overlap=overlap)
+    assert any(variant for _, variant in replays)
+    for rid, want in eager.items():
+        assert_same_greedy_tokens(rid, graphs[rid], want, tie=1e-4)
+        torch.testing.assert_close(graphs[rid].logits[0], want.logits[0], atol=1e-3, rtol=1e-3)
+
+
 def assert_same_greedy_tokens(rid, got, want, tie: float) -> None:
     """Equal greedy tokens, except that a near-tie in the eager logits (top-2 gap < tie) may
     go either way; the sequences differ from there on, so comparison stops there. (Split-K
