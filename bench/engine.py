@@ -257,8 +257,8 @@ def parse_args(argv=None):
                    help="issue adapter copies from a loader thread (EngineConfig.adapter_load_thread; default: on for CUDA)")
     p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                    help="schedule each step before the previous one's tokens are read back (default: on for CUDA)")
-    p.add_argument("--lora-overlap", choices=("full", "shrink", "none"), default="full",
-                   help="decode graphs: LoRA kernels on a second stream beside the base matmuls (EngineConfig.lora_overlap)")
+    p.add_argument("--lora-overlap", action=argparse.BooleanOptionalAction, default=True,
+                   help="CUDA graphs: LoRA shrinks on a second stream beside the base matmuls (EngineConfig.lora_overlap)")
     p.add_argument("--hold-prefill-steps", type=int, default=0,
                    help="ready prompts wait up to N steps for a pending adapter (EngineConfig.hold_prefill_steps)")
     p.add_argument("--warm-kernels", action=argparse.BooleanOptionalAction, default=None,

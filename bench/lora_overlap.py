@@ -5,9 +5,10 @@ stream the LoRA's eight small launches run after the matmuls, each spending much
 on launch latency and ramp-up; on a side stream (EngineConfig.lora_overlap) they run beside the
 matmul that shares their input. This times, in a CUDA graph, the four projections of one
 Llama-3-8B layer (fused q/k/v, o, fused gate/up, down) through the engine's own LoRALinear
-and slot pool, at a decode step's shape: base only, then LoRA with overlap "none", "shrink"
-and "full". The LoRA's cost is each mode minus base only; its floor is the step's distinct
-adapters' A/B bytes over the measured copy bandwidth.
+and slot pool, at a decode step's shape: base only, then LoRA all on one stream ("none") and
+with each shrink on the side stream ("shrink", the engine's default). The LoRA's cost is each
+mode minus base only; its floor is the step's distinct adapters' A/B bytes over the measured
+copy bandwidth.
 
 Usage: python bench/lora_overlap.py [--tokens 64] [--out bench/results/lora-overlap-h200.json]   (CUDA only)
 """
@@ -28,7 +29,7 @@ import bench.kernels as bk  # noqa: E402
 from bench.engine import git_commit, write_report  # noqa: E402
 from inference_worker.cuda_graphs import lora_tile, rank_bound_for  # noqa: E402
 from inference_worker.lora.layers import LoRALinear  # noqa: E402
-from inference_worker.lora.metadata import LORA_OVERLAP_MODES, LoraBatchMeta, segments_of  # noqa: E402
+from inference_worker.lora.metadata import LoraBatchMeta, segments_of  # noqa: E402
 from inference_worker.lora.slot_pool import SlotPool  # noqa: E402
 from kernels.backend import get_ops  # noqa: E402
 
@@ -37,6 +38,7 @@ SLOTS = 128
 # name -> (adapters in the step, their ranks (cycled), pool max rank): issue 9's S100 and S1000
 # decode steps at 64 tokens, and issue 7's 64 x 64 rank-16 case
 CASES = {"S100": (48, [16], 64), "S1000": (46, [8, 16, 32, 64], 64), "64x64-r16": (64, [16], 16)}
+MODES = ("none", "shrink")
 
 
 def make_layers(ops, max_rank: int) -> tuple[list[LoRALinear], SlotPool]:
@@ -63,7 +65,7 @@ def fill_slots(pool: SlotPool, layers: list[LoRALinear], ranks: list[int]) -> No
         pool.slot_scales[slot] = 2.0
 
 
-def step_meta(pool: SlotPool, tokens: int, adapters: int, rng: random.Random, stream, overlap: str) -> LoraBatchMeta:
+def step_meta(pool: SlotPool, tokens: int, adapters: int, rng: random.Random) -> LoraBatchMeta:
     """A decode step as the runner lays it out: tokens sorted by slot, one segment per adapter."""
     slots = sorted(rng.sample(range(SLOTS), adapters))
     per_token = sorted(slots + [rng.choice(slots) for _ in range(tokens - adapters)])
@@ -75,8 +77,7 @@ def step_meta(pool: SlotPool, tokens: int, adapters: int, rng: random.Random, st
         has_lora=True, seg_indptr=torch.tensor(indptr, dtype=torch.int32, device=dev),
         seg_slots=torch.tensor(seg_slots, dtype=torch.int32, device=dev), slot_ranks=pool.slot_ranks,
         slot_scales=pool.slot_scales, block_t=lora_tile(tokens, adapters),
-        rank_bound=rank_bound_for(max(pool.host_ranks[s] for s in slots), pool.max_rank),
-        side_stream=stream, overlap=overlap)
+        rank_bound=rank_bound_for(max(pool.host_ranks[s] for s in slots), pool.max_rank))
 
 
 def run_case(name: str, tokens: int, bw: float, rng: random.Random) -> dict:
@@ -93,14 +94,14 @@ def run_case(name: str, tokens: int, bw: float, rng: random.Random) -> dict:
 
     row = {"case": name, "tokens": tokens, "adapters": adapters, "ranks": ranks, "pool_rank": max_rank}
     row["base_us"] = bk.median_graph_us(step(base_meta)) / LAYERS
-    meta = step_meta(pool, tokens, adapters, rng, side, "none")
+    meta = step_meta(pool, tokens, adapters, rng)
     slots = [s for s in meta.seg_slots.tolist() if s >= 0]
     adapter_bytes = sum(pool.host_ranks[s] * sum(lin.in_features * len(lin.module_names) + lin.out_offsets[-1]
                                                  for lin in layers[:4]) * 2 for s in slots)
     row["lora_floor_us"] = adapter_bytes / bw * 1e6
     row["block_t"], row["rank_bound"] = meta.block_t, meta.rank_bound
-    for mode in LORA_OVERLAP_MODES:
-        meta.overlap = mode
+    for mode in MODES:
+        meta.side_stream = side if mode == "shrink" else None
         total = bk.median_graph_us(step(meta)) / LAYERS
         row[f"{mode}_us"], row[f"{mode}_lora_us"] = total, total - row["base_us"]
     return row
@@ -108,10 +109,10 @@ def run_case(name: str, tokens: int, bw: float, rng: random.Random) -> dict:
 
 def table(rows: list[dict]) -> str:
     lines = ["| case | tokens | adapters | base µs | LoRA floor µs | " + " | ".join(
-        f"{m}: layer µs (LoRA µs)" for m in LORA_OVERLAP_MODES) + " |",
-        "|---|---|---|---|---|" + "---|" * len(LORA_OVERLAP_MODES)]
+        f"{m}: layer µs (LoRA µs)" for m in MODES) + " |",
+        "|---|---|---|---|---|" + "---|" * len(MODES)]
     for r in rows:
-        modes = " | ".join(f"{r[f'{m}_us']:.1f} ({r[f'{m}_lora_us']:.1f})" for m in LORA_OVERLAP_MODES)
+        modes = " | ".join(f"{r[f'{m}_us']:.1f} ({r[f'{m}_lora_us']:.1f})" for m in MODES)
         lines.append(f"| {r['case']} | {r['tokens']} | {r['adapters']} | {r['base_us']:.1f} | "
                      f"{r['lora_floor_us']:.1f} | {modes} |")
     return "\n".join(lines)

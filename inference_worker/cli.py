@@ -43,9 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: on for CUDA)")
     parser.add_argument("--adapter-load-thread", action=argparse.BooleanOptionalAction, default=None,
                         help="issue adapter copies into device slots from a loader thread (default: on for CUDA)")
-    parser.add_argument("--lora-overlap", choices=("full", "shrink", "none"), default="full",
-                        help="in decode CUDA graphs, run the LoRA kernels on a second stream beside each base "
-                             "matmul: shrink and expand (full, default), the shrink only, or none")
+    parser.add_argument("--lora-overlap", action=argparse.BooleanOptionalAction, default=True,
+                        help="in CUDA graphs, run each LoRA shrink on a second stream beside its base matmul "
+                             "(default: on)")
     parser.add_argument("--hold-prefill-steps", type=int, default=0,
                         help="ready prompts wait up to N steps for a queued request whose adapter is still "
                              "loading, so they share one prompt step (default 0: off)")

@@ -37,7 +37,7 @@ class StepBatch:
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, slot_pool: SlotPool, num_kv_blocks: int, block_size: int,
                  max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
-                 cuda_graph_buckets: tuple[int, ...] | None = None, lora_overlap: str = "none") -> None:
+                 cuda_graph_buckets: tuple[int, ...] | None = None, lora_overlap: bool = False) -> None:
         spec = model.spec
         weight = model.embed_tokens.weight
         self.model, self.slot_pool, self.block_size = model, slot_pool, block_size
@@ -70,9 +70,8 @@ class ModelRunner:
         self.eager_block_g = segment_table_width(max_num_seqs)
         self.graphs: DecodeGraphs | None = None
         buckets = tuple(b for b in cuda_graph_buckets or () if b <= max_num_seqs)
-        # the decode graphs' second stream for LoRA work (LoraBatchMeta.side_stream)
-        self.lora_overlap = lora_overlap if buckets else "none"
-        self._lora_stream = torch.cuda.Stream(self.device) if self.lora_overlap != "none" else None
+        # the graphs' second stream for LoRA shrinks (LoraBatchMeta.side_stream)
+        self._lora_stream = torch.cuda.Stream(self.device) if lora_overlap and buckets else None
         if buckets:
             self.graphs = DecodeGraphs(buckets, slot_pool.max_rank)
             self._capture_graphs()
@@ -193,7 +192,7 @@ class ModelRunner:
         lora = LoraBatchMeta(has_lora=variant is not None, seg_indptr=d["seg_indptr"][: bucket + 1],
                              seg_slots=d["seg_slots"][:bucket], slot_ranks=self.slot_pool.slot_ranks,
                              slot_scales=self.slot_pool.slot_scales, block_t=tile, rank_bound=rank_bound,
-                             side_stream=self._lora_stream, overlap=self.lora_overlap)
+                             side_stream=self._lora_stream)
         return self.model(d["input_ids"][:bucket], d["positions"][:bucket], self.kv_caches, attn, lora,
                           d["logits_indices"][:bucket])
 

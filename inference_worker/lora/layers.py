@@ -42,7 +42,7 @@ class LoRALinear(nn.Module):
         """x [T, in] -> [T, out]: base + scale[slot] * B[slot] A[slot] x per token."""
         if not lora.has_lora or self.a_pool is None:
             return self.base_layer(x)
-        if lora.side_stream is not None and lora.overlap != "none":
+        if lora.side_stream is not None:
             return self._forward_overlapped(x, lora)
         out = self.base_layer(x)
         if self._fused_decode and fused_decode_fits(lora.block_t, lora.rank_bound, self.in_features,
@@ -55,25 +55,19 @@ class LoRALinear(nn.Module):
         return self._expand(y, lora, out)
 
     def _forward_overlapped(self, x: torch.Tensor, lora: LoraBatchMeta) -> torch.Tensor:
-        """The LoRA work on lora.side_stream, beside the base matmul. In a decode step both are
-        memory-bound streams of weights (the base's W, the step's adapters' A/B), and each kernel
-        alone leaves bandwidth unused: the small LoRA launches spend much of their time on latency
-        (bench/lora_overlap.py). "shrink": y = x A^T beside the matmul, the expand after it (it adds
-        into the matmul's output). "full": shrink and expand into a zeroed scratch beside the
-        matmul, added to its output after (one more small kernel; the LoRA delta is rounded to
-        the model dtype once before the add, as PEFT adds it)."""
+        """The shrink on lora.side_stream, beside the base matmul; the expand after both (it adds
+        into the matmul's output). Both stream weights from memory; the shrink's small programs
+        spend much of their time on latency, which the matmul beside them hides. H200, one
+        Llama-3-8B decode layer at 64 tokens (bench/results/lora-overlap-h200.md): the LoRA 77 -> 72
+        µs (S100) and 147 -> 136 µs (S1000). Running the expand on the side stream too (into a
+        scratch added after) lost: 82 and 144 µs."""
         main, side = torch.cuda.current_stream(), lora.side_stream
-        full = lora.overlap == "full"
-        # allocated on the main stream: its memory is reused only after the join below
-        delta = x.new_empty((x.shape[0], self.out_offsets[-1])) if full else None
         side.wait_stream(main)                            # x is ready
         with torch.cuda.stream(side):
             y = self._shrink(x, lora)
-            if full:
-                self._expand(y, lora, delta.zero_())
         out = self.base_layer(x)
         main.wait_stream(side)
-        return out.add_(delta) if full else self._expand(y, lora, out)
+        return self._expand(y, lora, out)
 
     def _shrink(self, x: torch.Tensor, lora: LoraBatchMeta) -> torch.Tensor:
         num_modules, max_rank = self.a_pool.shape[1], self.a_pool.shape[2]

@@ -13,8 +13,6 @@ from typing import Any
 
 import torch
 
-LORA_OVERLAP_MODES = ("none", "shrink", "full")
-
 
 @dataclass
 class LoraBatchMeta:
@@ -34,12 +32,10 @@ class LoraBatchMeta:
     # the SGMV segment-table width (a power of 2 >= G + 2; None = the kernels' own): eager steps
     # fix it for the engine, so any G shares one compiled variant (inference_worker/lora/warmup.py)
     block_g: int | None = None
-    # A second CUDA stream for the LoRA work of a captured decode step (None = all on the current
-    # stream): the side stream runs the shrink ("shrink"), or shrink and expand into a scratch
-    # output ("full"), beside the base matmul, which streams its weights at the same time
-    # (lora/layers.py says why). Only in CUDA graphs: eagerly, the fork and join cost host time.
+    # A second CUDA stream for the shrinks of a captured step (None = all on the current stream):
+    # each runs beside its base matmul (lora/layers.py says why). Only in CUDA graphs: eagerly,
+    # the fork and join would cost host time.
     side_stream: Any = None
-    overlap: str = "none"
 
     @cached_property
     def sgmv_config(self) -> dict:

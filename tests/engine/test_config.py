@@ -8,7 +8,7 @@ from inference_worker.config import EngineConfig
 
 
 @pytest.mark.parametrize("bad", [{"dtype": "int8"}, {"device": "tpu:x"}, {"block_size": 0}, {"max_num_seqs": 0},
-                                 {"hold_prefill_steps": -1}, {"lora_overlap": "both"},
+                                 {"hold_prefill_steps": -1},
                                  {"num_kv_blocks": 0}, {"kv_memory_fraction": 1.5},
                                  {"max_num_seqs": 64, "max_num_batched_tokens": 32}, {"max_lora_rank": 0}])
 def test_invalid_configs(bad):

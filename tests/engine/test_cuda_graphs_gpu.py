@@ -49,14 +49,13 @@ def test_graph_replay_matches_eager(family_model, adapters_of, dtype, tol, workl
         torch.testing.assert_close(got.logits[0], want.logits[0], atol=tol, rtol=tol)   # same inputs
 
 
-@pytest.mark.parametrize("overlap", ["shrink", "none"])
-def test_lora_overlap_modes_match_eager(family_model, adapters_of, overlap):
-    """The decode graphs' LoRA kernels on one stream, or only the shrink on the side stream,
-    give the eager outputs (the default, "full", is the test above)."""
+def test_graphs_without_lora_overlap_match_eager(family_model, adapters_of):
+    """The graphs' LoRA kernels all on one stream give the eager outputs (the default, the
+    shrinks on a side stream, is the test above)."""
     model_dir = family_model("llama")
     adapter_dirs = adapters_of(model_dir)
     eager, _, _ = _run(model_dir, adapter_dirs, "float32", cuda_graphs=False)
-    graphs, replays, _ = _run(model_dir, adapter_dirs, "float32", cuda_graphs=True, lora_overlap=overlap)
+    graphs, replays, _ = _run(model_dir, adapter_dirs, "float32", cuda_graphs=True, lora_overlap=False)
     assert any(variant for _, variant in replays)
     for rid, want in eager.items():
         assert_same_greedy_tokens(rid, graphs[rid], want, tie=1e-4)

@@ -101,14 +101,14 @@ def test_worker_config_validates(tiny_model_dir, tmp_path):
     chosen = config_from_args(build_parser().parse_args(
         ["worker", "--model", str(tiny_model_dir), "--store", "127.0.0.1:1", "--no-cuda-graphs",
          "--async-scheduling", "--no-adapter-load-thread", "--stream-interval", "4", "--random-weights",
-         "--no-warm-kernels", "--hold-prefill-steps", "2", "--lora-overlap", "shrink"]))
+         "--no-warm-kernels", "--hold-prefill-steps", "2", "--no-lora-overlap"]))
     assert chosen.stream_interval == 4 and config.stream_interval == 1
     assert chosen.random_weights and not config.random_weights
     flags = chosen.engine
     assert not flags.cuda_graphs and flags.async_scheduling and flags.adapter_load_thread is False
     assert flags.warm_kernels is False and config.engine.warm_kernels is None
     assert flags.hold_prefill_steps == 2 and config.engine.hold_prefill_steps == 0
-    assert flags.lora_overlap == "shrink" and config.engine.lora_overlap == "full"
+    assert not flags.lora_overlap and config.engine.lora_overlap
     for bad in (["--model", str(tmp_path)], ["--model", str(tiny_model_dir), "--listen", "nope"],
                 ["--model", str(tiny_model_dir), "--max-num-seqs", "0"],
                 ["--model", str(tiny_model_dir), "--stream-interval", "0"],
