@@ -257,6 +257,8 @@ def parse_args(argv=None):
                    help="issue adapter copies from a loader thread (EngineConfig.adapter_load_thread; default: on for CUDA)")
     p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                    help="schedule each step before the previous one's tokens are read back (default: on for CUDA)")
+    p.add_argument("--prompt-graphs", action=argparse.BooleanOptionalAction, default=True,
+                   help="prompt steps as piecewise CUDA graphs (EngineConfig.prompt_graphs)")
     p.add_argument("--lora-overlap", action=argparse.BooleanOptionalAction, default=True,
                    help="CUDA graphs: LoRA shrinks on a second stream beside the base matmuls (EngineConfig.lora_overlap)")
     p.add_argument("--hold-prefill-steps", type=int, default=0,
@@ -294,7 +296,7 @@ def build_engine(args, model_dir: Path, source: BenchAdapterSource) -> LLMEngine
                           cuda_graphs=args.graph_buckets != "none", cuda_graph_buckets=buckets,
                           adapter_load_thread=args.adapter_load_thread, async_scheduling=args.async_scheduling,
                           warm_kernels=args.warm_kernels, hold_prefill_steps=args.hold_prefill_steps,
-                          lora_overlap=args.lora_overlap)
+                          lora_overlap=args.lora_overlap, prompt_graphs=args.prompt_graphs)
     return LLMEngine(config, str(model_dir), source, random_weights=True)
 
 

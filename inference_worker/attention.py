@@ -50,22 +50,25 @@ class PagedAttention:
         return self.attend(q, k, v, k_cache, v_cache, meta)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-               v_cache: torch.Tensor, meta: AttentionMeta) -> torch.Tensor:
+               v_cache: torch.Tensor, meta: AttentionMeta, out: torch.Tensor | None = None) -> torch.Tensor:
         """As __call__, with this step's k, v already written into the caches at meta.slot_mapping:
-        prefill queries read k, v, decode queries the caches."""
+        prefill queries read k, v, decode queries the caches. `out` [T, Hq, D]: written and
+        returned (a prompt graph's static buffer)."""
         num_prefill = meta.num_prefill_tokens
         # host-known bounds: reading cu_seqlens back would sync every layer (the GPU then idles
         # while the host launches the rest of the layer)
         hints = {} if meta.prefill_bounds is None else {"seq_bounds": meta.prefill_bounds,
                                                         "max_seqlen": meta.prefill_max_len}
-        if meta.num_decodes == 0:
-            return self.ops.prefill_attention(q, k, v, meta.cu_seqlens, self.scale, **hints)
-        if num_prefill == 0:
-            return self.ops.paged_attention_decode(q, k_cache, v_cache, meta.block_tables,
-                                                   meta.context_lens, self.scale)
-        out = torch.empty_like(q)
-        out[:num_prefill] = self.ops.prefill_attention(q[:num_prefill], k[:num_prefill], v[:num_prefill],
-                                                       meta.cu_seqlens, self.scale, **hints)
-        out[num_prefill:] = self.ops.paged_attention_decode(q[num_prefill:], k_cache, v_cache,
-                                                            meta.block_tables, meta.context_lens, self.scale)
+        if out is None and (meta.num_decodes == 0 or num_prefill == 0):
+            if meta.num_decodes == 0:
+                return self.ops.prefill_attention(q, k, v, meta.cu_seqlens, self.scale, **hints)
+            return self.ops.paged_attention_decode(q, k_cache, v_cache, meta.block_tables, meta.context_lens,
+                                                   self.scale)
+        out = torch.empty_like(q) if out is None else out
+        if num_prefill:
+            out[:num_prefill] = self.ops.prefill_attention(q[:num_prefill], k[:num_prefill], v[:num_prefill],
+                                                           meta.cu_seqlens, self.scale, **hints)
+        if meta.num_decodes:
+            out[num_prefill:] = self.ops.paged_attention_decode(q[num_prefill:], k_cache, v_cache,
+                                                                meta.block_tables, meta.context_lens, self.scale)
         return out

@@ -43,6 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: on for CUDA)")
     parser.add_argument("--adapter-load-thread", action=argparse.BooleanOptionalAction, default=None,
                         help="issue adapter copies into device slots from a loader thread (default: on for CUDA)")
+    parser.add_argument("--prompt-graphs", action=argparse.BooleanOptionalAction, default=True,
+                        help="run prompt steps as CUDA graphs between eager attention calls, per token bucket "
+                             "(default: on, with CUDA graphs)")
     parser.add_argument("--lora-overlap", action=argparse.BooleanOptionalAction, default=True,
                         help="in CUDA graphs, run each LoRA shrink on a second stream beside its base matmul "
                              "(default: on)")
@@ -62,7 +65,8 @@ def config_from_args(args: argparse.Namespace):
         max_adapter_slots=args.max_adapter_slots, max_lora_rank=args.max_lora_rank,
         cuda_graphs=not args.no_cuda_graphs, async_scheduling=args.async_scheduling,
         adapter_load_thread=args.adapter_load_thread, warm_kernels=args.warm_kernels,
-        hold_prefill_steps=args.hold_prefill_steps, lora_overlap=args.lora_overlap)
+        hold_prefill_steps=args.hold_prefill_steps, lora_overlap=args.lora_overlap,
+        prompt_graphs=args.prompt_graphs)
     return WorkerConfig(
         model_dir=args.model, store=args.store, listen=args.listen, worker_id=args.worker_id,
         base_model=args.base_model, data_dir=args.data_dir, cpu_cache_bytes=args.cpu_cache_mb * MB,

@@ -39,6 +39,11 @@ class EngineConfig:
     # In those graphs each LoRA shrink runs on a second stream beside its base matmul
     # (inference_worker/lora/layers.py; H200: S100's decode step 8.06 -> 7.95 ms).
     lora_overlap: bool = True
+    # Every other step runs as piecewise graphs (the model between attention calls) per token
+    # bucket, attention eagerly between them (inference_worker/prompt_graphs.py; CUDA graphs
+    # only). Buckets: None = every 128 tokens up to 2,048, then every 512, up to max_num_batched_tokens.
+    prompt_graphs: bool = True
+    prompt_graph_buckets: tuple[int, ...] | None = None
     # Background work, each None = on for CUDA (where the GPU runs ahead of the host), off on
     # CPU (a synchronous forward leaves nothing to overlap). Measured on an H200 with all three
     # on: S0 decode step 6.70 -> 5.62 ms, S1000 2946 -> 3409 tok/s (bench/results/engine-h200-runs.md).
@@ -79,8 +84,10 @@ class EngineConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1 (or None)")
-        if self.cuda_graph_buckets is not None and (not self.cuda_graph_buckets or min(self.cuda_graph_buckets) < 1):
-            raise ValueError("cuda_graph_buckets must be a non-empty tuple of sizes >= 1 (or None)")
+        for name in ("cuda_graph_buckets", "prompt_graph_buckets"):
+            sizes = getattr(self, name)
+            if sizes is not None and (not sizes or min(sizes) < 1):
+                raise ValueError(f"{name} must be a non-empty tuple of sizes >= 1 (or None)")
         if not 0 < self.kv_memory_fraction <= 1:
             raise ValueError("kv_memory_fraction must be in (0, 1]")
         if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < self.max_num_seqs:

@@ -36,6 +36,7 @@ from inference_worker.lora.slot_pool import SlotPool
 from inference_worker.model.llama import LlamaSpec
 from inference_worker.model.loader import load_hf_config, load_model, load_tokenizer
 from inference_worker.model_runner import ModelRunner
+from inference_worker.prompt_graphs import default_prompt_buckets
 from inference_worker.sampler import Sampler
 from inference_worker.scheduler import Scheduler
 from inference_worker.sequence import Sequence
@@ -73,12 +74,14 @@ class LLMEngine:
                                   config.max_num_batched_tokens, device, dtype,
                                   load_thread=config.adapter_load_thread)
         num_blocks = _num_kv_blocks(config, spec, device, dtype)
-        buckets = None
+        buckets = prompt_buckets = None
         if config.cuda_graphs and device.type == "cuda":
             buckets = config.cuda_graph_buckets or default_buckets(config.max_num_seqs)
+            if config.prompt_graphs:
+                prompt_buckets = config.prompt_graph_buckets or default_prompt_buckets(config.max_num_batched_tokens)
         self.runner = ModelRunner(self.model, self.slot_pool, num_blocks, config.block_size, config.max_num_seqs,
                                   config.max_num_batched_tokens, config.max_model_len, cuda_graph_buckets=buckets,
-                                  lora_overlap=config.lora_overlap)
+                                  lora_overlap=config.lora_overlap, prompt_graph_buckets=prompt_buckets)
         if config.warm_kernels and self.ops.name == "triton":
             self._warm_kernels()
         self.block_manager = BlockManager(num_blocks, config.block_size)

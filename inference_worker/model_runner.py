@@ -5,7 +5,8 @@ step fills a prefix of them, so a decode step can later be captured in a CUDA gr
 Step layout: prefills sorted by adapter slot, then decodes sorted by slot, so each
 slot's tokens are contiguous (LoRA segments) and prefill tokens come before decode
 tokens (attention.py). A decode-only step on CUDA is padded to a graph bucket and
-replayed (cuda_graphs.py); every other step runs eagerly.
+replayed (cuda_graphs.py); every other step on CUDA is padded to a token bucket and runs as
+piecewise graphs with eager attention between them (prompt_graphs.py), or eagerly.
 """
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ from inference_worker.block_manager import blocks_for
 from inference_worker.cuda_graphs import DecodeGraphs, LoraVariant, lora_tile, rank_bound_for
 from inference_worker.lora.metadata import LoraBatchMeta, segments_of
 from inference_worker.lora.slot_pool import SlotPool
-from inference_worker.model.llama import LlamaForCausalLM
+from inference_worker.model.llama import LlamaForCausalLM, PieceBuffers
+from inference_worker.prompt_graphs import PROMPT_TILE, PromptGraphs
 from inference_worker.sequence import Sequence
 from kernels.tiles import segment_table_width
 
@@ -32,12 +34,15 @@ class StepBatch:
     attn: AttentionMeta
     lora: LoraBatchMeta
     graph_bucket: int | None = None       # decode-only step padded to this CUDA-graph bucket
+    prompt_bucket: int | None = None      # other step padded to this token bucket of the prompt graphs
+    num_tokens: int = 0                   # T, padding excluded
 
 
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, slot_pool: SlotPool, num_kv_blocks: int, block_size: int,
                  max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
-                 cuda_graph_buckets: tuple[int, ...] | None = None, lora_overlap: bool = False) -> None:
+                 cuda_graph_buckets: tuple[int, ...] | None = None, lora_overlap: bool = False,
+                 prompt_graph_buckets: tuple[int, ...] | None = None) -> None:
         spec = model.spec
         weight = model.embed_tokens.weight
         self.model, self.slot_pool, self.block_size = model, slot_pool, block_size
@@ -71,10 +76,17 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
         buckets = tuple(b for b in cuda_graph_buckets or () if b <= max_num_seqs)
         # the graphs' second stream for LoRA shrinks (LoraBatchMeta.side_stream)
-        self._lora_stream = torch.cuda.Stream(self.device) if lora_overlap and buckets else None
+        prompt_buckets = tuple(b for b in prompt_graph_buckets or () if b <= max_num_batched_tokens)
+        self._lora_stream = torch.cuda.Stream(self.device) if lora_overlap and (buckets or prompt_buckets) else None
+        self.max_num_seqs = max_num_seqs
         if buckets:
             self.graphs = DecodeGraphs(buckets, slot_pool.max_rank)
             self._capture_graphs()
+        self.prompt_graphs: PromptGraphs | None = None
+        self._pieces: PieceBuffers | None = None
+        if prompt_buckets:
+            self.attach_prompt_graphs(PromptGraphs(prompt_buckets, spec.num_layers + 1))
+            self._capture_prompt_graphs()
 
     @property
     def kv_cache_bytes(self) -> int:
@@ -93,7 +105,7 @@ class ModelRunner:
         self._host, self._host_np = self._host_sets[flip], self._host_np_sets[flip]
         prefills = sorted(prefills, key=lambda s: s.slot)
         decodes = sorted(decodes, key=lambda s: s.slot)
-        bucket = None
+        bucket = prompt_bucket = None
         if self.graphs is not None and decodes and not prefills:
             bucket = self.graphs.bucket_for(len(decodes))
         num_rows = bucket or len(decodes)         # decode rows, padding included
@@ -139,6 +151,18 @@ class ModelRunner:
             tile = lora_tile(sum(indptr[g + 1] - indptr[g] for g in lora_segs), len(lora_segs))
             indptr += [indptr[-1]] * (num_rows - len(seg_slots))
             seg_slots += [-1] * (num_rows - len(seg_slots))
+        num_tokens = len(input_ids)
+        if bucket is None and self.prompt_graphs is not None:
+            prompt_bucket = self.prompt_graphs.bucket_for(num_tokens)
+        if prompt_bucket is not None:
+            # padding rows as above; the segment table padded to max_num_seqs (the graphs' G)
+            pad = prompt_bucket - num_tokens
+            input_ids += [0] * pad
+            positions += [0] * pad
+            slot_mapping += [-1] * pad
+            indptr += [indptr[-1]] * (self.max_num_seqs - len(seg_slots))
+            seg_slots += [-1] * (self.max_num_seqs - len(seg_slots))
+            tile = PROMPT_TILE
         dev_tables = self._dev["block_tables"][: num_rows * width]
         dev_tables.copy_(self._host["block_tables"][: num_rows * width], non_blocking=True)
         attn = AttentionMeta(
@@ -164,7 +188,7 @@ class ModelRunner:
         return StepBatch(seqs=seqs, input_ids=ids,
                          positions=self._upload("positions", positions),
                          logits_indices=self._upload("logits_indices", logits_indices), attn=attn, lora=lora,
-                         graph_bucket=bucket)
+                         graph_bucket=bucket, prompt_bucket=prompt_bucket, num_tokens=num_tokens)
 
     @torch.inference_mode()
     def forward(self, batch: StepBatch) -> torch.Tensor:
@@ -175,6 +199,8 @@ class ModelRunner:
             lora = batch.lora
             variant = (lora.block_t, lora.rank_bound) if lora.has_lora else None
             return self.graphs.replay(batch.graph_bucket, variant)[: len(batch.seqs)]
+        if batch.prompt_bucket is not None:
+            return self._prompt_graph_forward(batch)
         return self.model(batch.input_ids, batch.positions, self.kv_caches, batch.attn, batch.lora,
                           batch.logits_indices)
 
@@ -195,6 +221,44 @@ class ModelRunner:
                              side_stream=self._lora_stream)
         return self.model(d["input_ids"][:bucket], d["positions"][:bucket], self.kv_caches, attn, lora,
                           d["logits_indices"][:bucket])
+
+    def attach_prompt_graphs(self, graphs: PromptGraphs) -> None:
+        """Run steps that are not decode-graph steps through `graphs` (captured after this call),
+        with the static buffers its pieces pass each other."""
+        self._pieces = PieceBuffers.allocate(self.model.spec, max(graphs.buckets), self.device, self.dtype)
+        self.prompt_graphs = graphs
+
+    def _prompt_graph_forward(self, batch: StepBatch) -> torch.Tensor:
+        """The step's pieces replayed over the static buffers (prepare padded them to the bucket),
+        each layer's attention run eagerly between them over the step's real tokens."""
+        bufs, n = self._pieces.prefix(batch.prompt_bucket), batch.num_tokens
+        layers = self.model.layers
+
+        def attend(i: int) -> None:
+            layers[i].self_attn.attn.attend(bufs.q[:n], bufs.k[:n], bufs.v[:n], *self.kv_caches[i], batch.attn,
+                                            out=bufs.attn_out[:n])
+        self.prompt_graphs.run(batch.prompt_bucket, batch.lora.has_lora, attend)
+        return self.model.logits(bufs.h, bufs.pending, batch.logits_indices)
+
+    def static_prompt_piece(self, bucket: int, has_lora: bool, i: int) -> None:
+        """Piece i of a prompt step over the static buffers' first `bucket` rows, as prepare fills
+        them for a padded prompt step: what a prompt graph captures."""
+        d, g = self._dev, self.max_num_seqs
+        lora = LoraBatchMeta(has_lora=has_lora, seg_indptr=d["seg_indptr"][: g + 1], seg_slots=d["seg_slots"][:g],
+                             slot_ranks=self.slot_pool.slot_ranks, slot_scales=self.slot_pool.slot_scales,
+                             block_t=PROMPT_TILE, block_g=self.eager_block_g,
+                             rank_bound=self.slot_pool.max_rank, side_stream=self._lora_stream)
+        self.model.run_piece(i, self._pieces.prefix(bucket), d["input_ids"][:bucket], d["positions"][:bucket],
+                             self.kv_caches, d["slot_mapping"][:bucket], lora)
+
+    @torch.inference_mode()
+    def _capture_prompt_graphs(self) -> None:
+        # capture-time inputs: all rows padding (no KV write, base model)
+        top = max(self.prompt_graphs.buckets)
+        self._dev["slot_mapping"][:top].fill_(-1)
+        self._dev["seg_slots"].fill_(-1)
+        self._dev["seg_indptr"].zero_()
+        self.prompt_graphs.capture(self.static_prompt_piece)
 
     @torch.inference_mode()
     def _capture_graphs(self) -> None:

@@ -156,12 +156,14 @@ def rotate_half_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> to
 
 def rope_and_cache_ref(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                        k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
-                       num_heads: int, num_kv_heads: int, head_dim: int
+                       num_heads: int, num_kv_heads: int, head_dim: int,
+                       out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Split the fused projection, rotate q and k, write k and v into the paged cache.
 
     qkv [T, (Hq + 2 Hkv) * D]; positions [T]; cos/sin [max_len, D] tables; caches and
-    slot_mapping as write_kv_cache_ref. Returns new contiguous q [T, Hq, D], k, v [T, Hkv, D].
+    slot_mapping as write_kv_cache_ref. Returns new contiguous q [T, Hq, D], k, v [T, Hkv, D],
+    or copies them into `out`'s and returns those.
     """
     q_out, kv_out = num_heads * head_dim, num_kv_heads * head_dim
     cos, sin = cos[positions][:, None, :], sin[positions][:, None, :]          # [T, 1, D]
@@ -169,6 +171,8 @@ def rope_and_cache_ref(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Te
     k = rotate_half_ref(qkv[:, q_out:q_out + kv_out].view(-1, num_kv_heads, head_dim), cos, sin)
     v = qkv[:, q_out + kv_out:].view(-1, num_kv_heads, head_dim).contiguous()
     write_kv_cache_ref(k, v, k_cache, v_cache, slot_mapping)
+    if out is not None:
+        return tuple(dst.copy_(src) for dst, src in zip(out, (q, k, v)))
     return q, k, v
 
 

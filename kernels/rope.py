@@ -65,9 +65,11 @@ def _rope_cache_kernel(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, slot_
 
 def rope_and_cache(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                    k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
-                   num_heads: int, num_kv_heads: int, head_dim: int
+                   num_heads: int, num_kv_heads: int, head_dim: int,
+                   out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> new q [T, Hq, D], k, v [T, Hkv, D] (qkv's dtype); writes k, v into the caches.
+    """-> new q [T, Hq, D], k, v [T, Hkv, D] (qkv's dtype), or `out`'s (q, k, v) written;
+    writes k, v into the caches.
 
     qkv [T, (Hq + 2 Hkv) * D] float; positions, slot_mapping [T] int64/int32; cos/sin
     [max_len, D] float; caches [num_blocks, block_size, Hkv, D] (k, v cast to their dtype).
@@ -90,9 +92,14 @@ def rope_and_cache(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor
             raise ValueError(f"{name} must be [T={num_tokens}] int64/int32, got {tuple(ids.shape)} {ids.dtype}")
     check_contiguous(qkv=qkv, positions=positions, cos=cos, sin=sin, k_cache=k_cache, v_cache=v_cache,
                      slot_mapping=slot_mapping)
-    q = qkv.new_empty(num_tokens, num_heads, head_dim)
-    k = qkv.new_empty(num_tokens, num_kv_heads, head_dim)
-    v = qkv.new_empty(num_tokens, num_kv_heads, head_dim)
+    shapes = ((num_tokens, num_heads, head_dim), (num_tokens, num_kv_heads, head_dim), (num_tokens, num_kv_heads, head_dim))
+    if out is None:
+        q, k, v = (qkv.new_empty(shape) for shape in shapes)
+    else:
+        q, k, v = out
+        for name, t, shape in zip("qkv", out, shapes):
+            if tuple(t.shape) != shape or t.dtype != qkv.dtype or not t.is_contiguous():
+                raise ValueError(f"out {name} must be contiguous {shape} {qkv.dtype}, got {tuple(t.shape)} {t.dtype}")
     if num_tokens == 0:
         return q, k, v
     half = head_dim // 2

@@ -10,6 +10,7 @@ dtype): the reference ops reproduce it exactly, so float32 logits match it.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -118,15 +119,21 @@ class LlamaAttention(nn.Module):
         self.o_proj = LoRALinear(nn.Linear(q_out, spec.hidden_size, bias=spec.o_bias), ("o_proj",), (spec.hidden_size,), ops)
         self.attn = PagedAttention(ops, spec.num_heads, spec.num_kv_heads, spec.head_dim)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                kv_cache: tuple[torch.Tensor, torch.Tensor], attn: AttentionMeta, lora: LoraBatchMeta) -> torch.Tensor:
+    def project(self, x: torch.Tensor, positions: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                kv_cache: tuple[torch.Tensor, torch.Tensor], slot_mapping: torch.Tensor, lora: LoraBatchMeta,
+                out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [T, hidden] -> attention inputs q [T, Hq, D], k, v [T, Hkv, D] (into `out` if given);
+        k and v also written into the cache at slot_mapping."""
         spec = self.spec
         qkv = self.qkv_proj(x, lora)                                              # [T, q_out + 2 kv_out]
         # rotates q, k (cos/sin rows gathered by position in the op) and writes k, v into the cache
-        q, k, v = self.ops.rope_and_cache(qkv, positions, rope[0], rope[1], kv_cache[0], kv_cache[1],
-                                          attn.slot_mapping, spec.num_heads, spec.num_kv_heads, spec.head_dim)
-        out = self.attn.attend(q, k, v, kv_cache[0], kv_cache[1], attn)          # [T, Hq, D]
-        return self.o_proj(out.reshape(-1, spec.num_heads * spec.head_dim), lora)
+        return self.ops.rope_and_cache(qkv, positions, rope[0], rope[1], kv_cache[0], kv_cache[1], slot_mapping,
+                                       spec.num_heads, spec.num_kv_heads, spec.head_dim, out=out)
+
+    def output(self, attn_out: torch.Tensor, lora: LoraBatchMeta) -> torch.Tensor:
+        """Attention output [T, Hq, D] -> o_proj [T, hidden]."""
+        return self.o_proj(attn_out.reshape(-1, self.spec.num_heads * self.spec.head_dim), lora)
 
 
 class LlamaMLP(nn.Module):
@@ -151,14 +158,45 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, ops)
         self.mlp = LlamaMLP(spec, ops)
 
-    def forward(self, h: torch.Tensor, pending: torch.Tensor | None, positions, rope, kv_cache, attn: AttentionMeta,
-                lora: LoraBatchMeta) -> tuple[torch.Tensor, torch.Tensor]:
-        """Residual stream h [T, hidden] (updated in place) and the previous layer's MLP output
-        `pending` not yet added to it (None in the first layer): each add is fused with the norm
-        that reads its result. -> (h, this layer's MLP output: the next layer's pending)."""
+    # A layer is split at its attention, so that a prompt step can run everything but attention
+    # as CUDA graphs (inference_worker/prompt_graphs.py); the eager forward runs the same halves.
+    def attention_inputs(self, h: torch.Tensor, pending: torch.Tensor | None, positions, rope, kv_cache,
+                         slot_mapping: torch.Tensor, lora: LoraBatchMeta, out=None):
+        """Residual stream h [T, hidden] and the previous layer's MLP output `pending` not yet
+        added to it (None in the first layer; the add is fused with the norm, in place in h)
+        -> this layer's q, k, v (LlamaAttention.project)."""
         x = self.input_layernorm(h) if pending is None else self.input_layernorm(pending, h)
-        x = self.post_attention_layernorm(self.self_attn(x, positions, rope, kv_cache, attn, lora), h)
-        return h, self.mlp(x, lora)
+        return self.self_attn.project(x, positions, rope, kv_cache, slot_mapping, lora, out=out)
+
+    def attention_output(self, attn_out: torch.Tensor, h: torch.Tensor, lora: LoraBatchMeta) -> torch.Tensor:
+        """Attention output [T, Hq, D] -> this layer's MLP output (the next layer's pending);
+        o_proj's output is added into h."""
+        x = self.post_attention_layernorm(self.self_attn.output(attn_out, lora), h)
+        return self.mlp(x, lora)
+
+
+@dataclass
+class PieceBuffers:
+    """What a prompt step's pieces pass each other (prompt_graphs.py): fixed tensors, so that a
+    CUDA graph of a piece reads and writes the same addresses at every replay."""
+
+    h: torch.Tensor                       # [T, hidden] residual stream
+    pending: torch.Tensor                 # [T, hidden] the last layer's MLP output
+    q: torch.Tensor                       # [T, Hq, D] a layer's attention inputs
+    k: torch.Tensor                       # [T, Hkv, D]
+    v: torch.Tensor                       # [T, Hkv, D]
+    attn_out: torch.Tensor                # [T, Hq, D] a layer's attention output
+
+    @classmethod
+    def allocate(cls, spec: LlamaSpec, max_tokens: int, device, dtype) -> PieceBuffers:
+        def empty(*shape):
+            return torch.zeros(max_tokens, *shape, device=device, dtype=dtype)
+        hq, hkv, d = spec.num_heads, spec.num_kv_heads, spec.head_dim
+        return cls(empty(spec.hidden_size), empty(spec.hidden_size), empty(hq, d), empty(hkv, d), empty(hkv, d),
+                   empty(hq, d))
+
+    def prefix(self, n: int) -> PieceBuffers:
+        return PieceBuffers(*(getattr(self, f.name)[:n] for f in dataclasses.fields(self)))
 
 
 class LlamaForCausalLM(nn.Module):
@@ -193,7 +231,30 @@ class LlamaForCausalLM(nn.Module):
         pending = None
         rope = (self.rope_cos, self.rope_sin)
         for layer, kv_cache in zip(self.layers, kv_caches):
-            h, pending = layer(h, pending, positions, rope, kv_cache, attn, lora)
+            q, k, v = layer.attention_inputs(h, pending, positions, rope, kv_cache, attn.slot_mapping, lora)
+            pending = layer.attention_output(layer.self_attn.attn.attend(q, k, v, *kv_cache, attn), h, lora)
+        return self.logits(h, pending, logits_indices)
+
+    def logits(self, h: torch.Tensor, pending: torch.Tensor, logits_indices: torch.Tensor) -> torch.Tensor:
+        """The last layer's pending added, final norm, lm_head -> [B, V] float32 at logits_indices."""
         # norm is per token: only the rows that give logits (gathers are copies, safe to add into)
-        h = self.norm(h[logits_indices]) if pending is None else self.norm(pending[logits_indices], h[logits_indices])
-        return self.lm_head(h).float()
+        return self.lm_head(self.norm(pending[logits_indices], h[logits_indices])).float()
+
+    def run_piece(self, i: int, bufs: PieceBuffers, input_ids: torch.Tensor, positions: torch.Tensor,
+                  kv_caches: list[tuple[torch.Tensor, torch.Tensor]], slot_mapping: torch.Tensor,
+                  lora: LoraBatchMeta) -> None:
+        """Piece i of num_layers + 1 of the forward between attention calls, over `bufs`: piece 0
+        embeds and computes layer 0's q/k/v; piece i (0 < i < L) finishes layer i-1 (from its
+        attention output in bufs.attn_out) and computes layer i's q/k/v; piece L finishes the
+        last layer into bufs.pending. Attention i runs between pieces i and i+1 (the caller's)."""
+        rope = (self.rope_cos, self.rope_sin)
+        pending = None
+        if i == 0:
+            torch.index_select(self.embed_tokens.weight, 0, input_ids, out=bufs.h)   # = embed_tokens(ids)
+        else:
+            pending = self.layers[i - 1].attention_output(bufs.attn_out, bufs.h, lora)
+        if i < len(self.layers):
+            self.layers[i].attention_inputs(bufs.h, pending, positions, rope, kv_caches[i], slot_mapping, lora,
+                                            out=(bufs.q, bufs.k, bufs.v))
+        else:
+            bufs.pending.copy_(pending)

@@ -21,10 +21,15 @@ def _run(model_dir, adapter_dirs, dtype, cuda_graphs, workload=_workload, **conf
                           max_model_len=128, cuda_graphs=cuda_graphs, **config_flags)
     engine = LLMEngine(config, str(model_dir), DirSource(adapter_dirs))
     try:
-        replays = []
-        if engine.runner.graphs is not None:
-            replay = engine.runner.graphs.replay
-            engine.runner.graphs.replay = lambda b, variant: replays.append((b, variant)) or replay(b, variant)
+        replays = []          # (decode bucket, LoRA variant) per decode-graph step, ("prompt", has_lora) per prompt one
+        runner = engine.runner
+        if runner.graphs is not None:
+            replay = runner.graphs.replay
+            runner.graphs.replay = lambda b, variant: replays.append((b, variant)) or replay(b, variant)
+        if runner.prompt_graphs is not None:
+            run = runner.prompt_graphs.run
+            runner.prompt_graphs.run = lambda b, has_lora, attend: replays.append(("prompt", has_lora)) or run(
+                b, has_lora, attend)
         driver = Driver(engine)
         arrivals, _ = workload(driver, engine.tokenizer)
         return driver.run(arrivals), replays, engine.slot_pool.num_evictions
@@ -39,7 +44,8 @@ def test_graph_replay_matches_eager(family_model, adapters_of, dtype, tol, workl
     adapter_dirs = adapters_of(model_dir)
     eager, no_replays, _ = _run(model_dir, adapter_dirs, dtype, cuda_graphs=False, workload=workload)
     graphs, replays, evictions = _run(model_dir, adapter_dirs, dtype, cuda_graphs=True, workload=workload)
-    assert not no_replays and replays and {variant[0] for _, variant in replays if variant} & tiles
+    assert not no_replays and ("prompt", True) in replays                 # prompt steps ran as pieces
+    assert {variant[0] for b, variant in replays if b != "prompt" and variant} & tiles
     if workload is _workload:
         assert evictions > 0                            # adapters swapped through the async copy path
     for rid, want in eager.items():
@@ -56,7 +62,7 @@ def test_graphs_without_lora_overlap_match_eager(family_model, adapters_of):
     adapter_dirs = adapters_of(model_dir)
     eager, _, _ = _run(model_dir, adapter_dirs, "float32", cuda_graphs=False)
     graphs, replays, _ = _run(model_dir, adapter_dirs, "float32", cuda_graphs=True, lora_overlap=False)
-    assert any(variant for _, variant in replays)
+    assert any(variant for b, variant in replays if b != "prompt") and ("prompt", True) in replays
     for rid, want in eager.items():
         assert_same_greedy_tokens(rid, graphs[rid], want, tie=1e-4)
         torch.testing.assert_close(graphs[rid].logits[0], want.logits[0], atol=1e-3, rtol=1e-3)

@@ -156,6 +156,26 @@ def test_rope_reads_both_table_halves_and_any_position():
         torch.testing.assert_close(a, b, equal_nan=True, **TOL[torch.float32], msg=lambda m: f"seed {seed}: {m}")
 
 
+def test_rope_and_cache_into_given_outputs():
+    """out=(q, k, v): the same values written into the caller's tensors (a prompt graph's static
+    buffers), in the Triton op and the reference; a wrong-shaped out is refused."""
+    seed, gen = _seeded()
+    heads, kv_heads, head_dim, tokens = 4, 2, 64, 5
+    qkv, positions, slots, cache = _rope_case(tokens, heads, kv_heads, head_dim, torch.float32, gen)
+    cos, sin = _rope_tables(300, head_dim, torch.float32)
+    want = reference.rope_and_cache_ref(qkv, positions, cos, sin, cache.clone(), cache.clone(), slots, heads,
+                                        kv_heads, head_dim)
+    for op in (rope_and_cache, reference.rope_and_cache_ref):
+        out = tuple(torch.full_like(t, float("nan")) for t in want)
+        got = op(qkv, positions, cos, sin, cache.clone(), cache.clone(), slots, heads, kv_heads, head_dim, out=out)
+        assert all(g is o for g, o in zip(got, out))
+        for a, b in zip(out, want):
+            torch.testing.assert_close(a, b, **TOL[torch.float32], msg=lambda m: f"seed {seed}: {m}")
+    with pytest.raises(ValueError, match="out k"):
+        rope_and_cache(qkv, positions, cos, sin, cache.clone(), cache.clone(), slots, heads, kv_heads, head_dim,
+                       out=(want[0].clone(), want[0].clone(), want[2].clone()))
+
+
 def test_rope_and_cache_rejects_bad_inputs():
     gen = torch.Generator().manual_seed(0)
     qkv, positions, slots, cache = _rope_case(3, 4, 2, 64, torch.float32, gen)

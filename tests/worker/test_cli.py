@@ -101,7 +101,7 @@ def test_worker_config_validates(tiny_model_dir, tmp_path):
     chosen = config_from_args(build_parser().parse_args(
         ["worker", "--model", str(tiny_model_dir), "--store", "127.0.0.1:1", "--no-cuda-graphs",
          "--async-scheduling", "--no-adapter-load-thread", "--stream-interval", "4", "--random-weights",
-         "--no-warm-kernels", "--hold-prefill-steps", "2", "--no-lora-overlap"]))
+         "--no-warm-kernels", "--hold-prefill-steps", "2", "--no-lora-overlap", "--no-prompt-graphs"]))
     assert chosen.stream_interval == 4 and config.stream_interval == 1
     assert chosen.random_weights and not config.random_weights
     flags = chosen.engine
@@ -109,6 +109,7 @@ def test_worker_config_validates(tiny_model_dir, tmp_path):
     assert flags.warm_kernels is False and config.engine.warm_kernels is None
     assert flags.hold_prefill_steps == 2 and config.engine.hold_prefill_steps == 0
     assert not flags.lora_overlap and config.engine.lora_overlap
+    assert not flags.prompt_graphs and config.engine.prompt_graphs
     for bad in (["--model", str(tmp_path)], ["--model", str(tiny_model_dir), "--listen", "nope"],
                 ["--model", str(tiny_model_dir), "--max-num-seqs", "0"],
                 ["--model", str(tiny_model_dir), "--stream-interval", "0"],
