@@ -41,7 +41,8 @@ class EngineConfig:
     lora_overlap: bool = True
     # Every other step runs as piecewise graphs (the model between attention calls) per token
     # bucket, attention eagerly between them (inference_worker/prompt_graphs.py; CUDA graphs
-    # only). Buckets: None = every 128 tokens up to 2,048, then every 512, up to max_num_batched_tokens.
+    # only). Buckets: None = every 128 tokens up to 2,048 (or max_num_batched_tokens); larger steps
+    # run eagerly.
     prompt_graphs: bool = True
     prompt_graph_buckets: tuple[int, ...] | None = None
     # Background work, each None = on for CUDA (where the GPU runs ahead of the host), off on

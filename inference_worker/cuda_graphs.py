@@ -101,6 +101,7 @@ class DecodeGraphs:
                 with torch.cuda.graph(graph, pool=pool, stream=stream):
                     logits = run_step(b, variant)
                 self._graphs[(b, variant)] = (graph, logits)
+                graph.replay()            # the first replay uploads the graph: now, not in a serving step
         torch.cuda.synchronize()
         log.info("captured %d decode CUDA graphs (buckets %s, LoRA (tile, rank bound) %s) in %.1f s",
                  len(self._graphs), self.buckets, self.variants[1:], time.perf_counter() - start)

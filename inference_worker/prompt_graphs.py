@@ -13,9 +13,12 @@ A piece's graph fixes the token count: a step of T tokens runs the graphs of the
 bucket b >= T over the runner's static buffers, padded as decode graphs pad (input id 0,
 position 0, slot_mapping -1: no KV write; rows past the last LoRA segment get no LoRA), its
 segment table padded with empty segments to max_num_seqs. Rows past T are computed and
-dropped. Buckets are every 128 tokens up to 2,048, then every 512 (padding costs at most 128
-tokens of compute: ~7 % of a 1,800-token step). Each bucket has graphs without LoRA and with
-it (token tile PROMPT_TILE, the pool's max rank); all share one memory pool.
+dropped. Buckets are every 128 tokens up to 2,048 (padding costs at most 127 tokens of compute:
+~7 % of a 1,800-token step); larger steps run eagerly: they are few (long prompts), their GPU
+work dwarfs their launches, and graphs for them would hold their activations' memory (on the
+H200, a worker whose buckets went up to 8,192 tokens ran out of memory at start). Each bucket
+has graphs without LoRA and with it (token tile PROMPT_TILE, the pool's max rank); all share
+one memory pool.
 """
 from __future__ import annotations
 
@@ -33,11 +36,13 @@ log = logging.getLogger(__name__)
 PROMPT_TILE = 32
 
 
+MAX_PROMPT_BUCKET = 2048
+
+
 def default_prompt_buckets(max_tokens: int) -> tuple[int, ...]:
-    """Every 128 tokens up to 2,048, then every 512, ending at max_tokens."""
-    sizes = [b for b in range(128, min(max_tokens, 2048) + 1, 128)]
-    sizes += range(2048 + 512, max_tokens, 512)
-    return tuple(s for s in sizes if s < max_tokens) + (max_tokens,)
+    """Every 128 tokens up to min(max_tokens, MAX_PROMPT_BUCKET), ending there."""
+    top = min(max_tokens, MAX_PROMPT_BUCKET)
+    return tuple(range(128, top, 128)) + (top,)
 
 
 class PromptGraphs:
@@ -74,6 +79,8 @@ class PromptGraphs:
                         run_piece(bucket, has_lora, i)
                     graphs.append(graph)
                 self._graphs[(bucket, has_lora)] = graphs
+                for graph in graphs:     # the first replay uploads a graph: now, not in a serving step
+                    graph.replay()
         torch.cuda.synchronize()
         log.info("captured prompt-step CUDA graphs: %d buckets (%s) x %d pieces, with and without LoRA, in %.1f s",
                  len(self.buckets), self.buckets, self.num_pieces, time.perf_counter() - start)

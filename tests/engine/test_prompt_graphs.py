@@ -15,7 +15,7 @@ from tests.engine.test_cuda_graphs import EmulatedGraphs
 
 def test_default_prompt_buckets():
     assert default_prompt_buckets(2048) == tuple(range(128, 2049, 128))
-    assert default_prompt_buckets(3000)[-4:] == (1920, 2048, 2560, 3000)
+    assert default_prompt_buckets(8192) == default_prompt_buckets(2048)     # larger steps run eagerly
     assert default_prompt_buckets(300) == (128, 256, 300)
     assert default_prompt_buckets(64) == (64,)
 
