@@ -62,7 +62,8 @@ class EngineConfig:
     async_scheduling: bool | None = None
     # Ready prompts wait up to this many steps for a waiting request whose adapter is still being
     # fetched or copied, so one burst of prompts shares one eager step (inference_worker/scheduler.py,
-    # rule 3). 0 = off (default: not yet measured on a GPU; bench/engine.py --hold-prefill-steps).
+    # rule 3). 0 = off (default: on the H200, 1 gained 1 % at S1000 and cost 55 ms of TTFT p50,
+    # bench/results/engine-h200-runs.md, run 18).
     hold_prefill_steps: int = 0
     # Compile at start the SGMV kernel variants prompt steps can meet (inference_worker/lora/warmup.py),
     # instead of on first use with the batch waiting; None = on for CUDA (Triton), off on CPU.

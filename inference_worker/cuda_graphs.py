@@ -7,7 +7,7 @@ decodes runs the graph of the smallest bucket b >= n over the runner's static in
 buffers (views of the first b entries), padded: input id 0, position 0, slot_mapping
 -1 (no KV write), context_len 0 (attention returns zeros), base model. Rows past n are
 computed and dropped. Steps with prefills, or more decodes than the largest bucket,
-run eagerly.
+run as prompt-step graphs (prompt_graphs.py) or eagerly.
 
 LoRA: the decodes are sorted by slot, one segment per adapter, the segment table padded
 to b entries with empty segments (the SGMV grid depends on (T, G, token tile) only).

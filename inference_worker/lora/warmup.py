@@ -3,7 +3,8 @@
 Why: a Triton kernel compiles the first time a launch makes a new set of compile-time choices
 (block sizes picked from the step's token count T and segment count G), on the engine thread,
 while every running request waits. Decode steps replay CUDA graphs captured at
-start; prompt steps run eagerly at any (T, G). On the H200 (bench/results/engine-h200-runs.md,
+start; prompt steps that no prompt graph covers (EngineConfig.prompt_graphs off, or over 2,048
+tokens: inference_worker/prompt_graphs.py) run eagerly at any (T, G). On the H200 (bench/results/engine-h200-runs.md,
 run 11) the adapter workloads had TTFT p99 of ~3 s where the base model had 0.4 s.
 
 How: eager steps fix the segment-table width (LoraBatchMeta.block_g), so a launch's choices
