@@ -114,8 +114,10 @@ class LLMEngine:
         from inference_worker.lora.warmup import warm_lora_kernels
 
         try:
+            # steps a prompt graph covers never run eagerly
+            graphs = self.runner.prompt_graphs
             warm_lora_kernels(self.slot_pool, self.config.max_num_batched_tokens, self.config.max_num_seqs,
-                              self.runner.eager_block_g)
+                              self.runner.eager_block_g, min_tokens=max(graphs.buckets) if graphs else 0)
             self.slot_pool.warm_fill()                 # the adapter loads' fill kernels
         except Exception:  # noqa: BLE001 - serving still works; a variant then compiles on first use
             log.exception("compiling the LoRA kernel variants ahead failed; they will compile on first use")

@@ -75,8 +75,8 @@ class ModelRunner:
         self.eager_block_g = segment_table_width(max_num_seqs)
         self.graphs: DecodeGraphs | None = None
         buckets = tuple(b for b in cuda_graph_buckets or () if b <= max_num_seqs)
-        # the graphs' second stream for LoRA shrinks (LoraBatchMeta.side_stream)
         prompt_buckets = tuple(b for b in prompt_graph_buckets or () if b <= max_num_batched_tokens)
+        # the graphs' second stream for LoRA shrinks (LoraBatchMeta.side_stream)
         self._lora_stream = torch.cuda.Stream(self.device) if lora_overlap and (buckets or prompt_buckets) else None
         self.max_num_seqs = max_num_seqs
         if buckets:

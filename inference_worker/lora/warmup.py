@@ -73,10 +73,12 @@ def variant_key(shape: tuple, num_tokens: int, num_segs: int, block_g: int, dtyp
 
 
 def eager_variants(shape: tuple, max_tokens: int, max_segs: int, block_g: int,
-                   dtype: torch.dtype) -> dict[tuple, tuple[int, int]]:
-    """Distinct variant key -> the first (T, G) that makes it."""
+                   dtype: torch.dtype, min_tokens: int = 0) -> dict[tuple, tuple[int, int]]:
+    """Distinct variant key -> the first (T, G) that makes it, over steps of min_tokens < T <= max_tokens."""
     variants: dict[tuple, tuple[int, int]] = {}
     for t in token_counts(max_tokens):
+        if t <= min_tokens:
+            continue
         for g in segment_counts(t, max_segs):
             variants.setdefault(variant_key(shape, t, g, block_g, dtype), (t, g))
     return variants
@@ -88,9 +90,10 @@ def layer_shape(lin) -> tuple:
 
 
 @torch.inference_mode()
-def warm_lora_kernels(pool, max_tokens: int, max_segs: int, block_g: int) -> int:
+def warm_lora_kernels(pool, max_tokens: int, max_segs: int, block_g: int, min_tokens: int = 0) -> int:
     """Launch each eager variant of every distinct LoRA layer shape of the SlotPool's layers
-    once; -> launch pairs made."""
+    once, for steps of more than min_tokens tokens (fewer run as prompt graphs, which compile
+    their own at capture); -> launch pairs made."""
     start = time.perf_counter()
     by_shape = {}
     for lin in pool.layers:
@@ -99,7 +102,10 @@ def warm_lora_kernels(pool, max_tokens: int, max_segs: int, block_g: int) -> int
         return 0
     any_lin = next(iter(by_shape.values()))
     device, dtype = any_lin.a_pool.device, any_lin.a_pool.dtype
-    todo = {shape: list(eager_variants(shape, max_tokens, max_segs, block_g, dtype).values()) for shape in by_shape}
+    todo = {shape: list(eager_variants(shape, max_tokens, max_segs, block_g, dtype, min_tokens).values())
+            for shape in by_shape}
+    if not any(todo.values()):
+        return 0
     # buffers for the largest T launched, not the token budget (a 128k-context model's budget
     # would need GBs here)
     most = max(t for steps in todo.values() for t, _ in steps)

@@ -312,8 +312,8 @@ def test_kernel_warm_up_at_start(tiny_model_dir, make_engine, monkeypatch, fails
 
     calls = []
 
-    def warm(pool, max_tokens, max_segs, block_g):
-        calls.append((pool, max_tokens, max_segs, block_g))
+    def warm(pool, max_tokens, max_segs, block_g, min_tokens):
+        calls.append((pool, max_tokens, max_segs, block_g, min_tokens))
         if fails:
             raise RuntimeError("compile failed")
         return 0
@@ -321,7 +321,7 @@ def test_kernel_warm_up_at_start(tiny_model_dir, make_engine, monkeypatch, fails
     monkeypatch.setattr(engine_mod, "get_ops", lambda device: dataclasses.replace(REFERENCE_OPS, name="triton"))
     engine = make_engine(tiny_model_dir, warm_kernels=True, max_num_seqs=6, max_model_len=256,
                          max_num_batched_tokens=512)
-    assert calls == [(engine.slot_pool, 512, 6, 8)] and engine.runner.eager_block_g == 8
+    assert calls == [(engine.slot_pool, 512, 6, 8, 0)] and engine.runner.eager_block_g == 8   # no prompt graphs
     engine.start()
     out = submit(engine, "r", engine.tokenizer("hello").input_ids, max_tokens=3, ignore_eos=True)
     assert out.wait().finish_reason == "length" and len(out.token_ids) == 3

@@ -29,6 +29,16 @@ def test_walk_finds_every_variant_of_every_step_shape(shape):
         assert g <= min(t, max_segs) and variant_key(shape, t, g, block_g, torch.bfloat16) == key
 
 
+def test_walk_above_the_prompt_graphs_finds_the_variants_of_larger_steps():
+    """min_tokens: only steps of more tokens run eagerly (the prompt graphs take the rest)."""
+    shape, max_tokens, max_segs, block_g = LLAMA8B_SHAPES[1], 1400, 40, 64
+    every = {variant_key(shape, t, g, block_g, torch.bfloat16)
+             for t in range(1025, max_tokens + 1) for g in range(1, min(t, max_segs) + 1)}
+    walked = eager_variants(shape, max_tokens, max_segs, block_g, torch.bfloat16, min_tokens=1024)
+    assert set(walked) == every and all(t > 1024 for t, _ in walked.values())
+    assert eager_variants(shape, max_tokens, max_segs, block_g, torch.bfloat16, min_tokens=max_tokens) == {}
+
+
 def test_token_walk_is_exhaustive_then_strided_and_ends_at_the_budget():
     walk = list(token_counts(131072))                # a 128k-context model's token budget
     assert walk[:1024] == list(range(1, 1025)) and walk[1024:1027] == [1040, 1056, 1072]
