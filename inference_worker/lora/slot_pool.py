@@ -105,7 +105,8 @@ class SlotPool:
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="slot-loader") if load_thread else None
         self._dirty_rank = [0] * num_slots                    # rows [0, r) of a slot may be non-zero
         # Set to a list to record loads (benchmarks): (start, end) CUDA events with timing, or
-        # (None, seconds) on CPU; plus the host time the load took to issue.
+        # (None, seconds) on CPU; the host time from the request to the load issued; and the part
+        # of it the load waited for the loader thread (0 without one).
         self.load_timings: list[tuple] | None = None
 
     @property
@@ -270,10 +271,12 @@ class SlotPool:
                     host_start: float) -> torch.cuda.Event | None:
         """The copies of one load (on the loader thread, if any); -> the event after them on the
         copy stream (None on CPU, where the copies are done on return)."""
+        queue_s = time.perf_counter() - host_start
         if self._copy_stream is None:
             self._fill(slot, adapter, rank)
-            if self.load_timings is not None:
-                self.load_timings.append((None, time.perf_counter() - host_start, 0.0))
+            if self.load_timings is not None:         # synchronous: issued = done
+                elapsed = time.perf_counter() - host_start
+                self.load_timings.append((None, elapsed, elapsed, queue_s))
             return None
         with torch.cuda.stream(self._copy_stream):
             self._copy_stream.wait_event(queued)
@@ -284,7 +287,7 @@ class SlotPool:
             done = torch.cuda.Event(enable_timing=start is not None)
             done.record()
         if start is not None:
-            self.load_timings.append((start, done, time.perf_counter() - host_start))
+            self.load_timings.append((start, done, time.perf_counter() - host_start, queue_s))
         return done
 
     def _fill(self, slot: int, adapter: AdapterWeights, rank: int) -> None:
