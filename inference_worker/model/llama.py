@@ -189,11 +189,11 @@ class PieceBuffers:
 
     @classmethod
     def allocate(cls, spec: LlamaSpec, max_tokens: int, device, dtype) -> PieceBuffers:
-        def empty(*shape):
+        def zeros(*shape):
             return torch.zeros(max_tokens, *shape, device=device, dtype=dtype)
         hq, hkv, d = spec.num_heads, spec.num_kv_heads, spec.head_dim
-        return cls(empty(spec.hidden_size), empty(spec.hidden_size), empty(hq, d), empty(hkv, d), empty(hkv, d),
-                   empty(hq, d))
+        return cls(zeros(spec.hidden_size), zeros(spec.hidden_size), zeros(hq, d), zeros(hkv, d), zeros(hkv, d),
+                   zeros(hq, d))
 
     def prefix(self, n: int) -> PieceBuffers:
         return PieceBuffers(*(getattr(self, f.name)[:n] for f in dataclasses.fields(self)))
