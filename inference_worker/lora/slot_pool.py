@@ -37,7 +37,7 @@ import torch
 from inference_worker.adapter_weights import AdapterWeights
 from inference_worker.lora.layers import LoRALinear
 from inference_worker.lora.policy import CachePolicy, LRUPolicy
-from inference_worker.lora.staged_load import ModuleRows, Span, adapter_span, fill_tables
+from inference_worker.lora.staged_load import ModuleRows, Span, TableStaging, adapter_span, fill_tables
 from services.errors import FailedPrecondition
 
 
@@ -80,6 +80,11 @@ class SlotPool:
                     offset + m * max_rank * lin.in_features, a_size, lin.in_features,
                     b_offset + lin.out_offsets[m], b_size, lin.out_offsets[m + 1] - lin.out_offsets[m], n)
             offset = b_offset + num_slots * b_size
+        self._tables: TableStaging | None = None
+        if self.staged_loads:
+            from kernels.slot_fill import ROWS_FIELDS, TRANSPOSED_FIELDS  # Triton: only where loads use it
+            # a load's fill tables: at most one A entry and one B entry per module
+            self._tables = TableStaging(len(self._rows) * (ROWS_FIELDS + TRANSPOSED_FIELDS), device)
         scratch = torch.zeros(max_tokens * max_fused * max_rank, device=device, dtype=torch.float32)
         for _, lin in lora_layers:
             lin.shrink_scratch = scratch
@@ -311,11 +316,9 @@ class SlotPool:
         for chunk in span.chunks:                     # one copy per host buffer of the adapter
             self._staging[offset: offset + chunk.numel()].copy_(chunk, non_blocking=True)
             offset += chunk.numel()
-        # both tables in one small copy (from pinned memory: asynchronous, kept alive until done)
+        # both tables in one small copy, from a pinned buffer allocated once (staged_load.TableStaging says why)
         flat = [v for entry in rows for v in entry] + [v for entry in transposed for v in entry]
-        tables = torch.tensor(flat, dtype=torch.int64)
-        if self._buffer.is_cuda:
-            tables = tables.pin_memory().to(self._buffer.device, non_blocking=True)
+        tables = self._tables.upload(flat)
         split = ROWS_FIELDS * len(rows)
         fill_slot(self._staging[:offset], self._buffer, tables[:split].view(-1, ROWS_FIELDS),
                   tables[split:].view(-1, TRANSPOSED_FIELDS))

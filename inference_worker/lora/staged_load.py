@@ -94,3 +94,42 @@ def fill_tables(targets: dict[ModuleKey, ModuleRows], weights: AdapterWeights, s
         transposed.append((b_src, where.b_base + slot * where.b_slot_stride, where.out_features, r, n,
                            where.b_row_stride))
     return rows, transposed
+
+
+class TableStaging:
+    """Host staging of a load's fill tables: a ring of buffers allocated once (pinned on CUDA).
+
+    Why not `torch.tensor(tables).pin_memory()` per load: PyTorch's pinned-memory cache recycles a
+    freed block only once the events of every block freed before it have completed, in order. A
+    load's table copy runs on the copy stream after the compute work queued before the load (one
+    or two steps), so its block held back the cache, and later pinned allocations (this one, the
+    sampler's token copies) went to cudaHostAlloc, which waits for the device to go idle. On the
+    H200 with prompt steps as CUDA graphs (the GPU always busy), a load took 100-158 ms p50 of
+    host time to issue, against 9-34 ms before (bench/results/engine-h200-runs.md, session 7).
+    A ring buffer is reused only after the copy from it ran (its own event, waited on the
+    loader's thread: `depth` loads later, the copy has long run).
+    """
+
+    def __init__(self, max_ints: int, device: torch.device, depth: int = 16, event_factory=None) -> None:
+        pin = device.type == "cuda"
+        self.device = device
+        self._bufs = torch.zeros((depth, max_ints), dtype=torch.int64, pin_memory=pin)
+        self._host = self._bufs.numpy()
+        self._event_factory = event_factory or (torch.cuda.Event if pin else None)
+        self._events: list = [None] * depth
+        self._next = 0
+
+    def upload(self, flat: list[int]) -> torch.Tensor:
+        """flat -> a device tensor [len(flat)] int64, copied on the current stream (async on CUDA)."""
+        if len(flat) > self._bufs.shape[1]:
+            raise ValueError(f"{len(flat)} table entries > the staging's {self._bufs.shape[1]}")
+        i = self._next
+        self._next = (i + 1) % len(self._events)
+        if self._events[i] is not None:
+            self._events[i].synchronize()             # the copy from this buffer has run
+        self._host[i, : len(flat)] = flat
+        out = self._bufs[i, : len(flat)].to(self.device, non_blocking=True, copy=True)
+        if self._event_factory is not None:
+            self._events[i] = self._event_factory()
+            self._events[i].record()
+        return out

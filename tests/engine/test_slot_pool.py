@@ -10,6 +10,7 @@ from inference_worker.lora.layers import LoRALinear
 from inference_worker.lora.metadata import LoraBatchMeta, segments_of
 from inference_worker.lora.policy import LRUPolicy
 from inference_worker.lora.slot_pool import SlotPool
+from inference_worker.lora.staged_load import TableStaging
 from kernels.backend import get_ops
 from services.errors import FailedPrecondition
 
@@ -220,3 +221,29 @@ def test_failed_background_load_frees_its_slot_and_raises():
         assert pool.is_loaded("good")
     finally:
         pool.close()
+
+
+class _FakeEvent:
+    """Stands for a CUDA event: records what the staging asks of it."""
+
+    log: list = []
+
+    def record(self) -> None:
+        self.log.append(("record", id(self)))
+
+    def synchronize(self) -> None:
+        self.log.append(("wait", id(self)))
+
+
+def test_table_staging_reuses_a_buffer_only_after_its_copy():
+    """A ring of host buffers: each upload copies its tables out (later uploads cannot change
+    them), and a buffer is written again only after waiting on the event of the copy from it."""
+    _FakeEvent.log = []
+    staging = TableStaging(max_ints=6, device=torch.device("cpu"), depth=2, event_factory=_FakeEvent)
+    first, second = staging.upload([1, 2, 3]), staging.upload([4, 5])
+    assert [op for op, _ in _FakeEvent.log] == ["record", "record"]          # no waits while buffers are fresh
+    third = staging.upload([7, 8, 9, 10, 11, 12])                            # buffer 0 again
+    assert _FakeEvent.log[2] == ("wait", _FakeEvent.log[0][1]) and _FakeEvent.log[3][0] == "record"
+    assert first.tolist() == [1, 2, 3] and second.tolist() == [4, 5] and third.tolist() == [7, 8, 9, 10, 11, 12]
+    with pytest.raises(ValueError, match="table entries"):
+        staging.upload(list(range(7)))
