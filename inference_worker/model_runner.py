@@ -151,7 +151,7 @@ class ModelRunner:
             tile = lora_tile(sum(indptr[g + 1] - indptr[g] for g in lora_segs), len(lora_segs))
             indptr += [indptr[-1]] * (num_rows - len(seg_slots))
             seg_slots += [-1] * (num_rows - len(seg_slots))
-        num_tokens = len(input_ids)
+        num_tokens = num_prefill_tokens + len(decodes)          # padding excluded
         if bucket is None and self.prompt_graphs is not None:
             prompt_bucket = self.prompt_graphs.bucket_for(num_tokens)
         if prompt_bucket is not None:

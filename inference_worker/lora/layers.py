@@ -42,15 +42,16 @@ class LoRALinear(nn.Module):
         """x [T, in] -> [T, out]: base + scale[slot] * B[slot] A[slot] x per token."""
         if not lora.has_lora or self.a_pool is None:
             return self.base_layer(x)
-        if lora.side_stream is not None:
-            return self._forward_overlapped(x, lora)
-        out = self.base_layer(x)
         if self._fused_decode and fused_decode_fits(lora.block_t, lora.rank_bound, self.in_features,
                                                     x.element_size()):
+            out = self.base_layer(x)
             self.ops.lora_decode(x, self.a_pool, self.b_pool, self.out_offsets, lora.seg_indptr, lora.seg_slots,
                                  lora.slot_ranks, lora.slot_scales, out, block_t=lora.block_t,
                                  rank_bound=lora.rank_bound)
             return out
+        if lora.side_stream is not None:
+            return self._forward_overlapped(x, lora)
+        out = self.base_layer(x)
         y = self._shrink(x, lora)
         return self._expand(y, lora, out)
 
@@ -61,7 +62,7 @@ class LoRALinear(nn.Module):
         Llama-3-8B decode layer at 64 tokens (bench/results/lora-overlap-h200.md): the LoRA 77 -> 72
         µs (S100) and 147 -> 136 µs (S1000). Running the expand on the side stream too (into a
         scratch added after) lost: 82 and 144 µs."""
-        main, side = torch.cuda.current_stream(), lora.side_stream
+        main, side = torch.cuda.current_stream(x.device), lora.side_stream
         side.wait_stream(main)                            # x is ready
         with torch.cuda.stream(side):
             y = self._shrink(x, lora)

@@ -68,6 +68,28 @@ def test_graphs_without_lora_overlap_match_eager(family_model, adapters_of):
         torch.testing.assert_close(graphs[rid].logits[0], want.logits[0], atol=1e-3, rtol=1e-3)
 
 
+def test_graphs_join_the_side_stream_before_the_expand(family_model, adapters_of, monkeypatch):
+    """Each shrink held back on its side stream (a spin kernel first, captured with it) still
+    gives the eager outputs: the expand waits for the shrink (a missing join would read a stale y)."""
+    from inference_worker.lora.layers import LoRALinear
+
+    shrink = LoRALinear._shrink
+
+    def slow_shrink(self, x, lora):
+        if lora.side_stream is not None:
+            torch.cuda._sleep(1_000_000)                  # ~0.5 ms: far longer than the base matmul
+        return shrink(self, x, lora)
+    monkeypatch.setattr(LoRALinear, "_shrink", slow_shrink)
+    model_dir = family_model("llama")
+    adapter_dirs = adapters_of(model_dir)
+    eager, _, _ = _run(model_dir, adapter_dirs, "float32", cuda_graphs=False)
+    graphs, replays, _ = _run(model_dir, adapter_dirs, "float32", cuda_graphs=True)
+    assert ("prompt", True) in replays
+    for rid, want in eager.items():
+        assert_same_greedy_tokens(rid, graphs[rid], want, tie=1e-4)
+        torch.testing.assert_close(graphs[rid].logits[0], want.logits[0], atol=1e-3, rtol=1e-3)
+
+
 def assert_same_greedy_tokens(rid, got, want, tie: float) -> None:
     """Equal greedy tokens, except that a near-tie in the eager logits (top-2 gap < tie) may
     go either way; the sequences differ from there on, so comparison stops there. (Split-K

@@ -11,9 +11,11 @@ import random
 import pytest
 import torch
 
+from inference_worker.lora.metadata import segments_of
 from kernels.reference import sgmv_expand_ref, sgmv_shrink_ref
 from kernels.sgmv_expand import sgmv_expand
 from kernels.sgmv_shrink import sgmv_shrink
+from kernels.tiles import segment_table_width
 from tests.kernels.helpers import added_close, make_meta, make_pools, rel_err
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -259,6 +261,39 @@ def test_graph_layout_any_tile(block_t):
     want = sgmv_expand_ref(y_ref, b, (0, 24, 40), indptr, slots, ranks, scales, out0.clone())
     assert rel_err(out, want) < 1e-4, f"seed {seed}"
     assert torch.equal(out[11:], out0[11:]) and torch.equal(out[:2], out0[:2])   # padding and base rows
+
+
+def test_prompt_graph_layout():
+    """A prompt graph's layout (inference_worker/prompt_graphs.py): prefills then 1-token decodes,
+    each group sorted by slot, the table padded with empty segments to max_num_seqs, T padded to
+    the bucket, token tile 32 and the engine's fixed table width: real rows give the reference,
+    padding rows are left alone."""
+    seed = random.randrange(1 << 30)
+    rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
+    max_seqs = 8
+    num_prefills = rng.randint(1, 5)
+    prefills = sorted(rng.choice([-1, 0, 1, 2]) for _ in range(num_prefills))
+    decodes = sorted(rng.choice([-1, 0, 1, 2]) for _ in range(rng.randint(0, max_seqs - num_prefills)))
+    indptr, slots = segments_of(prefills + decodes, [rng.randint(1, 40) for _ in prefills] + [1] * len(decodes))
+    real = indptr[-1]
+    num_tokens = -(-real // 32) * 32 + rng.choice([0, 5])           # the bucket
+    indptr += [real] * (max_seqs - len(slots))
+    slots += [-1] * (max_seqs - len(slots))
+    indptr = torch.tensor(indptr, dtype=torch.int32, device=DEV)
+    slots = torch.tensor(slots, dtype=torch.int32, device=DEV)
+    a, b, ranks, scales = make_pools(3, 2, 16, 32, 40, [16, 4, 9], torch.float32, DEV, gen)
+    x = torch.randn(num_tokens, 32, generator=gen).to(DEV)
+    y = torch.full((num_tokens, 2, 16), float("nan"), device=DEV)
+    config = {"block_t": 32, "block_g": segment_table_width(max_seqs), "rank_bound": 16}
+    sgmv_shrink(x, a, indptr, slots, ranks, y, config=config)
+    y_ref = sgmv_shrink_ref(x, a, indptr, slots, ranks, torch.empty_like(y))
+    assert rel_err(y[:real], y_ref[:real]) < 1e-4, f"seed {seed}"
+    out0 = torch.randn(num_tokens, 40, generator=gen).to(DEV)
+    out = out0.clone()
+    sgmv_expand(y, b, (0, 24, 40), indptr, slots, ranks, scales, out, config=config)
+    want = sgmv_expand_ref(y_ref, b, (0, 24, 40), indptr, slots, ranks, scales, out0.clone())
+    assert rel_err(out[:real], want[:real]) < 1e-4, f"seed {seed}"
+    assert torch.equal(out[real:], out0[real:]), f"seed {seed}"         # padding rows untouched
 
 
 def test_num_tiles_bound_covers_every_layout():
