@@ -234,32 +234,35 @@ def test_sgmv_gpu_cuda_graph_no_sync(pdl, monkeypatch):
         assert rel_err(out, out_ref) < 2e-2
 
 
+def _run_padded_layout(indptr: list[int], slots: list[int], num_tokens: int, config: dict, gen) -> tuple:
+    """Shrink then expand over a padded table (H_in 32; 3 slots of ranks 16, 4, 9 in a rank-16
+    pool; fused outputs 24 + 16) -> (y, y_ref, out, want, out before)."""
+    indptr = torch.tensor(indptr, dtype=torch.int32, device=DEV)
+    slots = torch.tensor(slots, dtype=torch.int32, device=DEV)
+    a, b, ranks, scales = make_pools(3, 2, 16, 32, 40, [16, 4, 9], torch.float32, DEV, gen)
+    x = torch.randn(num_tokens, 32, generator=gen).to(DEV)
+    y = torch.full((num_tokens, 2, 16), float("nan"), device=DEV)
+    sgmv_shrink(x, a, indptr, slots, ranks, y, config=config)
+    y_ref = sgmv_shrink_ref(x, a, indptr, slots, ranks, torch.empty_like(y))
+    out0 = torch.randn(num_tokens, 40, generator=gen).to(DEV)
+    out = out0.clone()
+    sgmv_expand(y, b, (0, 24, 40), indptr, slots, ranks, scales, out, config=config)
+    want = sgmv_expand_ref(y_ref, b, (0, 24, 40), indptr, slots, ranks, scales, out0.clone())
+    return y, y_ref, out, want, out0
+
+
 @pytest.mark.parametrize("block_t", [1, 2, 16])
 def test_graph_layout_any_tile(block_t):
     """A decode graph's layout: segments sorted by slot, the table padded with empty segments to
     G = T, padding tokens past the last real segment; any token tile gives the reference."""
     seed = random.randrange(1 << 30)
-    gen = torch.Generator().manual_seed(seed)
-    lens, slots = [2, 5, 1, 3], [-1, 0, 2, 1]                  # 11 real tokens, base first
-    num_tokens = 14                                            # + 3 padding rows
-    indptr = [0]
-    for n in lens:
-        indptr.append(indptr[-1] + n)
-    indptr += [indptr[-1]] * (num_tokens - len(lens))
-    slots += [-1] * (num_tokens - len(lens))
-    indptr = torch.tensor(indptr, dtype=torch.int32, device=DEV)
-    slots = torch.tensor(slots, dtype=torch.int32, device=DEV)
-    a, b, ranks, scales = make_pools(3, 2, 16, 24, 40, [16, 4, 9], torch.float32, DEV, gen)
-    x = torch.randn(num_tokens, 24, generator=gen).to(DEV)
-    y = torch.full((num_tokens, 2, 16), float("nan"), device=DEV)
-    sgmv_shrink(x, a, indptr, slots, ranks, y, config={"block_t": block_t})
-    y_ref = sgmv_shrink_ref(x, a, indptr, slots, ranks, torch.empty_like(y))
-    assert rel_err(y, y_ref) < 1e-4, f"seed {seed}"
-    out0 = torch.randn(num_tokens, 40, generator=gen).to(DEV)
-    out = out0.clone()
-    sgmv_expand(y, b, (0, 24, 40), indptr, slots, ranks, scales, out, config={"block_t": block_t})
-    want = sgmv_expand_ref(y_ref, b, (0, 24, 40), indptr, slots, ranks, scales, out0.clone())
-    assert rel_err(out, want) < 1e-4, f"seed {seed}"
+    num_tokens = 14                                            # 11 real tokens, base first, + 3 padding rows
+    indptr, slots = segments_of([-1, 0, 2, 1], [2, 5, 1, 3])
+    indptr += [indptr[-1]] * (num_tokens - len(slots))
+    slots += [-1] * (num_tokens - len(slots))
+    y, y_ref, out, want, out0 = _run_padded_layout(indptr, slots, num_tokens, {"block_t": block_t},
+                                                   torch.Generator().manual_seed(seed))
+    assert rel_err(y, y_ref) < 1e-4 and rel_err(out, want) < 1e-4, f"seed {seed}"
     assert torch.equal(out[11:], out0[11:]) and torch.equal(out[:2], out0[:2])   # padding and base rows
 
 
@@ -269,8 +272,7 @@ def test_prompt_graph_layout():
     the bucket, token tile 32 and the engine's fixed table width: real rows give the reference,
     padding rows are left alone."""
     seed = random.randrange(1 << 30)
-    rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
-    max_seqs = 8
+    rng, max_seqs = random.Random(seed), 8
     num_prefills = rng.randint(1, 5)
     prefills = sorted(rng.choice([-1, 0, 1, 2]) for _ in range(num_prefills))
     decodes = sorted(rng.choice([-1, 0, 1, 2]) for _ in range(rng.randint(0, max_seqs - num_prefills)))
@@ -279,20 +281,10 @@ def test_prompt_graph_layout():
     num_tokens = -(-real // 32) * 32 + rng.choice([0, 5])           # the bucket
     indptr += [real] * (max_seqs - len(slots))
     slots += [-1] * (max_seqs - len(slots))
-    indptr = torch.tensor(indptr, dtype=torch.int32, device=DEV)
-    slots = torch.tensor(slots, dtype=torch.int32, device=DEV)
-    a, b, ranks, scales = make_pools(3, 2, 16, 32, 40, [16, 4, 9], torch.float32, DEV, gen)
-    x = torch.randn(num_tokens, 32, generator=gen).to(DEV)
-    y = torch.full((num_tokens, 2, 16), float("nan"), device=DEV)
     config = {"block_t": 32, "block_g": segment_table_width(max_seqs), "rank_bound": 16}
-    sgmv_shrink(x, a, indptr, slots, ranks, y, config=config)
-    y_ref = sgmv_shrink_ref(x, a, indptr, slots, ranks, torch.empty_like(y))
-    assert rel_err(y[:real], y_ref[:real]) < 1e-4, f"seed {seed}"
-    out0 = torch.randn(num_tokens, 40, generator=gen).to(DEV)
-    out = out0.clone()
-    sgmv_expand(y, b, (0, 24, 40), indptr, slots, ranks, scales, out, config=config)
-    want = sgmv_expand_ref(y_ref, b, (0, 24, 40), indptr, slots, ranks, scales, out0.clone())
-    assert rel_err(out[:real], want[:real]) < 1e-4, f"seed {seed}"
+    y, y_ref, out, want, out0 = _run_padded_layout(indptr, slots, num_tokens, config,
+                                                   torch.Generator().manual_seed(seed))
+    assert rel_err(y[:real], y_ref[:real]) < 1e-4 and rel_err(out[:real], want[:real]) < 1e-4, f"seed {seed}"
     assert torch.equal(out[real:], out0[real:]), f"seed {seed}"         # padding rows untouched
 
 
