@@ -83,8 +83,10 @@ class SlotPool:
         self._tables: TableStaging | None = None
         if self.staged_loads:
             from kernels.slot_fill import ROWS_FIELDS, TRANSPOSED_FIELDS  # Triton: only where loads use it
-            # a load's fill tables: at most one A entry and one B entry per module
-            self._tables = TableStaging(len(self._rows) * (ROWS_FIELDS + TRANSPOSED_FIELDS), device)
+            # a load's fill tables: at most one A entry and one B entry per module; a buffer per
+            # slot (at most that many loads are in flight: one never waits for another's copy)
+            self._tables = TableStaging(len(self._rows) * (ROWS_FIELDS + TRANSPOSED_FIELDS), device,
+                                        depth=min(num_slots, 256))
         scratch = torch.zeros(max_tokens * max_fused * max_rank, device=device, dtype=torch.float32)
         for _, lin in lora_layers:
             lin.shrink_scratch = scratch

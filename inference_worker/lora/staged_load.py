@@ -107,7 +107,7 @@ class TableStaging:
     H200 with prompt steps as CUDA graphs (the GPU always busy), a load took 100-158 ms p50 of
     host time to issue, against 9-34 ms before (bench/results/engine-h200-runs.md, session 7).
     A ring buffer is reused only after the copy from it ran (its own event, waited on the
-    loader's thread: `depth` loads later, the copy has long run).
+    loader's thread; with a buffer per slot, `depth` loads later that copy has long run).
     """
 
     def __init__(self, max_ints: int, device: torch.device, depth: int = 16, event_factory=None) -> None:
