@@ -84,7 +84,7 @@ class SlotPool:
         if self.staged_loads:
             from kernels.slot_fill import ROWS_FIELDS, TRANSPOSED_FIELDS  # Triton: only where loads use it
             # a load's fill tables: at most one A entry and one B entry per module; a buffer per
-            # slot (at most that many loads are in flight: one never waits for another's copy)
+            # slot (a load takes a slot, so more are rarely in flight; if they are, the ring waits)
             self._tables = TableStaging(len(self._rows) * (ROWS_FIELDS + TRANSPOSED_FIELDS), device,
                                         depth=min(num_slots, 256))
         scratch = torch.zeros(max_tokens * max_fused * max_rank, device=device, dtype=torch.float32)
