@@ -72,6 +72,16 @@ def pick_bucket(buckets: tuple[int, ...], num_decodes: int) -> int | None:
     return buckets[i] if i < len(buckets) else None
 
 
+def warm_up_on(stream: torch.cuda.Stream, run: Callable[..., object], *args) -> None:
+    """run(*args) once eagerly on the capture stream before a capture (compiles Triton kernels,
+    fills the allocator's caches), then wait for it."""
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        run(*args)
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+
+
 class DecodeGraphs:
     """Captured decode graphs; `run_step(b, variant)` (ModelRunner.static_decode_forward) runs
     the model over the static buffers of bucket b (LoRA with that (tile, rank bound), None = no
@@ -92,11 +102,7 @@ class DecodeGraphs:
         stream = torch.cuda.Stream()
         for b in reversed(self.buckets):
             for variant in self.variants:
-                stream.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(stream):
-                    run_step(b, variant)            # warm-up: compiles Triton kernels, fills caches
-                torch.cuda.current_stream().wait_stream(stream)
-                torch.cuda.synchronize()
+                warm_up_on(stream, run_step, b, variant)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool, stream=stream):
                     logits = run_step(b, variant)

@@ -138,31 +138,26 @@ class ModelRunner:
         logits_indices += range(num_prefill_tokens, num_prefill_tokens + len(decodes))
         seqs = prefills + decodes
         indptr, seg_slots = segments_of([s.slot for s in seqs], [s.num_new_tokens for s in seqs])
-        tile = None
+        num_tokens = num_prefill_tokens + len(decodes)          # padding excluded
+        tile, padded, table_width = None, num_tokens, len(seg_slots)
         if bucket is not None:
-            # padding rows: no KV write (slot -1), empty context, base model (past the last
-            # segment); the segment table padded with empty segments to the graph's `bucket`
-            input_ids += [0] * num_pad
-            positions += [0] * num_pad
-            slot_mapping += [-1] * num_pad
-            context_lens += [0] * num_pad
+            context_lens += [0] * num_pad                         # padding rows: empty context
             logits_indices += range(len(decodes), num_rows)
             lora_segs = [g for g, slot in enumerate(seg_slots) if slot >= 0]
             tile = lora_tile(sum(indptr[g + 1] - indptr[g] for g in lora_segs), len(lora_segs))
-            indptr += [indptr[-1]] * (num_rows - len(seg_slots))
-            seg_slots += [-1] * (num_rows - len(seg_slots))
-        num_tokens = num_prefill_tokens + len(decodes)          # padding excluded
-        if bucket is None and self.prompt_graphs is not None:
+            padded, table_width = num_rows, num_rows
+        elif self.prompt_graphs is not None:
             prompt_bucket = self.prompt_graphs.bucket_for(num_tokens)
-        if prompt_bucket is not None:
-            # padding rows as above; the segment table padded to max_num_seqs (the graphs' G)
-            pad = prompt_bucket - num_tokens
-            input_ids += [0] * pad
-            positions += [0] * pad
-            slot_mapping += [-1] * pad
-            indptr += [indptr[-1]] * (self.max_num_seqs - len(seg_slots))
-            seg_slots += [-1] * (self.max_num_seqs - len(seg_slots))
-            tile = PROMPT_TILE
+            if prompt_bucket is not None:                         # the prompt graphs' G: max_num_seqs
+                tile, padded, table_width = PROMPT_TILE, prompt_bucket, self.max_num_seqs
+        # a graph step's padding rows: no KV write (slot -1), base model (past the last segment);
+        # the segment table padded with empty segments to the graph's G
+        pad = padded - num_tokens
+        input_ids += [0] * pad
+        positions += [0] * pad
+        slot_mapping += [-1] * pad
+        indptr += [indptr[-1]] * (table_width - len(seg_slots))
+        seg_slots += [-1] * (table_width - len(seg_slots))
         dev_tables = self._dev["block_tables"][: num_rows * width]
         dev_tables.copy_(self._host["block_tables"][: num_rows * width], non_blocking=True)
         attn = AttentionMeta(

@@ -22,12 +22,13 @@ one memory pool.
 """
 from __future__ import annotations
 
-import bisect
 import logging
 import time
 from collections.abc import Callable
 
 import torch
+
+from inference_worker.cuda_graphs import pick_bucket, warm_up_on
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +56,7 @@ class PromptGraphs:
         self._graphs: dict[tuple[int, bool], list[torch.cuda.CUDAGraph]] = {}
 
     def bucket_for(self, num_tokens: int) -> int | None:
-        i = bisect.bisect_left(self.buckets, num_tokens)
-        return self.buckets[i] if i < len(self.buckets) else None
+        return pick_bucket(self.buckets, num_tokens)
 
     def capture(self, run_piece: Callable[[int, bool, int], None]) -> None:
         """run_piece(bucket, has_lora, i) runs piece i over the static buffers. Largest bucket
@@ -66,12 +66,7 @@ class PromptGraphs:
         stream = torch.cuda.Stream()
         for bucket in reversed(self.buckets):
             for has_lora in (False, True):
-                stream.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(stream):        # warm-up: compiles Triton kernels, fills caches
-                    for i in range(self.num_pieces):
-                        run_piece(bucket, has_lora, i)
-                torch.cuda.current_stream().wait_stream(stream)
-                torch.cuda.synchronize()
+                warm_up_on(stream, self._run_pieces, run_piece, bucket, has_lora)
                 graphs = []
                 for i in range(self.num_pieces):
                     graph = torch.cuda.CUDAGraph()
@@ -84,6 +79,10 @@ class PromptGraphs:
         torch.cuda.synchronize()
         log.info("captured prompt-step CUDA graphs: %d buckets (%s) x %d pieces, with and without LoRA, in %.1f s",
                  len(self.buckets), self.buckets, self.num_pieces, time.perf_counter() - start)
+
+    def _run_pieces(self, run_piece: Callable[[int, bool, int], None], bucket: int, has_lora: bool) -> None:
+        for i in range(self.num_pieces):
+            run_piece(bucket, has_lora, i)
 
     def run(self, bucket: int, has_lora: bool, attend: Callable[[int], None]) -> None:
         for i, graph in enumerate(self._graphs[(bucket, has_lora)]):

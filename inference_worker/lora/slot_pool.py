@@ -101,9 +101,9 @@ class SlotPool:
         self.num_staged_loads = 0        # loads that took the staged path (the others copied module by module)
         self.num_step_waits = 0          # steps whose compute had to wait for a copy not yet done
         self.loads_async = device.type == "cuda"
-        # high priority: a load's fill kernels take SMs as soon as any free up. On the H200 with
-        # prompt steps replayed as graphs (back-to-back kernels), default-priority loads took up to
-        # 105 ms p99 and one of 222 made a step wait (bench/results/engine-h200-run21.md)
+        # high priority: with prompt steps replayed as graphs the compute stream's kernels run back
+        # to back, and a load's two fill kernels should not queue behind them. (On the H200 it did
+        # not change the slow loads of runs 21-25: those waited on the host, see TableStaging.)
         self._copy_stream = torch.cuda.Stream(device, priority=-1) if self.loads_async else None
         # slot -> its load: the event after its copies, or (loader thread) a Future of that event
         # (None on CPU)
