@@ -61,17 +61,16 @@ def main() -> int:
         for pdl in (False, True):
             cases.append(("shrink decode R64 RB%d pdl%s" % (rb, pdl), _sgmv_shrink_kernel, SH_PTRS,
                           dict(R=64, RB=rb, BLOCK_G=128, BLOCK_T=1, BLOCK_N=4, BLOCK_K=1024, SPLIT_K=1, USE_DOT=False,
-                               ATOMIC=False, CAN_SKIP=True, IEEE=False, PDL=pdl, PREFETCH=pdl, LINE=64), {}, 4))
+                               ATOMIC=False, CAN_SKIP=True, IEEE=False, PDL=pdl), {}, 4))
             cases.append(("shrink dot R64 RB%d pdl%s" % (rb, pdl), _sgmv_shrink_kernel, SH_PTRS,
                           dict(R=64, RB=rb, BLOCK_G=16, BLOCK_T=64, BLOCK_N=64, BLOCK_K=128, SPLIT_K=4, USE_DOT=True,
-                               ATOMIC=True, CAN_SKIP=rb >= 64, IEEE=False, PDL=pdl, PREFETCH=False, LINE=64),
-                          {}, 4))
+                               ATOMIC=True, CAN_SKIP=rb >= 64, IEEE=False, PDL=pdl), {}, 4))
     for pdl in (False, True):
         for bt, bn, br, nbp, nw, dot in ((1, 256, 16, 2, 8, False), (1, 1024, 8, 2, 4, False), (2, 512, 16, 1, 4, False),
                                          (64, 256, 16, 1, 4, True)):
             cases.append((f"expand bt{bt} bn{bn} br{br} nbp{nbp} pdl{pdl}", _sgmv_expand_kernel, EX_PTRS,
                           dict(R=64, BLOCK_G=128, BLOCK_T=bt, BLOCK_N=bn, BLOCK_R=br, NB_PER_PROG=nbp, USE_DOT=dot,
-                               IEEE=False, PDL=pdl, PREFETCH=pdl and not dot, LINE=64), {}, nw))
+                               IEEE=False, PDL=pdl), {}, nw))
     for rb in (16, 32):
         for bt in (1, 2):
             blk = max(64, 8192 // (rb * bt))

@@ -45,14 +45,6 @@ def _pdl_on(wanted: bool, index: int | None) -> bool:
     return wanted and gdc_wait is not None and not interpreting() and torch.cuda.get_device_capability(index)[0] >= 9
 
 
-def prefetch_enabled(device: torch.device) -> bool:
-    """With PDL, also ask L2 for a program's adapter weights before it waits for the previous
-    kernel (OPENLORA_SGMV_PREFETCH=0 turns it off). No kernel of a step writes the A/B pools
-    (adapter loads run on the copy stream, which the compute stream waits for by event), so
-    their reads may overlap the previous kernel's tail like the segment lookup does."""
-    return pdl_enabled(device) and os.environ.get("OPENLORA_SGMV_PREFETCH", "1") != "0"
-
-
 def launch_options(device: torch.device) -> dict:
     """Extra launch kwargs: launch_pdl only when PDL is on (older triton has no such option)."""
     return {"launch_pdl": True} if pdl_enabled(device) else {}
@@ -155,16 +147,6 @@ def pdl_wait(PDL: tl.constexpr):
     predecessor)."""
     if PDL:
         gdc_wait()
-
-
-@triton.jit
-def prefetch_l2(ptrs, mask):
-    """Ask L2 for the 128-byte lines at `ptrs` (lanes where mask is false ask for nothing).
-    Nothing is read into registers, so it may be issued before pdl_wait; the real loads after
-    it then hit L2. CUDA only (inline PTX): callers guard it with their PDL constexpr."""
-    tl.inline_asm_elementwise(
-        "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.u32 $0, 0; }",
-        "=r,l,r", [ptrs, mask.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit

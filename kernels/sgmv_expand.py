@@ -38,8 +38,6 @@ from kernels._common import (
     num_tiles_bound,
     pdl_start,
     pdl_wait,
-    prefetch_enabled,
-    prefetch_l2,
     segment_tile,
 )
 from kernels.tiles import cdiv, next_pow2, pick_block_t
@@ -53,8 +51,7 @@ def _sgmv_expand_kernel(y_ptr, b_ptr, out_ptr, indptr_ptr, slots_ptr, ranks_ptr,
                         off1, off2, off3, off4, cb1, cb2, cb3,
                         R: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_R: tl.constexpr, NB_PER_PROG: tl.constexpr,
-                        USE_DOT: tl.constexpr, PDL: tl.constexpr, IEEE: tl.constexpr,
-                        PREFETCH: tl.constexpr, LINE: tl.constexpr):
+                        USE_DOT: tl.constexpr, PDL: tl.constexpr, IEEE: tl.constexpr):
     pdl_start(PDL)
     pid = tl.program_id(0)
     num_groups = tl.cdiv(NUM_NB, NB_PER_PROG)
@@ -62,18 +59,6 @@ def _sgmv_expand_kernel(y_ptr, b_ptr, out_ptr, indptr_ptr, slots_ptr, ranks_ptr,
     pid_tile = pid // num_groups
     tile_start, tile_end, slot, rank = segment_tile(pid_tile, indptr_ptr, slots_ptr, ranks_ptr, T, G,
                                                     BLOCK_G, BLOCK_T)
-    if PREFETCH:
-        # this program's B rows [0, rank) of its column blocks, a 128-byte line a prefetch, while
-        # the previous kernel ends (slot -1 and empty tiles have rank 0: nothing is asked for)
-        rows = tl.arange(0, R)
-        offs_line = tl.arange(0, BLOCK_N // LINE) * LINE
-        for j in range(NB_PER_PROG):
-            nb = pid_grp * NB_PER_PROG + j
-            m, mod_lo, mod_hi, cb_lo = module_of(nb, cb1, cb2, cb3, off1, off2, off3, off4)
-            cols = mod_lo + (nb - cb_lo) * BLOCK_N + offs_line
-            on = (rows < tl.where(tile_end > tile_start, rank, 0))[:, None] & \
-                (cols < tl.where(nb < NUM_NB, mod_hi, 0))[None, :]
-            prefetch_l2(b_ptr + tl.maximum(slot, 0).to(tl.int64) * R * N + rows[:, None] * N + cols[None, :], on)
     pdl_wait(PDL)                                        # y and out come from earlier kernels
     if (tile_end <= tile_start) | (slot < 0):
         return
@@ -223,8 +208,6 @@ def sgmv_expand(y: torch.Tensor, b_pool: torch.Tensor, out_offsets: tuple[int, .
         *offs, *cbs,
         R=max_rank, BLOCK_G=cfg["block_g"], BLOCK_T=block_t, BLOCK_N=block_n,
         BLOCK_R=block_r, NB_PER_PROG=nb_per_prog, USE_DOT=cfg["use_dot"], PDL="launch_pdl" in options,
-        IEEE=(b_pool.dtype == torch.float32), PREFETCH=not cfg["use_dot"] and prefetch_enabled(y.device),
-        LINE=min(128 // b_pool.element_size(), block_n), num_warps=cfg["num_warps"],
-        num_stages=cfg.get("num_stages", 3),
+        IEEE=(b_pool.dtype == torch.float32), num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3),
         **options)
     return out

@@ -39,8 +39,6 @@ from kernels._common import (
     num_tiles_bound,
     pdl_start,
     pdl_wait,
-    prefetch_enabled,
-    prefetch_l2,
     segment_tile,
 )
 from kernels.tiles import cdiv, next_pow2, pick_block_t
@@ -53,8 +51,7 @@ def _sgmv_shrink_kernel(x_ptr, a_ptr, y_ptr, indptr_ptr, slots_ptr, ranks_ptr,
                         T, G, H_in, NCOL, K_PER_SPLIT,
                         R: tl.constexpr, RB: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, USE_DOT: tl.constexpr, PDL: tl.constexpr,
-                        ATOMIC: tl.constexpr, CAN_SKIP: tl.constexpr, IEEE: tl.constexpr,
-                        PREFETCH: tl.constexpr, LINE: tl.constexpr):
+                        ATOMIC: tl.constexpr, CAN_SKIP: tl.constexpr, IEEE: tl.constexpr):
     pdl_start(PDL)
     pid = tl.program_id(0)
     num_nb = tl.cdiv(NCOL, BLOCK_N)
@@ -63,9 +60,8 @@ def _sgmv_shrink_kernel(x_ptr, a_ptr, y_ptr, indptr_ptr, slots_ptr, ranks_ptr,
     pid_tile = pid // (SPLIT_K * num_nb)
     tile_start, tile_end, slot, rank = segment_tile(pid_tile, indptr_ptr, slots_ptr, ranks_ptr, T, G,
                                                     BLOCK_G, BLOCK_T)
-    # every exit below passes pdl_wait first: x (and y's zeroing) come from earlier kernels
+    pdl_wait(PDL)                                        # x (and y's zeroing) come from earlier kernels
     if tile_end <= tile_start:
-        pdl_wait(PDL)
         return
 
     offs_t = tile_start + tl.arange(0, BLOCK_T)
@@ -82,7 +78,6 @@ def _sgmv_shrink_kernel(x_ptr, a_ptr, y_ptr, indptr_ptr, slots_ptr, ranks_ptr,
     else:
         active = rank > 0
     if not active:
-        pdl_wait(PDL)
         if not ATOMIC:                                 # atomics: y was zeroed by the launcher
             tl.store(y_ptrs, tl.zeros((BLOCK_T, BLOCK_N), y_ptr.dtype.element_ty),
                      mask=t_mask[:, None] & n_mask[None, :])
@@ -94,13 +89,6 @@ def _sgmv_shrink_kernel(x_ptr, a_ptr, y_ptr, indptr_ptr, slots_ptr, ranks_ptr,
     x_ptrs = x_ptr + offs_t[:, None].to(tl.int64) * H_in + offs_k[None, :]
     a_base = a_ptr + slot.to(tl.int64) * MR * H_in
     a_ptrs = a_base + cols[:, None].to(tl.int64) * H_in + offs_k[None, :]
-    if PREFETCH:
-        # this program's A rows, LINE elements (128 bytes) a prefetch, while the previous kernel ends
-        offs_line = tl.arange(0, BLOCK_K // LINE) * LINE
-        for k0 in range(k_lo, k_hi, BLOCK_K):
-            prefetch_l2(a_base + cols[:, None].to(tl.int64) * H_in + k0 + offs_line[None, :],
-                        col_on[:, None] & ((k0 + offs_line) < k_hi)[None, :])
-    pdl_wait(PDL)
     if USE_DOT:
         acc = tl.zeros((BLOCK_T, BLOCK_N), tl.float32)
         # Triton's software pipeliner overlaps these loads with the dots (num_stages)
@@ -236,8 +224,6 @@ def sgmv_shrink(x: torch.Tensor, a_pool: torch.Tensor, seg_indptr: torch.Tensor,
         num_tokens, num_segs, h_in, ncol, k_per_split,
         R=max_rank, RB=rank_bound, BLOCK_G=cfg["block_g"], BLOCK_T=block_t, BLOCK_N=block_n,
         BLOCK_K=block_k, SPLIT_K=split_k, USE_DOT=cfg["use_dot"], ATOMIC=cfg["atomic"], CAN_SKIP=cfg["can_skip"],
-        IEEE=(x.dtype == torch.float32), PDL="launch_pdl" in options,
-        PREFETCH=not cfg["use_dot"] and prefetch_enabled(x.device), LINE=min(128 // x.element_size(), block_k),
-        num_warps=cfg["num_warps"],
+        IEEE=(x.dtype == torch.float32), PDL="launch_pdl" in options, num_warps=cfg["num_warps"],
         num_stages=cfg.get("num_stages", 3), **options)
     return out
