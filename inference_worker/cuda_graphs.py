@@ -23,9 +23,11 @@ without LoRA (a base-only step skips 8 launches per layer) and one per LoRA vari
 from __future__ import annotations
 
 import bisect
+import contextlib
+import gc
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -72,6 +74,30 @@ def pick_bucket(buckets: tuple[int, ...], num_decodes: int) -> int | None:
     return buckets[i] if i < len(buckets) else None
 
 
+@contextlib.contextmanager
+def no_collection() -> Iterator[None]:
+    """Around a run of captures: the garbage collector collects first, then stays off. A
+    collection inside a capture runs the destructors of whatever sat in reference cycles (an
+    earlier engine's CUDA events and page-locked buffers), and their CUDA calls, illegal while a
+    stream captures, invalidate the capture (on the H200: engine starts in one test process
+    failed at random with cudaErrorStreamCaptureInvalidated)."""
+    gc.collect()
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def capture_into(graph: torch.cuda.CUDAGraph, pool, stream: torch.cuda.Stream):
+    """torch.cuda.graph in thread-local mode: another thread's CUDA calls (an adapter loader's
+    page-locked allocation, an event query) do not invalidate this thread's capture; none of
+    them touches the capture stream."""
+    return torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local")
+
+
 def warm_up_on(stream: torch.cuda.Stream, run: Callable[..., object], *args) -> None:
     """run(*args) once eagerly on the capture stream before a capture (compiles Triton kernels,
     fills the allocator's caches), then wait for it."""
@@ -100,14 +126,15 @@ class DecodeGraphs:
         start = time.perf_counter()
         pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream()
-        for b in reversed(self.buckets):
-            for variant in self.variants:
-                warm_up_on(stream, run_step, b, variant)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool, stream=stream):
-                    logits = run_step(b, variant)
-                self._graphs[(b, variant)] = (graph, logits)
-                graph.replay()            # the first replay uploads the graph: now, not in a serving step
+        with no_collection():
+            for b in reversed(self.buckets):
+                for variant in self.variants:
+                    warm_up_on(stream, run_step, b, variant)
+                    graph = torch.cuda.CUDAGraph()
+                    with capture_into(graph, pool, stream):
+                        logits = run_step(b, variant)
+                    self._graphs[(b, variant)] = (graph, logits)
+                    graph.replay()        # the first replay uploads the graph: now, not in a serving step
         torch.cuda.synchronize()
         log.info("captured %d decode CUDA graphs (buckets %s, LoRA (tile, rank bound) %s) in %.1f s",
                  len(self._graphs), self.buckets, self.variants[1:], time.perf_counter() - start)

@@ -28,7 +28,7 @@ from collections.abc import Callable
 
 import torch
 
-from inference_worker.cuda_graphs import pick_bucket, warm_up_on
+from inference_worker.cuda_graphs import capture_into, no_collection, pick_bucket, warm_up_on
 
 log = logging.getLogger(__name__)
 
@@ -64,18 +64,19 @@ class PromptGraphs:
         start = time.perf_counter()
         pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream()
-        for bucket in reversed(self.buckets):
-            for has_lora in (False, True):
-                warm_up_on(stream, self._run_pieces, run_piece, bucket, has_lora)
-                graphs = []
-                for i in range(self.num_pieces):
-                    graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(graph, pool=pool, stream=stream):
-                        run_piece(bucket, has_lora, i)
-                    graphs.append(graph)
-                self._graphs[(bucket, has_lora)] = graphs
-                for graph in graphs:     # the first replay uploads a graph: now, not in a serving step
-                    graph.replay()
+        with no_collection():
+            for bucket in reversed(self.buckets):
+                for has_lora in (False, True):
+                    warm_up_on(stream, self._run_pieces, run_piece, bucket, has_lora)
+                    graphs = []
+                    for i in range(self.num_pieces):
+                        graph = torch.cuda.CUDAGraph()
+                        with capture_into(graph, pool, stream):
+                            run_piece(bucket, has_lora, i)
+                        graphs.append(graph)
+                    self._graphs[(bucket, has_lora)] = graphs
+                    for graph in graphs:     # the first replay uploads a graph: now, not in a serving step
+                        graph.replay()
         torch.cuda.synchronize()
         log.info("captured prompt-step CUDA graphs: %d buckets (%s) x %d pieces, with and without LoRA, in %.1f s",
                  len(self.buckets), self.buckets, self.num_pieces, time.perf_counter() - start)
