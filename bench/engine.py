@@ -176,16 +176,25 @@ class Run:
 
 def load_stats(engine: LLMEngine, num_loads: int) -> dict:
     timings = engine.slot_pool.load_timings or []
-    copy_ms, host_ms, queue_ms = [], [], []
-    for start, end, host_s, queue_s in timings:
+    copy_ms, host_ms, queue_ms, fill_ms = [], [], [], []
+    phases_ms: list[list[float]] = [[], [], []]
+    for start, end, host_s, queue_s, phases in timings:
         copy_ms.append(start.elapsed_time(end) if start is not None else end * 1e3)
         host_ms.append(host_s * 1e3)
         queue_ms.append(queue_s * 1e3)
+        fill_ms.append(sum(phases) * 1e3)
+        if len(phases) == len(phases_ms):             # staged fills
+            for ms, phase in zip(phases_ms, phases):
+                ms.append(phase * 1e3)
     engine.slot_pool.load_timings = None
-    # host: request -> copies issued; queue: the part spent waiting for the loader thread
+    # host: request -> copies issued; queue: the part spent waiting for the loader thread; fill:
+    # the part spent in the fill itself, by phase (tables prepared, copies issued, fill launched)
     return {"adapter_loads": num_loads, "load_ms_p50": pct(copy_ms, 50), "load_ms_p99": pct(copy_ms, 99),
             "load_host_ms_p50": pct(host_ms, 50), "load_host_ms_p99": pct(host_ms, 99),
-            "load_queue_ms_p50": pct(queue_ms, 50), "load_queue_ms_p99": pct(queue_ms, 99)}
+            "load_queue_ms_p50": pct(queue_ms, 50), "load_queue_ms_p99": pct(queue_ms, 99),
+            "load_fill_ms_p50": pct(fill_ms, 50), "load_fill_ms_p99": pct(fill_ms, 99),
+            **{f"load_fill_{name}_ms_p{q}": pct(ms, q) for name, ms in zip(("tables", "copies", "launch"), phases_ms)
+               for q in (50, 99)}}
 
 
 def peft_baseline(args, device: torch.device) -> dict:
