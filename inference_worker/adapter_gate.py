@@ -14,7 +14,8 @@ class TicketGate:
 
     def __init__(self, slot_pool: SlotPool) -> None:
         self.slot_pool = slot_pool
-        self._prefetched: dict[str, None] = {}       # loaded ahead, not yet acquired by a sequence
+        # loaded ahead, not yet acquired by a sequence -> its copy is known to be done
+        self._prefetched: dict[str, bool] = {}
         self.max_prefetched = max(1, slot_pool.num_slots // 4)
 
     def state(self, seq: Sequence) -> AdapterState:
@@ -34,10 +35,14 @@ class TicketGate:
         """Async slot pool: start the copy into a slot (resident, unpinned) and report PENDING
         until it is done, so the step that admits the sequence never waits for it.
 
+        At most `max_prefetched` adapters are prefetched and not yet taken (unpinned, more could
+        evict each other forever; unpinned, they never hold a slot another sequence needs). At
+        that cap the sequence stays PENDING while one of them is still copying: that copy ends
+        soon and its sequence, admitted, frees a place. Admitting it instead made the step wait
+        for a copy queued behind the others' (H200, S1000: one step of ~250 ms in each run).
         READY (the scheduler then loads it in acquire, and the step waits for the copy on the
-        device) when no slot can take it now, or when `max_prefetched` adapters are already
-        prefetched and not yet taken: unpinned, they could otherwise evict each other forever;
-        unpinned, they never hold a slot another sequence needs (no deadlock).
+        device) when no slot can take it now, or at the cap with every copy done (their
+        sequences wait for room in the batch, or are gone: waiting for them could be forever).
         """
         key = seq.ticket.key
         pool = self.slot_pool
@@ -45,7 +50,7 @@ class TicketGate:
             del self._prefetched[k]                  # evicted before it was used
         if pool.slot_of(key) is None:
             if len(self._prefetched) >= self.max_prefetched:
-                return AdapterState.READY
+                return AdapterState.PENDING if self._copying() else AdapterState.READY
             try:
                 if self.slot_pool.acquire(key, seq.ticket.weights) is None:
                     return AdapterState.READY
@@ -53,7 +58,7 @@ class TicketGate:
                 seq.error = exc
                 return AdapterState.FAILED
             self.slot_pool.release(key)
-            self._prefetched[key] = None
+            self._prefetched[key] = False
         try:
             loaded = self.slot_pool.is_loaded(key)
         except Exception as exc:  # noqa: BLE001 - a failed copy: this request fails, not the step
@@ -61,6 +66,21 @@ class TicketGate:
             seq.error = OpenLoRAError(f"adapter {key}: copying it into a device slot failed: {exc}")
             return AdapterState.FAILED
         return AdapterState.READY if loaded else AdapterState.PENDING
+
+    def _copying(self) -> bool:
+        """Whether a prefetched adapter's copy is still in flight (each copy is polled until it is
+        seen done: usually one event query)."""
+        for key, done in self._prefetched.items():
+            if done:
+                continue
+            try:
+                done = self.slot_pool.is_loaded(key)
+            except Exception:  # noqa: BLE001 - a failed copy is not in flight; its sequence sees the error
+                done = True
+            if not done:
+                return True
+            self._prefetched[key] = True
+        return False
 
     def acquire(self, seq: Sequence) -> bool:
         if seq.ticket is None:

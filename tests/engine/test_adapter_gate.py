@@ -30,12 +30,51 @@ def test_prefetch_then_admit_when_copied():
 
 
 def test_prefetch_is_capped_and_falls_back_to_a_plain_load():
+    """At the cap a sequence waits while a prefetched copy is in flight (admitted, its step would
+    wait for its copy behind that one); with every prefetched copy done and not taken, it is
+    loaded by the scheduler (their sequences may never come: waiting could be forever)."""
     pool, _ = make_pool(num_slots=4)
     pool.loads_async = True
-    pool.is_loaded = lambda key: False
+    done: set[str] = set()
+    pool.is_loaded = lambda key: key in done
     gate = TicketGate(pool)
     assert gate.max_prefetched == 1
     assert gate.state(_seq("x")) is AdapterState.PENDING
     y = _seq("y")
+    assert gate.state(y) is AdapterState.PENDING and pool.slot_of("y") is None   # x still copying
+    done.add("x")                                     # x copied, its sequence not admitted (yet)
     assert gate.state(y) is AdapterState.READY and pool.slot_of("y") is None   # the scheduler loads it
     assert gate.acquire(y) and pool.slot_of("y") is not None
+
+
+def test_prefetch_cap_frees_when_a_prefetched_adapter_is_taken():
+    pool, _ = make_pool(num_slots=4)
+    pool.loads_async = True
+    done: set[str] = set()
+    pool.is_loaded = lambda key: key in done and pool.slot_of(key) is not None
+    gate = TicketGate(pool)
+    x, y = _seq("x"), _seq("y")
+    assert gate.state(x) is AdapterState.PENDING and gate.state(y) is AdapterState.PENDING
+    done.add("x")
+    assert gate.state(x) is AdapterState.READY and gate.acquire(x)    # x admitted: the cap frees
+    assert gate.state(y) is AdapterState.PENDING and pool.slot_of("y") is not None and pool.num_loads == 2
+    done.add("y")
+    assert gate.state(y) is AdapterState.READY
+
+
+def test_a_failed_prefetched_copy_does_not_hold_others_back():
+    pool, _ = make_pool(num_slots=4)
+    pool.loads_async = True
+    failed: set[str] = set()
+
+    def is_loaded(key):
+        if key in failed:
+            raise RuntimeError("copy failed")
+        return False
+    pool.is_loaded = is_loaded
+    gate = TicketGate(pool)
+    x = _seq("x")
+    assert gate.state(x) is AdapterState.PENDING
+    failed.add("x")                                   # x's copy fails before its sequence looks again
+    assert gate.state(_seq("y")) is AdapterState.READY                  # not in flight: no wait for it
+    assert gate.state(x) is AdapterState.FAILED and "copy" in str(x.error)
