@@ -35,6 +35,7 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 import torch
 
 from inference_worker.adapter_weights import AdapterWeights
+from inference_worker.device import use_device
 from inference_worker.lora.layers import LoRALinear
 from inference_worker.lora.policy import CachePolicy, LRUPolicy
 from inference_worker.lora.staged_load import ModuleRows, Span, TableStaging, adapter_span, fill_tables
@@ -109,7 +110,8 @@ class SlotPool:
         # (None on CPU)
         self._in_flight: dict[int, Future | torch.cuda.Event] = {}
         self._unwaited: dict[int, Future | torch.cuda.Event] = {}   # loads the compute stream has not waited for
-        self._loader = ThreadPoolExecutor(1, thread_name_prefix="slot-loader") if load_thread else None
+        self._loader = (ThreadPoolExecutor(1, thread_name_prefix="slot-loader", initializer=use_device,
+                                           initargs=(device,)) if load_thread else None)
         self._dirty_rank = [0] * num_slots                    # rows [0, r) of a slot may be non-zero
         # Set to a list to record loads (benchmarks): (start, end) CUDA events with timing, or
         # (None, seconds) on CPU; the host time from the request to the load issued; the part

@@ -1,0 +1,16 @@
+"""Which GPU a thread's CUDA calls go to."""
+from __future__ import annotations
+
+import torch
+
+
+def use_device(device: torch.device) -> None:
+    """Make `device` the calling thread's current CUDA device (nothing for the CPU).
+
+    CUDA's current device is per thread and starts at 0. Whatever asks for it implicitly
+    (`torch.cuda.Stream()`, `current_stream()`, graph captures, events) in a worker serving
+    cuda:1 would otherwise land on GPU 0. So the thread that builds the engine and every
+    thread that issues work for it (the engine loop, the adapter loader) call this first.
+    """
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
