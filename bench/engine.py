@@ -174,26 +174,29 @@ class Run:
         return res
 
 
+ISSUE_PHASES = ("setup", "tables", "copies", "launch", "done")     # of a staged load (SlotPool.issue_phases)
+
+
 def load_stats(engine: LLMEngine, num_loads: int) -> dict:
     timings = engine.slot_pool.load_timings or []
-    copy_ms, host_ms, queue_ms, fill_ms = [], [], [], []
-    phases_ms: list[list[float]] = [[], [], []]
+    copy_ms, host_ms, queue_ms, issue_ms = [], [], [], []
+    phases_ms: list[list[float]] = [[] for _ in ISSUE_PHASES]
     for start, end, host_s, queue_s, phases in timings:
         copy_ms.append(start.elapsed_time(end) if start is not None else end * 1e3)
         host_ms.append(host_s * 1e3)
         queue_ms.append(queue_s * 1e3)
-        fill_ms.append(sum(phases) * 1e3)
-        if len(phases) == len(phases_ms):             # staged fills
+        issue_ms.append(sum(phases) * 1e3)
+        if len(phases) == len(ISSUE_PHASES):          # staged loads on CUDA
             for ms, phase in zip(phases_ms, phases):
                 ms.append(phase * 1e3)
     engine.slot_pool.load_timings = None
-    # host: request -> copies issued; queue: the part spent waiting for the loader thread; fill:
-    # the part spent in the fill itself, by phase (tables prepared, copies issued, fill launched)
+    # host: request -> copies issued; queue: the part spent waiting for the loader thread; issue:
+    # the rest, by phase (SlotPool.issue_phases)
     return {"adapter_loads": num_loads, "load_ms_p50": pct(copy_ms, 50), "load_ms_p99": pct(copy_ms, 99),
             "load_host_ms_p50": pct(host_ms, 50), "load_host_ms_p99": pct(host_ms, 99),
             "load_queue_ms_p50": pct(queue_ms, 50), "load_queue_ms_p99": pct(queue_ms, 99),
-            "load_fill_ms_p50": pct(fill_ms, 50), "load_fill_ms_p99": pct(fill_ms, 99),
-            **{f"load_fill_{name}_ms_p{q}": pct(ms, q) for name, ms in zip(("tables", "copies", "launch"), phases_ms)
+            "load_issue_ms_p50": pct(issue_ms, 50), "load_issue_ms_p99": pct(issue_ms, 99),
+            **{f"load_issue_{name}_ms_p{q}": pct(ms, q) for name, ms in zip(ISSUE_PHASES, phases_ms)
                for q in (50, 99)}}
 
 

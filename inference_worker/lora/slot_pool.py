@@ -116,9 +116,9 @@ class SlotPool:
         # Set to a list to record loads (benchmarks): (start, end) CUDA events with timing, or
         # (None, seconds) on CPU; the host time from the request to the load issued; the part
         # of it the load waited for the loader thread (0 without one); and the host seconds of
-        # its fill's phases (fill_phases: preparing, copies issued, fill kernels launched).
+        # the phases of issuing it (issue_phases).
         self.load_timings: list[tuple] | None = None
-        self._fill_marks: list[float] = []
+        self._marks: list[float] = []
 
     @property
     def layers(self) -> list[LoRALinear]:
@@ -282,38 +282,42 @@ class SlotPool:
                     host_start: float) -> torch.cuda.Event | None:
         """The copies of one load (on the loader thread, if any); -> the event after them on the
         copy stream (None on CPU, where the copies are done on return)."""
-        queue_s = time.perf_counter() - host_start
+        self._marks = [time.perf_counter()]
+        queue_s = self._marks[0] - host_start
         if self._copy_stream is None:
             self._fill(slot, adapter, rank)
             if self.load_timings is not None:         # synchronous: issued = done
                 elapsed = time.perf_counter() - host_start
-                self.load_timings.append((None, elapsed, elapsed, queue_s, self.fill_phases()))
+                self.load_timings.append((None, elapsed, elapsed, queue_s, self.issue_phases()))
             return None
         with torch.cuda.stream(self._copy_stream):
             self._copy_stream.wait_event(queued)
             start = torch.cuda.Event(enable_timing=True) if self.load_timings is not None else None
             if start is not None:
                 start.record()
+            self._marks.append(time.perf_counter())
             self._fill(slot, adapter, rank)
             done = torch.cuda.Event(enable_timing=start is not None)
             done.record()
+        self._marks.append(time.perf_counter())
         if start is not None:
-            self.load_timings.append((start, done, time.perf_counter() - host_start, queue_s, self.fill_phases()))
+            self.load_timings.append((start, done, time.perf_counter() - host_start, queue_s, self.issue_phases()))
         return done
 
-    def fill_phases(self) -> tuple[float, ...]:
-        """Host seconds of the last fill's phases: preparing its tables, issuing its copies,
-        launching its fill kernels (one phase for a module-by-module fill)."""
-        marks = self._fill_marks
+    def issue_phases(self) -> tuple[float, ...]:
+        """Host seconds of the phases of the last load's issue on CUDA: the copy stream set up
+        (its wait and start event), the fill's tables prepared, its copies issued, its fill kernels
+        launched, the slot's rank and scale written and the done event recorded (module-by-module
+        fills: setup, copies, done; on the CPU: the fill alone)."""
+        marks = self._marks
         return tuple(b - a for a, b in zip(marks, marks[1:]))
 
     def _fill(self, slot: int, adapter: AdapterWeights, rank: int) -> None:
         """Write the adapter into the slot (on the current stream): staged when it can be."""
-        self._fill_marks = [time.perf_counter()]
         span = adapter_span(adapter, self._buffer.dtype) if self.staged_loads else None
         if span is None or span.numel > self._staging.numel():
             self._copy_into(slot, adapter)
-            self._fill_marks.append(time.perf_counter())
+            self._marks.append(time.perf_counter())
         else:
             self._staged_fill(slot, adapter, span)
             self.num_staged_loads += 1
@@ -327,18 +331,18 @@ class SlotPool:
 
         rows, transposed = fill_tables(self._rows, adapter, span, slot, self._dirty_rank[slot])
         flat = [v for entry in rows for v in entry] + [v for entry in transposed for v in entry]
-        self._fill_marks.append(time.perf_counter())
+        self._marks.append(time.perf_counter())
         offset = 0
         for chunk in span.chunks:                     # one copy per host buffer of the adapter
             self._staging[offset: offset + chunk.numel()].copy_(chunk, non_blocking=True)
             offset += chunk.numel()
         # both tables in one small copy, from a pinned buffer allocated once (staged_load.TableStaging says why)
         tables = self._tables.upload(flat)
-        self._fill_marks.append(time.perf_counter())
+        self._marks.append(time.perf_counter())
         split = ROWS_FIELDS * len(rows)
         fill_slot(self._staging[:offset], self._buffer, tables[:split].view(-1, ROWS_FIELDS),
                   tables[split:].view(-1, TRANSPOSED_FIELDS))
-        self._fill_marks.append(time.perf_counter())
+        self._marks.append(time.perf_counter())
 
     def warm_fill(self) -> None:
         """Compile the fill kernels now (one variant per pool dtype), not in the first load: one
