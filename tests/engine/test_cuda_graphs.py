@@ -9,6 +9,7 @@ from inference_worker.cuda_graphs import (
     DecodeGraphs,
     default_buckets,
     lora_tile,
+    no_collection,
     pick_bucket,
     rank_bound_for,
     rank_bounds,
@@ -106,3 +107,33 @@ def test_rank_bounds():
 def test_lora_tile_follows_tokens_per_adapter():
     assert lora_tile(0, 0) is None
     assert [lora_tile(64, g) for g in (64, 47, 32, 8, 4, 1)] == [1, 1, 2, 2, 16, 16]
+
+
+def test_no_collection_collects_first_then_keeps_the_collector_off():
+    """Around graph captures: what sat in reference cycles is freed before (its destructors' CUDA
+    calls would invalidate a capture), nothing is collected inside, and the collector's state
+    comes back afterwards, also after an error."""
+    import gc
+    import weakref
+
+    class Cycle:
+        pass
+
+    first = Cycle()
+    first.me = first
+    freed_before = weakref.ref(first)
+    del first
+    assert gc.isenabled()
+    with no_collection():
+        assert freed_before() is None and not gc.isenabled()
+    assert gc.isenabled()
+    with pytest.raises(RuntimeError), no_collection():
+        raise RuntimeError("capture failed")
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with no_collection():
+            pass
+        assert not gc.isenabled()                       # left as the caller had it
+    finally:
+        gc.enable()
