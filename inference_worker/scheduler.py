@@ -36,6 +36,8 @@ class AdapterState(enum.Enum):
 class AdapterGate(Protocol):
     """The engine's view of adapters for the scheduler (tickets and device slots)."""
 
+    def begin_pass(self) -> None: ...                  # a scheduling pass starts (once per step)
+
     def state(self, seq: Sequence) -> AdapterState: ...
 
     def acquire(self, seq: Sequence) -> bool: ...     # pin a slot (loading it); False = all slots pinned.
@@ -93,6 +95,7 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
+        self.gate.begin_pass()
         out.decodes = self._schedule_decodes(out.preempted)
         budget = self.max_num_batched_tokens - len(out.decodes)
         if not out.preempted and not self._hold(budget):

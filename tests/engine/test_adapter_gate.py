@@ -30,19 +30,25 @@ def test_prefetch_then_admit_when_copied():
 
 
 def test_prefetch_is_capped_and_falls_back_to_a_plain_load():
-    """At the cap a sequence waits while a prefetched copy is in flight (admitted, its step would
-    wait for its copy behind that one); with every prefetched copy done and not taken, it is
-    loaded by the scheduler (their sequences may never come: waiting could be forever)."""
+    """At the cap a sequence waits while a prefetched adapter is about to be taken: its copy in
+    flight, or done within the last two scheduling passes (admitted, the sequence's step would
+    wait for its copy behind that one). After that, with the prefetched sequences still not
+    admitted (no room, or gone: waiting could be forever), the scheduler loads it."""
     pool, _ = make_pool(num_slots=4)
     pool.loads_async = True
     done: set[str] = set()
     pool.is_loaded = lambda key: key in done
     gate = TicketGate(pool)
     assert gate.max_prefetched == 1
+    gate.begin_pass()
     assert gate.state(_seq("x")) is AdapterState.PENDING
     y = _seq("y")
     assert gate.state(y) is AdapterState.PENDING and pool.slot_of("y") is None   # x still copying
-    done.add("x")                                     # x copied, its sequence not admitted (yet)
+    done.add("x")                                     # x copied in the middle of a pass
+    assert gate.state(y) is AdapterState.PENDING      # x's sequence gets its turn first
+    gate.begin_pass()
+    assert gate.state(y) is AdapterState.PENDING
+    gate.begin_pass()                                 # two passes on, x is still not taken
     assert gate.state(y) is AdapterState.READY and pool.slot_of("y") is None   # the scheduler loads it
     assert gate.acquire(y) and pool.slot_of("y") is not None
 
@@ -74,7 +80,8 @@ def test_a_failed_prefetched_copy_does_not_hold_others_back():
     pool.is_loaded = is_loaded
     gate = TicketGate(pool)
     x = _seq("x")
+    gate.begin_pass()
     assert gate.state(x) is AdapterState.PENDING
     failed.add("x")                                   # x's copy fails before its sequence looks again
-    assert gate.state(_seq("y")) is AdapterState.READY                  # not in flight: no wait for it
+    assert gate.state(_seq("y")) is AdapterState.READY                  # nobody will take x: no wait for it
     assert gate.state(x) is AdapterState.FAILED and "copy" in str(x.error)

@@ -282,6 +282,33 @@ def test_failed_background_slot_load_fails_only_its_request(tiny_model_dir, adap
     assert base.wait().finish_reason == "length" and len(base.token_ids) == 30
 
 
+def test_a_burst_of_new_adapters_never_makes_a_step_wait_for_a_copy(tiny_model_dir, adapters, make_engine,
+                                                                   monkeypatch):
+    """More new adapters at once than the gate prefetches (cap 1 with 4 slots), copies slow on the
+    loader thread: each request is admitted only once its adapter's copy is done, so no step waits
+    for one (admitting at the cap with a plain load made a step wait behind the queued copies)."""
+    import time
+
+    from inference_worker.lora.slot_pool import SlotPool
+
+    fill = SlotPool._fill
+
+    def slow_fill(self, *args):
+        time.sleep(0.05)
+        return fill(self, *args)
+    monkeypatch.setattr(SlotPool, "_fill", slow_fill)
+    engine = make_engine(tiny_model_dir, DirSource(adapters), adapter_load_thread=True, max_adapter_slots=4)
+    assert engine.slot_pool.loads_in_background
+    streams = [submit(engine, f"r{i}", [5, 6, 7], adapter=name, max_tokens=3, ignore_eos=True)
+               for i, name in enumerate(sorted(adapters))]
+    deadline = time.monotonic() + 30
+    while not all(s.outputs and s.outputs[-1].finish_reason for s in streams):   # steps idle while copies run
+        assert time.monotonic() < deadline
+        engine.step()
+    assert all(s.outputs[-1].finish_reason == "length" for s in streams)
+    assert engine.slot_pool.num_loads == len(adapters) and engine.slot_pool.num_step_waits == 0
+
+
 def test_async_scheduling_reads_tokens_back_one_step_late(tiny_model_dir, make_engine):
     """Each step is launched before the previous one's tokens are read back; a sequence whose
     pending tokens end it is not scheduled again. Same tokens as the synchronous engine."""

@@ -17,6 +17,9 @@ class FakeGate:
         self.broken: set[str] = set()
         self.pins: dict[str, int] = {}
 
+    def begin_pass(self):
+        pass
+
     def state(self, seq):
         name = seq.request.adapter
         if name in self.broken:
