@@ -174,19 +174,17 @@ class Run:
         return res
 
 
-ISSUE_PHASES = ("setup", "tables", "copies", "launch", "done")     # of a staged load (SlotPool.issue_phases)
-
-
 def load_stats(engine: LLMEngine, num_loads: int) -> dict:
     timings = engine.slot_pool.load_timings or []
     copy_ms, host_ms, queue_ms, issue_ms = [], [], [], []
-    phases_ms: list[list[float]] = [[] for _ in ISSUE_PHASES]
+    names = engine.slot_pool.ISSUE_PHASES
+    phases_ms: list[list[float]] = [[] for _ in names]
     for start, end, host_s, queue_s, phases in timings:
         copy_ms.append(start.elapsed_time(end) if start is not None else end * 1e3)
         host_ms.append(host_s * 1e3)
         queue_ms.append(queue_s * 1e3)
         issue_ms.append(sum(phases) * 1e3)
-        if len(phases) == len(ISSUE_PHASES):          # staged loads on CUDA
+        if len(phases) == len(names):                 # staged loads on CUDA
             for ms, phase in zip(phases_ms, phases):
                 ms.append(phase * 1e3)
     engine.slot_pool.load_timings = None
@@ -196,7 +194,7 @@ def load_stats(engine: LLMEngine, num_loads: int) -> dict:
             "load_host_ms_p50": pct(host_ms, 50), "load_host_ms_p99": pct(host_ms, 99),
             "load_queue_ms_p50": pct(queue_ms, 50), "load_queue_ms_p99": pct(queue_ms, 99),
             "load_issue_ms_p50": pct(issue_ms, 50), "load_issue_ms_p99": pct(issue_ms, 99),
-            **{f"load_issue_{name}_ms_p{q}": pct(ms, q) for name, ms in zip(ISSUE_PHASES, phases_ms)
+            **{f"load_issue_{name}_ms_p{q}": pct(ms, q) for name, ms in zip(names, phases_ms)
                for q in (50, 99)}}
 
 

@@ -304,11 +304,14 @@ class SlotPool:
             self.load_timings.append((start, done, time.perf_counter() - host_start, queue_s, self.issue_phases()))
         return done
 
+    # the phases of a staged load's issue on CUDA, in issue_phases' order
+    ISSUE_PHASES = ("setup", "tables", "copies", "launch", "done")
+
     def issue_phases(self) -> tuple[float, ...]:
-        """Host seconds of the phases of the last load's issue on CUDA: the copy stream set up
-        (its wait and start event), the fill's tables prepared, its copies issued, its fill kernels
-        launched, the slot's rank and scale written and the done event recorded (module-by-module
-        fills: setup, copies, done; on the CPU: the fill alone)."""
+        """Host seconds of the phases of the last load's issue (ISSUE_PHASES on CUDA): the copy
+        stream set up (its wait and start event), the fill's tables prepared, its copies issued,
+        its fill kernels launched, the slot's rank and scale written and the done event recorded
+        (module-by-module fills: setup, copies, done; on the CPU: the fill alone)."""
         marks = self._marks
         return tuple(b - a for a, b in zip(marks, marks[1:]))
 
