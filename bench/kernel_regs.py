@@ -21,7 +21,6 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from kernels.lora_decode import _lora_decode_kernel  # noqa: E402
-from kernels.sgmv_chain import _sgmv_chain_kernel  # noqa: E402
 from kernels.sgmv_expand import _sgmv_expand_kernel  # noqa: E402
 from kernels.sgmv_shrink import _sgmv_shrink_kernel  # noqa: E402
 
@@ -55,8 +54,6 @@ EX_PTRS = {"y_ptr": "*fp32", "b_ptr": "*bf16", "out_ptr": "*bf16", "indptr_ptr":
            "ranks_ptr": "*i32", "scales_ptr": "*fp32"}
 LD_PTRS = {"x_ptr": "*bf16", "a_ptr": "*bf16", "b_ptr": "*bf16", "out_ptr": "*bf16", "indptr_ptr": "*i32",
            "slots_ptr": "*i32", "ranks_ptr": "*i32", "scales_ptr": "*fp32"}
-CH_PTRS = {**SH_PTRS, **EX_PTRS, "sync_ptr": "*i32"}
-
 
 def main() -> int:
     cases = []
@@ -79,13 +76,6 @@ def main() -> int:
             blk = max(64, 8192 // (rb * bt))
             cases.append((f"lora_decode RB{rb} bt{bt} blk{blk}", _lora_decode_kernel, LD_PTRS,
                           dict(R=64, M=3, RB=rb, CHUNK=2048, BLOCK_G=128, BLOCK_T=bt, BLOCK_K=blk, BLOCK_N=blk), {}, 8))
-    for pdl in (False, True):
-        for bt, bn, br, nbp, nw, atomic in ((1, 256, 16, 2, 8, False), (1, 1024, 8, 2, 4, False),
-                                           (2, 512, 16, 1, 4, True)):
-            cases.append((f"chain bt{bt} bn{bn} br{br} nbp{nbp} atomic{atomic} pdl{pdl}", _sgmv_chain_kernel, CH_PTRS,
-                          dict(R=64, RB=16, BLOCK_G=128, BLOCK_T=bt, S_BLOCK_N=4, BLOCK_K=2048 // (4 * bt),
-                               SPLIT_K=2 if atomic else 1, ATOMIC=atomic, CAN_SKIP=True, E_BLOCK_N=bn, BLOCK_R=br,
-                               NB_PER_PROG=nbp, PDL=pdl, IEEE=False, SLEEP=True), {}, nw))
     ok = True
     for name, k, ptrs, consts, opts, nw in cases:
         try:

@@ -187,23 +187,3 @@ def segment_tile(pid_tile, indptr_ptr, slots_ptr, ranks_ptr, T, G, BLOCK_G: tl.c
     tile_end = tl.where(g <= G, tile_end, tile_start)   # past the last tile: empty
     slot = tl.where(g < G, slot, -1)
     return tile_start, tile_end, slot, rank
-
-
-@triton.jit
-def wait_ready(counter_ptr, count, SLEEP: tl.constexpr):
-    """Spins until *counter_ptr >= count (kernels/sgmv_chain.py): relaxed polls with a short
-    sleep between them (hundreds of programs polling a few lines of L2 slow the very programs
-    they wait for), then one acquire, which orders this program's later reads after the writes
-    the counted programs released (signal_ready)."""
-    while tl.atomic_add(counter_ptr, 0, sem="relaxed") < count:
-        if SLEEP:
-            tl.inline_asm_elementwise("nanosleep.u32 200;", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
-    tl.atomic_add(counter_ptr, 0, sem="acquire")
-
-
-@triton.jit
-def signal_ready(counter_ptr):
-    """Counts this program as done with its writes: the barrier makes every thread's writes precede
-    the one release-add (the pattern of CUTLASS's generic barrier)."""
-    tl.debug_barrier()
-    tl.atomic_add(counter_ptr, 1, sem="release")

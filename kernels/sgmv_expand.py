@@ -39,7 +39,6 @@ from kernels._common import (
     pdl_start,
     pdl_wait,
     segment_tile,
-    wait_ready,
 )
 from kernels.tiles import cdiv, next_pow2, pick_block_t
 
@@ -54,22 +53,7 @@ def _sgmv_expand_kernel(y_ptr, b_ptr, out_ptr, indptr_ptr, slots_ptr, ranks_ptr,
                         BLOCK_R: tl.constexpr, NB_PER_PROG: tl.constexpr,
                         USE_DOT: tl.constexpr, PDL: tl.constexpr, IEEE: tl.constexpr):
     pdl_start(PDL)
-    expand_program(tl.program_id(0), y_ptr, b_ptr, out_ptr, indptr_ptr, slots_ptr, ranks_ptr, scales_ptr,
-                   T, G, N, MR, NUM_NB, off1, off2, off3, off4, cb1, cb2, cb3, indptr_ptr, 0,
-                   R, BLOCK_G, BLOCK_T, BLOCK_N, BLOCK_R, NB_PER_PROG, USE_DOT, PDL, IEEE, False, "", False)
-
-
-@triton.jit
-def expand_program(pid, y_ptr, b_ptr, out_ptr, indptr_ptr, slots_ptr, ranks_ptr, scales_ptr,
-                   T, G, N, MR, NUM_NB, off1, off2, off3, off4, cb1, cb2, cb3, ready_ptr, READY,
-                   R: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_R: tl.constexpr, NB_PER_PROG: tl.constexpr, USE_DOT: tl.constexpr, PDL: tl.constexpr,
-                   IEEE: tl.constexpr, CHAIN: tl.constexpr, Y_CACHE: tl.constexpr,
-                   CHAIN_SLEEP: tl.constexpr):
-    """Program `pid` of the expand. CHAIN (kernels/sgmv_chain.py): y is written by programs of the
-    same launch, so before its first read of y a program waits until ready_ptr[token tile] counts
-    READY finished shrink programs, and reads y from L2 (Y_CACHE ".cg"): a y line in this SM's L1
-    may have been fetched for a neighbouring token before this one's row was written."""
+    pid = tl.program_id(0)
     num_groups = tl.cdiv(NUM_NB, NB_PER_PROG)
     pid_grp = pid % num_groups
     pid_tile = pid // num_groups
@@ -92,17 +76,13 @@ def expand_program(pid, y_ptr, b_ptr, out_ptr, indptr_ptr, slots_ptr, ranks_ptr,
         o_ptrs = out_ptr + offs_t[:, None].to(tl.int64) * N + offs_n[None, :]
         o_mask = t_mask[:, None] & n_mask[None, :]
         cur = tl.load(o_ptrs, mask=o_mask, other=0.0)          # issued first: independent of B
-        if CHAIN:
-            if j == 0:
-                wait_ready(ready_ptr + pid_tile, READY, CHAIN_SLEEP)
         y_rows = y_ptr + offs_t.to(tl.int64) * MR + m * R       # [BLOCK_T] row starts of module m
         acc = tl.zeros((BLOCK_T, BLOCK_N), tl.float32)
         for r0 in range(0, rank, BLOCK_R):
             if USE_DOT:
                 offs_r = r0 + tl.arange(0, BLOCK_R)
                 r_mask = offs_r < rank
-                yv = tl.load(y_rows[:, None] + offs_r[None, :], mask=t_mask[:, None] & r_mask[None, :], other=0.0,
-                             cache_modifier=Y_CACHE)
+                yv = tl.load(y_rows[:, None] + offs_r[None, :], mask=t_mask[:, None] & r_mask[None, :], other=0.0)
                 bv = tl.load(b_slot + offs_r[:, None].to(tl.int64) * N + offs_n[None, :],
                              mask=r_mask[:, None] & n_mask[None, :], other=0.0)
                 if IEEE:
@@ -113,8 +93,7 @@ def expand_program(pid, y_ptr, b_ptr, out_ptr, indptr_ptr, slots_ptr, ranks_ptr,
                 # unrolled: the BLOCK_R row loads are independent, so they are all in flight at once
                 for i in tl.static_range(BLOCK_R):
                     on = (r0 + i) < rank     # (where, not &: the interpreter rejects a scalar & a vector)
-                    yv = tl.load(y_rows + r0 + i, mask=tl.where(on, t_mask, False), other=0.0,   # [BLOCK_T]
-                                 cache_modifier=Y_CACHE)
+                    yv = tl.load(y_rows + r0 + i, mask=tl.where(on, t_mask, False), other=0.0)   # [BLOCK_T]
                     bv = tl.load(b_slot + (r0 + i) * N + offs_n, mask=tl.where(on, n_mask, False),   # R*N < 2^31
                                  other=0.0)
                     acc += yv[:, None].to(tl.float32) * bv[None, :].to(tl.float32)
@@ -188,17 +167,22 @@ def _launch_config(num_tokens: int, num_segs: int, n: int, max_rank: int, b_dtyp
     return MappingProxyType(cfg)
 
 
-def check_args(y: torch.Tensor, b_pool: torch.Tensor, out_offsets: tuple[int, ...], seg_indptr: torch.Tensor,
-               seg_slots: torch.Tensor, slot_ranks: torch.Tensor, slot_scales: torch.Tensor,
-               out: torch.Tensor) -> int:
-    """The launcher's argument checks (sgmv_expand's docstring); returns G."""
+def sgmv_expand(y: torch.Tensor, b_pool: torch.Tensor, out_offsets: tuple[int, ...], seg_indptr: torch.Tensor,
+                seg_slots: torch.Tensor, slot_ranks: torch.Tensor, slot_scales: torch.Tensor,
+                out: torch.Tensor, *, config: dict | None = None) -> torch.Tensor:
+    """out[t, off_m:off_m+1] += scale * y[t, m, :r] @ b_pool[slot, :r, off_m:off_m+1] (module docstring).
+
+    y [T, M, R] fp32 or B's dtype, b_pool [S, R, N] bf16/fp16/fp32, out [T, N] B's dtype,
+    out_offsets a tuple of M+1 ints (M <= 4) from 0 to N. All contiguous. `config` overrides
+    block sizes and may give "block_g" (launch_config). No host-device sync; capturable in a CUDA graph.
+    """
     check_device(y, b_pool, seg_indptr, seg_slots, slot_ranks, slot_scales, out)
     if y.dim() != 3 or b_pool.dim() != 3 or out.dim() != 2:
         raise ValueError(f"need y [T, M, R], b_pool [S, R, N], out [T, N]; got "
                          f"{tuple(y.shape)}, {tuple(b_pool.shape)}, {tuple(out.shape)}")
     num_tokens, num_mods, max_rank = y.shape
     num_slots, b_rank, n = b_pool.shape
-    check_out_offsets(out_offsets, num_mods, n)
+    offsets = check_out_offsets(out_offsets, num_mods, n)
     if b_rank != max_rank:
         raise ValueError(f"b_pool rank {b_rank} != y rank {max_rank}")
     if tuple(out.shape) != (num_tokens, n):
@@ -209,22 +193,7 @@ def check_args(y: torch.Tensor, b_pool: torch.Tensor, out_offsets: tuple[int, ..
         raise ValueError(f"y must be float32 or B's dtype and out B's dtype: y {y.dtype}, "
                          f"b_pool {b_pool.dtype}, out {out.dtype}")
     check_contiguous(y=y, b_pool=b_pool, out=out, slot_scales=slot_scales)
-    return check_lora_meta(seg_indptr, seg_slots, slot_ranks, num_slots, slot_scales)
-
-
-def sgmv_expand(y: torch.Tensor, b_pool: torch.Tensor, out_offsets: tuple[int, ...], seg_indptr: torch.Tensor,
-                seg_slots: torch.Tensor, slot_ranks: torch.Tensor, slot_scales: torch.Tensor,
-                out: torch.Tensor, *, config: dict | None = None) -> torch.Tensor:
-    """out[t, off_m:off_m+1] += scale * y[t, m, :r] @ b_pool[slot, :r, off_m:off_m+1] (module docstring).
-
-    y [T, M, R] fp32 or B's dtype, b_pool [S, R, N] bf16/fp16/fp32, out [T, N] B's dtype,
-    out_offsets a tuple of M+1 ints (M <= 4) from 0 to N. All contiguous. `config` overrides
-    block sizes and may give "block_g" (launch_config). No host-device sync; capturable in a CUDA graph.
-    """
-    num_segs = check_args(y, b_pool, out_offsets, seg_indptr, seg_slots, slot_ranks, slot_scales, out)
-    num_tokens, num_mods, max_rank = y.shape
-    n = b_pool.shape[2]
-    offsets = tuple(int(o) for o in out_offsets)
+    num_segs = check_lora_meta(seg_indptr, seg_slots, slot_ranks, num_slots, slot_scales)
     if num_tokens == 0:
         return out
     cfg = launch_config(num_tokens, num_segs, n, max_rank, b_pool.dtype, config)

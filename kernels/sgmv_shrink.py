@@ -53,17 +53,7 @@ def _sgmv_shrink_kernel(x_ptr, a_ptr, y_ptr, indptr_ptr, slots_ptr, ranks_ptr,
                         BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, USE_DOT: tl.constexpr, PDL: tl.constexpr,
                         ATOMIC: tl.constexpr, CAN_SKIP: tl.constexpr, IEEE: tl.constexpr):
     pdl_start(PDL)
-    shrink_program(tl.program_id(0), x_ptr, a_ptr, y_ptr, indptr_ptr, slots_ptr, ranks_ptr, T, G, H_in, NCOL,
-                   K_PER_SPLIT, R, RB, BLOCK_G, BLOCK_T, BLOCK_N, BLOCK_K, SPLIT_K, USE_DOT, PDL, ATOMIC, CAN_SKIP,
-                   IEEE)
-
-
-@triton.jit
-def shrink_program(pid, x_ptr, a_ptr, y_ptr, indptr_ptr, slots_ptr, ranks_ptr, T, G, H_in, NCOL, K_PER_SPLIT,
-                   R: tl.constexpr, RB: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_T: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, USE_DOT: tl.constexpr,
-                   PDL: tl.constexpr, ATOMIC: tl.constexpr, CAN_SKIP: tl.constexpr, IEEE: tl.constexpr):
-    """Program `pid` of the shrink (also run by kernels/sgmv_chain.py under another numbering)."""
+    pid = tl.program_id(0)
     num_nb = tl.cdiv(NCOL, BLOCK_N)
     pid_k = pid % SPLIT_K
     pid_n = (pid // SPLIT_K) % num_nb
@@ -191,9 +181,16 @@ def _launch_config(num_tokens: int, num_segs: int, num_mods: int, max_rank: int,
     return MappingProxyType(cfg)
 
 
-def check_args(x: torch.Tensor, a_pool: torch.Tensor, seg_indptr: torch.Tensor, seg_slots: torch.Tensor,
-               slot_ranks: torch.Tensor, out: torch.Tensor) -> int:
-    """The launcher's argument checks (sgmv_shrink's docstring); returns G."""
+def sgmv_shrink(x: torch.Tensor, a_pool: torch.Tensor, seg_indptr: torch.Tensor, seg_slots: torch.Tensor,
+                slot_ranks: torch.Tensor, out: torch.Tensor, *, config: dict | None = None) -> torch.Tensor:
+    """out[t, m, :r] = x[t] @ a_pool[slot(t), m, :r]ᵀ; zeros up to the rank bound (module docstring).
+
+    x [T, H_in] bf16/fp16/fp32, a_pool [S, M, R, H_in] same dtype, out [T, M, R] (fp32
+    recommended: it enables split-K; else x's dtype). All contiguous. `config` overrides
+    block sizes (benchmarks) and may give "rank_bound" (>= every slot's rank in the step;
+    rows past it are not written) and "block_g" (launch_config). No host-device sync; capturable
+    in a CUDA graph.
+    """
     check_device(x, a_pool, seg_indptr, seg_slots, slot_ranks, out)
     if x.dim() != 2 or a_pool.dim() != 4 or out.dim() != 3:
         raise ValueError(f"need x [T, H_in], a_pool [S, M, R, H_in], out [T, M, R]; got "
@@ -209,22 +206,7 @@ def check_args(x: torch.Tensor, a_pool: torch.Tensor, seg_indptr: torch.Tensor, 
     if out.dtype not in (torch.float32, x.dtype):
         raise ValueError(f"out dtype must be float32 or x's dtype, got {out.dtype}")
     check_contiguous(x=x, a_pool=a_pool, out=out)
-    return check_lora_meta(seg_indptr, seg_slots, slot_ranks, num_slots)
-
-
-def sgmv_shrink(x: torch.Tensor, a_pool: torch.Tensor, seg_indptr: torch.Tensor, seg_slots: torch.Tensor,
-                slot_ranks: torch.Tensor, out: torch.Tensor, *, config: dict | None = None) -> torch.Tensor:
-    """out[t, m, :r] = x[t] @ a_pool[slot(t), m, :r]ᵀ; zeros up to the rank bound (module docstring).
-
-    x [T, H_in] bf16/fp16/fp32, a_pool [S, M, R, H_in] same dtype, out [T, M, R] (fp32
-    recommended: it enables split-K; else x's dtype). All contiguous. `config` overrides
-    block sizes (benchmarks) and may give "rank_bound" (>= every slot's rank in the step;
-    rows past it are not written) and "block_g" (launch_config). No host-device sync; capturable
-    in a CUDA graph.
-    """
-    num_segs = check_args(x, a_pool, seg_indptr, seg_slots, slot_ranks, out)
-    num_tokens, h_in = x.shape
-    num_mods, max_rank = a_pool.shape[1], a_pool.shape[2]
+    num_segs = check_lora_meta(seg_indptr, seg_slots, slot_ranks, num_slots)
     if num_tokens == 0:
         return out
     cfg = launch_config(num_tokens, num_segs, num_mods, max_rank, h_in, out.dtype == torch.float32, config)
