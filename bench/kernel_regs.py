@@ -70,10 +70,7 @@ def main() -> int:
                                          (64, 256, 16, 1, 4, True)):
             cases.append((f"expand bt{bt} bn{bn} br{br} nbp{nbp} pdl{pdl}", _sgmv_expand_kernel, EX_PTRS,
                           dict(R=64, BLOCK_G=128, BLOCK_T=bt, BLOCK_N=bn, BLOCK_R=br, NB_PER_PROG=nbp, USE_DOT=dot,
-                               IEEE=False, PDL=pdl, ACCUMULATE=True), {}, nw))
-    cases.append(("expand bt64 bn256 br16 store", _sgmv_expand_kernel, EX_PTRS,
-                  dict(R=64, BLOCK_G=16, BLOCK_T=64, BLOCK_N=256, BLOCK_R=16, NB_PER_PROG=1, USE_DOT=True, IEEE=False,
-                       PDL=True, ACCUMULATE=False), {"num_stages": 2}, 4))
+                               IEEE=False, PDL=pdl), {}, nw))
     for rb in (16, 32):
         for bt in (1, 2):
             blk = max(64, 8192 // (rb * bt))

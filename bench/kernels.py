@@ -220,24 +220,6 @@ class Base:
         for g in GROUPS:
             torch.matmul(layer.x[g], self.w[g].t(), out=outs[g])
 
-    def step_with_lora(self, pools, layer, meta, outs):
-        """The layer as the engine runs a prompt step: base matmul, then the LoRA added to its output."""
-        for g, (_h_in, widths) in GROUPS.items():
-            torch.matmul(layer.x[g], self.w[g].t(), out=outs[g])
-            sgmv_shrink(layer.x[g], pools.a[g], meta["indptr"], meta["slots"], pools.ranks, layer.y[g])
-            sgmv_expand(layer.y[g], pools.b[g], offsets_of(widths), meta["indptr"], meta["slots"], pools.ranks,
-                        pools.scales, outs[g])
-
-    def step_delta_first(self, pools, layer, meta, outs):
-        """The LoRA delta stored first (the expand never reads out), then the base matmul adds onto it in
-        cuBLAS's epilogue (beta = 1): out is written by the expand and read once by the matmul, instead of
-        read and written again after it."""
-        for g, (_h_in, widths) in GROUPS.items():
-            sgmv_shrink(layer.x[g], pools.a[g], meta["indptr"], meta["slots"], pools.ranks, layer.y[g])
-            sgmv_expand(layer.y[g], pools.b[g], offsets_of(widths), meta["indptr"], meta["slots"], pools.ranks,
-                        pools.scales, outs[g], accumulate=False)
-            outs[g].addmm_(layer.x[g], self.w[g].t())
-
 
 def lora_case(pools, base, tokens, adapters, bw, node_us, do_loop=True, do_bmm=True):
     sets = make_sets(tokens, adapters, K_STEPS)
@@ -264,21 +246,7 @@ def lora_case(pools, base, tokens, adapters, bw, node_us, do_loop=True, do_bmm=T
     outs = {g: torch.empty(tokens, sum(w), device=DEV, dtype=torch.bfloat16) for g, (_, w) in GROUPS.items()}
     row["base_us"] = median_graph_us(lambda: base.step(layer, outs), reps=20)
     row["lora_over_base"] = row["ours_us"] / row["base_us"]
-    if tokens >= 1024:
-        # prompt steps: the LoRA's cost inside the layer (layer with it minus base alone), both ways
-        m = sets[0]
-        row["layer_added_us"] = median_graph_us(lambda: base.step_with_lora(pools, layer, m, outs), reps=20)
-        row["layer_delta_first_us"] = median_graph_us(lambda: base.step_delta_first(pools, layer, m, outs), reps=20)
-        row["delta_first_check"] = _delta_first_error(base, pools, layer, m, outs)
     return row
-
-
-def _delta_first_error(base, pools, layer, meta, outs) -> float:
-    """Relative difference of the two prompt-step orders' outputs (bf16: a few roundings)."""
-    base.step_with_lora(pools, layer, meta, outs)
-    want = {g: o.float() for g, o in outs.items()}
-    base.step_delta_first(pools, layer, meta, outs)
-    return max(((outs[g].float() - want[g]).norm() / want[g].norm()).item() for g in GROUPS)
 
 
 def _uses_split(tokens, adapters, group, rank):
@@ -288,13 +256,7 @@ def _uses_split(tokens, adapters, group, rank):
 
 
 def _one_op(op, g, widths, layer, pools, cfg):
-    """One group's shrink or expand over metadata m, with block-size overrides cfg (an expand's may
-    also say "accumulate": False, the delta-storing mode)."""
-    if op == "expand" and cfg and "accumulate" in cfg:
-        cfg = dict(cfg)
-        accumulate = cfg.pop("accumulate")
-        return lambda m: sgmv_expand(layer.y[g], pools.b[g], offsets_of(widths), m["indptr"], m["slots"],
-                                     pools.ranks, pools.scales, layer.out[g], accumulate=accumulate, config=cfg)
+    """One group's shrink or expand over metadata m, with block-size overrides cfg."""
     if op == "shrink":
         return lambda m: sgmv_shrink(layer.x[g], pools.a[g], m["indptr"], m["slots"], pools.ranks,
                                      layer.y[g], config=cfg)
@@ -349,11 +311,6 @@ def attention_case(batch, ctx, bw, head_dim=128, heads=32, kv_heads=8, block_siz
     kv_bytes = 2 * batch * ctx * kv_heads * head_dim * 2
     return {"batch": batch, "ctx": ctx, "head_dim": head_dim, "cfg": kw, "ours_us": ours, "sdpa_gather_us": ref,
                 "floor_us": kv_bytes / bw * 1e6, "x_floor": ours / (kv_bytes / bw * 1e6)}
-
-
-def in_layer(row, key):
-    """The LoRA's cost inside a prompt layer: the layer with it minus the base matmuls alone."""
-    return row[key] - row["base_us"]
 
 
 def fmt(v, nd=1):
@@ -421,12 +378,6 @@ def main():
                       f"{row['floor_us']:7.1f}  x{row['x_floor']:5.2f}  (a) {fmt(row.get('loop_us'), 0)}  "
                       f"(b) {fmt(row.get('bmm_us'))}  base {row['base_us']:7.1f}  "
                       f"lora/base {100 * row['lora_over_base']:5.1f}%", flush=True)
-                if "layer_delta_first_us" in row:
-                    print(f"  in the layer (base {row['base_us']:.1f} us): LoRA added after the matmul "
-                          f"+{in_layer(row, 'layer_added_us'):.1f} us, delta first "
-                          f"+{in_layer(row, 'layer_delta_first_us'):.1f} us "
-                          f"({100 * in_layer(row, 'layer_delta_first_us') / row['base_us']:.1f}% of base; "
-                          f"outputs differ by {row['delta_first_check']:.1e})", flush=True)
             except Exception as exc:  # noqa: BLE001
                 log.append(f"case {tokens}x{adapters} r{rank}: {traceback.format_exc()}"[-2000:])
                 print(f"T={tokens} A={adapters} r={rank} FAILED {exc!r}", flush=True)
@@ -492,17 +443,6 @@ def write_markdown(res, path):
                      f"{r['x_floor']:.2f} | {r['floor_4p25_us']:.1f} | {r['ours_us'] / r['floor_4p25_us']:.2f} | "
                      f"{fmt(r.get('loop_us'), 0)} | {fmt(r.get('bmm_us'))} | "
                      f"{r['base_us']:.1f} | {100 * r['lora_over_base']:.1f}% |")
-    prompt = [r for r in res["lora"] if "layer_delta_first_us" in r]
-    if prompt:
-        lines += ["", "Prompt steps, the LoRA's cost inside the layer (layer with LoRA minus the base matmuls "
-                  "alone), µs: added after the matmul (the expand reads and writes out), or stored first (the "
-                  "expand writes the delta, the matmul adds onto it in its epilogue):", "",
-                  "| tokens | adapters | rank | base | added after | % of base | delta first | % of base |",
-                  "|---:|---:|---:|---:|---:|---:|---:|---:|"]
-        for r in prompt:
-            added, first = in_layer(r, "layer_added_us"), in_layer(r, "layer_delta_first_us")
-            lines.append(f"| {r['tokens']} | {r['adapters']} | {r['rank']} | {r['base_us']:.1f} | {added:.1f} | "
-                         f"{100 * added / r['base_us']:.1f}% | {first:.1f} | {100 * first / r['base_us']:.1f}% |")
     lines += ["", "Paged decode attention (Hq 32, Hkv 8, bf16, block 16), µs:", "",
               "| batch | context | head dim | ours | gather + SDPA | KV floor | ours/floor |", "|---:|---:|---:|---:|---:|---:|---:|"]
     for r in res["attention"]:

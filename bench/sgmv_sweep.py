@@ -36,15 +36,6 @@ MIXED_SHRINK = ([{"block_t": 1, "block_n": bn, "block_k": k, "split_k": 1, "num_
                  for bn in (4, 8, 16) for k in (256, 512, 1024)]
                 + [{"block_t": 2, "block_n": bn, "block_k": k, "split_k": 1, "num_warps": 4}
                    for bn in (4, 8) for k in (256, 512)])
-# prefill (2048 x 8): the shrink's token tile and H_in split (32 tiles x 1 column block x split 4 was only
-# 128 programs), and the expand storing the delta (accumulate=False: the base matmul adds onto it)
-PREFILL_SHRINK = [{"block_t": bt, "block_n": 64, "block_k": 128, "split_k": sk, "num_warps": 4, "num_stages": ns}
-                  for bt in (32, 64) for sk in (4, 8, 16) for ns in (2, 3)]
-PREFILL_STORE = [{"accumulate": False}] + [
-    {"accumulate": False, "block_t": 64, "block_n": bn, "block_r": 16, "num_warps": nw, "num_stages": ns}
-    for bn in (64, 128, 256) for nw in (4, 8) for ns in (2, 3)] + [
-    {"accumulate": False, "block_t": 32, "block_n": bn, "block_r": 16, "num_warps": 4, "num_stages": 2}
-    for bn in (128, 256)]
 PREFILL_EXPAND = [{"block_t": 64, "block_n": bn, "block_r": 16, "num_warps": nw, "num_stages": ns}
                   for bn in (64, 128, 256) for nw in (4, 8) for ns in (2, 3)]
 
@@ -90,26 +81,17 @@ def mixed_ranks_case(log: list[str]) -> dict:
     return bk.sweep_case(pools, 64, 46, MIXED_SHRINK, MIXED_EXPAND, log)
 
 
-def prefill_case(log: list[str]) -> dict:
-    """2048 prompt tokens over 8 rank-16 adapters: the shrink's tiling and the delta-storing expand."""
-    return bk.sweep_case(bk.Pools(16), 2048, 8, PREFILL_SHRINK, PREFILL_STORE, log)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="")
-    ap.add_argument("--cases", choices=("all", "mixed", "prefill"), default="all",
-                    help="mixed: only the mixed-ranks decode case (~6 min on the H200); prefill: only the "
-                         "prefill shrink and delta-storing expand")
+    ap.add_argument("--cases", choices=("all", "mixed"), default="all",
+                    help="mixed: only the mixed-ranks decode case (~6 min on the H200)")
     args = ap.parse_args()
     torch.manual_seed(0)
     check_defaults()
     log: list[str] = []
     cases = sweep_all(log) if args.cases == "all" else {}
-    if args.cases == "prefill":
-        cases["prefill_2048x8_R16_delta"] = prefill_case(log)
-    else:
-        cases["decode_64x46_R64_mixed"] = mixed_ranks_case(log)
+    cases["decode_64x46_R64_mixed"] = mixed_ranks_case(log)
     report = {"device": torch.cuda.get_device_name(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
               "command": "python " + " ".join(sys.argv), "cases": cases, "log": log}
     if args.out:

@@ -43,16 +43,12 @@ def sgmv_shrink_ref(x: torch.Tensor, a_pool: torch.Tensor, seg_indptr: torch.Ten
 
 def sgmv_expand_ref(y: torch.Tensor, b_pool: torch.Tensor, out_offsets: tuple[int, ...],
                     seg_indptr: torch.Tensor, seg_slots: torch.Tensor, slot_ranks: torch.Tensor,
-                    slot_scales: torch.Tensor, out: torch.Tensor, *, accumulate: bool = True,
-                    config: dict | None = None) -> torch.Tensor:
+                    slot_scales: torch.Tensor, out: torch.Tensor, *, config: dict | None = None) -> torch.Tensor:
     """out[t, off_m:off_m+1] += scale[slot] * y[t, m, :r] @ b_pool[slot, :r, off_m:off_m+1].
 
-    y [T, M, R], b_pool [S, R, N] (rank-major) with N = out_offsets[-1], out [T, N] (added in place;
-    accumulate=False: out is overwritten with the delta, zeros for base tokens).
+    y [T, M, R], b_pool [S, R, N] (rank-major) with N = out_offsets[-1], out [T, N] (added in place).
     config: the Triton launcher's tuning (ignored here).
     """
-    if not accumulate:
-        out.zero_()
     for start, end, slot in _segments(seg_indptr, seg_slots):
         r = int(slot_ranks[slot])
         scale = float(slot_scales[slot])

@@ -51,7 +51,7 @@ def _sgmv_expand_kernel(y_ptr, b_ptr, out_ptr, indptr_ptr, slots_ptr, ranks_ptr,
                         off1, off2, off3, off4, cb1, cb2, cb3,
                         R: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_R: tl.constexpr, NB_PER_PROG: tl.constexpr,
-                        USE_DOT: tl.constexpr, PDL: tl.constexpr, IEEE: tl.constexpr, ACCUMULATE: tl.constexpr):
+                        USE_DOT: tl.constexpr, PDL: tl.constexpr, IEEE: tl.constexpr):
     pdl_start(PDL)
     pid = tl.program_id(0)
     num_groups = tl.cdiv(NUM_NB, NB_PER_PROG)
@@ -60,13 +60,12 @@ def _sgmv_expand_kernel(y_ptr, b_ptr, out_ptr, indptr_ptr, slots_ptr, ranks_ptr,
     tile_start, tile_end, slot, rank = segment_tile(pid_tile, indptr_ptr, slots_ptr, ranks_ptr, T, G,
                                                     BLOCK_G, BLOCK_T)
     pdl_wait(PDL)                                        # y and out come from earlier kernels
-    # base tokens: untouched when adding; written as zeros when storing the delta (rank 0, scale 0)
-    if (tile_end <= tile_start) | ((slot < 0) & ACCUMULATE):
+    if (tile_end <= tile_start) | (slot < 0):
         return
-    scale = tl.load(scales_ptr + tl.maximum(slot, 0), mask=slot >= 0, other=0.0)
+    scale = tl.load(scales_ptr + slot)
     offs_t = tile_start + tl.arange(0, BLOCK_T)
     t_mask = offs_t < tile_end
-    b_slot = b_ptr + tl.maximum(slot, 0).to(tl.int64) * R * N
+    b_slot = b_ptr + slot.to(tl.int64) * R * N
     # a program does NB_PER_PROG column blocks of one token tile: the tile lookup above is
     # paid once for several blocks
     for j in range(NB_PER_PROG):
@@ -76,8 +75,7 @@ def _sgmv_expand_kernel(y_ptr, b_ptr, out_ptr, indptr_ptr, slots_ptr, ranks_ptr,
         n_mask = offs_n < tl.where(nb < NUM_NB, mod_hi, 0)        # blocks past the last: empty
         o_ptrs = out_ptr + offs_t[:, None].to(tl.int64) * N + offs_n[None, :]
         o_mask = t_mask[:, None] & n_mask[None, :]
-        if ACCUMULATE:
-            cur = tl.load(o_ptrs, mask=o_mask, other=0.0)      # issued first: independent of B
+        cur = tl.load(o_ptrs, mask=o_mask, other=0.0)          # issued first: independent of B
         y_rows = y_ptr + offs_t.to(tl.int64) * MR + m * R       # [BLOCK_T] row starts of module m
         acc = tl.zeros((BLOCK_T, BLOCK_N), tl.float32)
         for r0 in range(0, rank, BLOCK_R):
@@ -99,11 +97,7 @@ def _sgmv_expand_kernel(y_ptr, b_ptr, out_ptr, indptr_ptr, slots_ptr, ranks_ptr,
                     bv = tl.load(b_slot + (r0 + i) * N + offs_n, mask=tl.where(on, n_mask, False),   # R*N < 2^31
                                  other=0.0)
                     acc += yv[:, None].to(tl.float32) * bv[None, :].to(tl.float32)
-        if ACCUMULATE:
-            acc = cur.to(tl.float32) + scale * acc
-        else:
-            acc = scale * acc
-        tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=o_mask)
+        tl.store(o_ptrs, (cur.to(tl.float32) + scale * acc).to(out_ptr.dtype.element_ty), mask=o_mask)
 
 
 def default_config(num_tokens: int, num_segs: int, n: int, max_rank: int, block_t: int | None = None) -> dict:
@@ -175,9 +169,8 @@ def _launch_config(num_tokens: int, num_segs: int, n: int, max_rank: int, b_dtyp
 
 def sgmv_expand(y: torch.Tensor, b_pool: torch.Tensor, out_offsets: tuple[int, ...], seg_indptr: torch.Tensor,
                 seg_slots: torch.Tensor, slot_ranks: torch.Tensor, slot_scales: torch.Tensor,
-                out: torch.Tensor, *, accumulate: bool = True, config: dict | None = None) -> torch.Tensor:
-    """out[t, off_m:off_m+1] += scale * y[t, m, :r] @ b_pool[slot, :r, off_m:off_m+1] (module docstring);
-    accumulate=False stores the delta instead (= instead of +=; zeros for base tokens), never reading out.
+                out: torch.Tensor, *, config: dict | None = None) -> torch.Tensor:
+    """out[t, off_m:off_m+1] += scale * y[t, m, :r] @ b_pool[slot, :r, off_m:off_m+1] (module docstring).
 
     y [T, M, R] fp32 or B's dtype, b_pool [S, R, N] bf16/fp16/fp32, out [T, N] B's dtype,
     out_offsets a tuple of M+1 ints (M <= 4) from 0 to N. All contiguous. `config` overrides
@@ -215,6 +208,6 @@ def sgmv_expand(y: torch.Tensor, b_pool: torch.Tensor, out_offsets: tuple[int, .
         *offs, *cbs,
         R=max_rank, BLOCK_G=cfg["block_g"], BLOCK_T=block_t, BLOCK_N=block_n,
         BLOCK_R=block_r, NB_PER_PROG=nb_per_prog, USE_DOT=cfg["use_dot"], PDL="launch_pdl" in options,
-        IEEE=(b_pool.dtype == torch.float32), ACCUMULATE=accumulate, num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3),
+        IEEE=(b_pool.dtype == torch.float32), num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3),
         **options)
     return out

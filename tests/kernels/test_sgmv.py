@@ -114,27 +114,6 @@ def test_shrink_tail_tokens_past_last_segment_are_zeroed():
     assert rel_err(y, sgmv_shrink_ref(x, a, indptr, slots, ranks, torch.empty_like(y))) < 1e-4
 
 
-@pytest.mark.parametrize("name", ["empty_and_base_segments", "mixed_short", "all_base", "long_segments_mixed_ranks"])
-@pytest.mark.parametrize("ecfg", [{"block_t": 2, "block_n": 16, "block_r": 4}, {"block_t": 16, "block_n": 16,
-                                                                              "block_r": 16}])
-def test_expand_stores_the_delta_when_not_accumulating(name, ecfg):
-    """accumulate=False: out (NaN before) becomes the delta alone, zeros for base tokens and for tokens
-    past the last segment; out is never read."""
-    seg_lens, seg_slots, ranks, max_rank = SCENARIOS[name]
-    gen = torch.Generator().manual_seed(random.randrange(1 << 30))
-    indptr, slots, num_tokens = make_meta(seg_lens, seg_slots, DEV)
-    widths = [19, 30]
-    offsets = (0, 19, 49)
-    _, b, slot_ranks, scales = make_pools(len(ranks), 2, max_rank, 8, sum(widths), ranks, torch.float32, DEV, gen)
-    y = torch.randn(num_tokens + 3, 2, max_rank, generator=gen).to(DEV)       # 3 tail tokens: no segment
-    out = torch.full((num_tokens + 3, sum(widths)), float("nan"), device=DEV)
-    sgmv_expand(y, b, offsets, indptr, slots, slot_ranks, scales, out, accumulate=False, config=ecfg)
-    want = sgmv_expand_ref(y.double(), b.double(), offsets, indptr, slots, slot_ranks, scales,
-                           torch.zeros(out.shape, dtype=torch.float64, device=DEV))
-    assert torch.isfinite(out).all() and rel_err(out, want) < 1e-4
-    assert not out[num_tokens:].any()
-
-
 def test_launchers_reject_bad_inputs():
     indptr, slots, _ = make_meta([2], [0], DEV)
     a, b, ranks, scales = make_pools(1, 1, 4, 8, 6, [4], torch.float32, DEV)
