@@ -21,6 +21,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from kernels.lora_decode import _lora_decode_kernel  # noqa: E402
+from kernels.lora_silu_mul import _lora_silu_mul_kernel  # noqa: E402
 from kernels.sgmv_expand import _sgmv_expand_kernel  # noqa: E402
 from kernels.sgmv_shrink import _sgmv_shrink_kernel  # noqa: E402
 
@@ -54,6 +55,9 @@ EX_PTRS = {"y_ptr": "*fp32", "b_ptr": "*bf16", "out_ptr": "*bf16", "indptr_ptr":
            "ranks_ptr": "*i32", "scales_ptr": "*fp32"}
 LD_PTRS = {"x_ptr": "*bf16", "a_ptr": "*bf16", "b_ptr": "*bf16", "out_ptr": "*bf16", "indptr_ptr": "*i32",
            "slots_ptr": "*i32", "ranks_ptr": "*i32", "scales_ptr": "*fp32"}
+SM_PTRS = {"y_ptr": "*fp32", "b_ptr": "*bf16", "gu_ptr": "*bf16", "out_ptr": "*bf16", "indptr_ptr": "*i32",
+           "slots_ptr": "*i32", "ranks_ptr": "*i32", "scales_ptr": "*fp32"}
+
 
 def main() -> int:
     cases = []
@@ -76,6 +80,10 @@ def main() -> int:
             blk = max(64, 8192 // (rb * bt))
             cases.append((f"lora_decode RB{rb} bt{bt} blk{blk}", _lora_decode_kernel, LD_PTRS,
                           dict(R=64, M=3, RB=rb, CHUNK=2048, BLOCK_G=128, BLOCK_T=bt, BLOCK_K=blk, BLOCK_N=blk), {}, 8))
+    for bt, bn, nw in ((64, 128, 4), (64, 256, 8), (32, 128, 4)):
+        cases.append((f"lora_silu_mul bt{bt} bn{bn} w{nw}", _lora_silu_mul_kernel, SM_PTRS,
+                      dict(R=64, BLOCK_G=128, BLOCK_T=bt, BLOCK_N=bn, BLOCK_R=16, PDL=True, IEEE=False),
+                      {"num_stages": 2}, nw))
     ok = True
     for name, k, ptrs, consts, opts, nw in cases:
         try:

@@ -31,7 +31,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from kernels.activation import silu_and_mul
 from kernels.lora_decode import lora_decode
+from kernels.lora_silu_mul import lora_silu_mul
 from kernels.paged_attention import paged_attention_decode
 from kernels.sgmv_expand import sgmv_expand
 from kernels.sgmv_shrink import sgmv_shrink
@@ -220,6 +222,27 @@ class Base:
         for g in GROUPS:
             torch.matmul(layer.x[g], self.w[g].t(), out=outs[g])
 
+    def step_with_act(self, layer, outs, pools=None, meta=None, fused=False):
+        """The layer's matmuls and the MLP's activation, as the engine runs a prompt step; with pools and
+        meta, each projection's LoRA too: added after its matmul, and for gate/up either added then
+        activated (fused=False) or added inside the activation (kernels/lora_silu_mul.py)."""
+        for g, (_h_in, widths) in GROUPS.items():
+            torch.matmul(layer.x[g], self.w[g].t(), out=outs[g])
+            if pools is not None:
+                sgmv_shrink(layer.x[g], pools.a[g], meta["indptr"], meta["slots"], pools.ranks, layer.y[g])
+            if g == "gate_up":
+                if pools is not None and fused:
+                    outs["act"] = lora_silu_mul(layer.y[g], pools.b[g], outs[g], meta["indptr"], meta["slots"],
+                                                pools.ranks, pools.scales)
+                    continue
+                if pools is not None:
+                    sgmv_expand(layer.y[g], pools.b[g], offsets_of(widths), meta["indptr"], meta["slots"],
+                                pools.ranks, pools.scales, outs[g])
+                outs["act"] = silu_and_mul(outs[g])
+            elif pools is not None:
+                sgmv_expand(layer.y[g], pools.b[g], offsets_of(widths), meta["indptr"], meta["slots"], pools.ranks,
+                            pools.scales, outs[g])
+
 
 def lora_case(pools, base, tokens, adapters, bw, node_us, do_loop=True, do_bmm=True):
     sets = make_sets(tokens, adapters, K_STEPS)
@@ -246,7 +269,23 @@ def lora_case(pools, base, tokens, adapters, bw, node_us, do_loop=True, do_bmm=T
     outs = {g: torch.empty(tokens, sum(w), device=DEV, dtype=torch.bfloat16) for g, (_, w) in GROUPS.items()}
     row["base_us"] = median_graph_us(lambda: base.step(layer, outs), reps=20)
     row["lora_over_base"] = row["ours_us"] / row["base_us"]
+    if tokens >= 1024:
+        # prompt steps: the LoRA's cost inside the layer (matmuls + activation with it, minus without)
+        m = sets[0]
+        row["base_act_us"] = median_graph_us(lambda: base.step_with_act(layer, outs), reps=20)
+        row["layer_added_us"] = median_graph_us(lambda: base.step_with_act(layer, outs, pools, m), reps=20)
+        row["layer_fused_act_us"] = median_graph_us(lambda: base.step_with_act(layer, outs, pools, m, fused=True),
+                                                    reps=20)
+        row["fused_act_check"] = _fused_act_error(base, pools, layer, m, outs)
     return row
+
+
+def _fused_act_error(base, pools, layer, meta, outs) -> float:
+    """Relative difference of the activations the two gate/up orders give (bf16: a few roundings)."""
+    base.step_with_act(layer, outs, pools, meta)
+    want = outs["act"].float()
+    base.step_with_act(layer, outs, pools, meta, fused=True)
+    return ((outs["act"].float() - want).norm() / want.norm()).item()
 
 
 def _uses_split(tokens, adapters, group, rank):
@@ -311,6 +350,11 @@ def attention_case(batch, ctx, bw, head_dim=128, heads=32, kv_heads=8, block_siz
     kv_bytes = 2 * batch * ctx * kv_heads * head_dim * 2
     return {"batch": batch, "ctx": ctx, "head_dim": head_dim, "cfg": kw, "ours_us": ours, "sdpa_gather_us": ref,
                 "floor_us": kv_bytes / bw * 1e6, "x_floor": ours / (kv_bytes / bw * 1e6)}
+
+
+def in_layer(row, key):
+    """The LoRA's cost inside a prompt layer: matmuls + activation with it, minus without it."""
+    return row[key] - row["base_act_us"]
 
 
 def fmt(v, nd=1):
@@ -378,6 +422,12 @@ def main():
                       f"{row['floor_us']:7.1f}  x{row['x_floor']:5.2f}  (a) {fmt(row.get('loop_us'), 0)}  "
                       f"(b) {fmt(row.get('bmm_us'))}  base {row['base_us']:7.1f}  "
                       f"lora/base {100 * row['lora_over_base']:5.1f}%", flush=True)
+                if "layer_fused_act_us" in row:
+                    print(f"  in the layer (matmuls {row['base_us']:.1f} us, + activation {row['base_act_us']:.1f}):"
+                          f" LoRA added after each matmul +{in_layer(row, 'layer_added_us'):.1f} us, gate/up's in "
+                          f"the activation +{in_layer(row, 'layer_fused_act_us'):.1f} us "
+                          f"({100 * in_layer(row, 'layer_fused_act_us') / row['base_us']:.1f}% of the matmuls; "
+                          f"activations differ by {row['fused_act_check']:.1e})", flush=True)
             except Exception as exc:  # noqa: BLE001
                 log.append(f"case {tokens}x{adapters} r{rank}: {traceback.format_exc()}"[-2000:])
                 print(f"T={tokens} A={adapters} r={rank} FAILED {exc!r}", flush=True)
@@ -443,6 +493,18 @@ def write_markdown(res, path):
                      f"{r['x_floor']:.2f} | {r['floor_4p25_us']:.1f} | {r['ours_us'] / r['floor_4p25_us']:.2f} | "
                      f"{fmt(r.get('loop_us'), 0)} | {fmt(r.get('bmm_us'))} | "
                      f"{r['base_us']:.1f} | {100 * r['lora_over_base']:.1f}% |")
+    prompt = [r for r in res["lora"] if "layer_fused_act_us" in r]
+    if prompt:
+        lines += ["", "Prompt steps: the LoRA's cost inside the layer (its matmuls and the MLP's activation, with "
+                  "the LoRA minus without), µs and % of the base matmuls: each projection's LoRA added after its "
+                  "matmul, or gate/up's added inside the activation (kernels/lora_silu_mul.py, the engine's way):",
+                  "", "| tokens | adapters | rank | matmuls | + activation | added after | % | gate/up in the "
+                  "activation | % |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in prompt:
+            added, fused = in_layer(r, "layer_added_us"), in_layer(r, "layer_fused_act_us")
+            lines.append(f"| {r['tokens']} | {r['adapters']} | {r['rank']} | {r['base_us']:.1f} | "
+                         f"{r['base_act_us']:.1f} | {added:.1f} | {100 * added / r['base_us']:.1f}% | {fused:.1f} | "
+                         f"{100 * fused / r['base_us']:.1f}% |")
     lines += ["", "Paged decode attention (Hq 32, Hkv 8, bf16, block 16), µs:", "",
               "| batch | context | head dim | ours | gather + SDPA | KV floor | ours/floor |", "|---:|---:|---:|---:|---:|---:|---:|"]
     for r in res["attention"]:

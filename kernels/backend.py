@@ -26,6 +26,7 @@ class KernelOps:
     rope_and_cache: Callable
     silu_and_mul: Callable
     lora_decode: Callable               # shrink + expand in one launch (decode; experimental)
+    lora_silu_mul: Callable             # the gate/up expand inside the activation (prompt steps)
 
 
 REFERENCE_OPS = KernelOps(
@@ -40,6 +41,7 @@ REFERENCE_OPS = KernelOps(
     rope_and_cache=reference.rope_and_cache_ref,
     silu_and_mul=reference.silu_and_mul_ref,
     lora_decode=reference.lora_decode_ref,
+    lora_silu_mul=reference.lora_silu_mul_ref,
 )
 
 

@@ -70,6 +70,17 @@ def lora_decode_ref(x: torch.Tensor, a_pool: torch.Tensor, b_pool: torch.Tensor,
     return sgmv_expand_ref(y, b_pool, out_offsets, seg_indptr, seg_slots, slot_ranks, slot_scales, out)
 
 
+def lora_silu_mul_ref(y: torch.Tensor, b_pool: torch.Tensor, gate_up: torch.Tensor, seg_indptr: torch.Tensor,
+                      seg_slots: torch.Tensor, slot_ranks: torch.Tensor, slot_scales: torch.Tensor, *,
+                      config: dict | None = None) -> torch.Tensor:
+    """silu_and_mul of gate_up plus its gate/up LoRA (y [T, 2, R], b_pool [S, R, 2I]; gate_up not
+    modified): sgmv_expand_ref into a copy, then silu_and_mul_ref (kernels/lora_silu_mul.py fuses them)."""
+    inter = gate_up.shape[1] // 2
+    added = sgmv_expand_ref(y, b_pool, (0, inter, 2 * inter), seg_indptr, seg_slots, slot_ranks, slot_scales,
+                            gate_up.clone())
+    return silu_and_mul_ref(added)
+
+
 def write_kv_cache_ref(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                        slot_mapping: torch.Tensor) -> None:
     """Scatter new keys/values into the paged cache.

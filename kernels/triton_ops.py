@@ -9,6 +9,7 @@ from kernels.activation import silu_and_mul
 from kernels.backend import KernelOps
 from kernels.kv_cache import write_kv_cache
 from kernels.lora_decode import lora_decode
+from kernels.lora_silu_mul import lora_silu_mul
 from kernels.paged_attention import paged_attention_decode
 from kernels.prefill_attention import prefill_attention
 from kernels.rms_norm import add_rms_norm, rms_norm
@@ -28,4 +29,5 @@ TRITON_OPS = KernelOps(
     rope_and_cache=rope_and_cache,
     silu_and_mul=silu_and_mul,
     lora_decode=lora_decode,
+    lora_silu_mul=lora_silu_mul,
 )

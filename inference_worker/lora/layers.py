@@ -17,7 +17,7 @@ from kernels.tiles import fused_decode_enabled, fused_decode_fits
 
 class LoRALinear(nn.Module):
     def __init__(self, base_layer: nn.Linear, module_names: tuple[str, ...], out_sizes: tuple[int, ...],
-                 ops: KernelOps) -> None:
+                 ops: KernelOps, *, silu_mul: bool = False) -> None:
         super().__init__()
         if sum(out_sizes) != base_layer.out_features or len(out_sizes) != len(module_names):
             raise ValueError(f"out_sizes {out_sizes} do not split {base_layer.out_features} over {module_names}")
@@ -28,6 +28,8 @@ class LoRALinear(nn.Module):
             offsets.append(offsets[-1] + size)
         self.out_offsets = tuple(offsets)                 # [M+1] column bounds of each module
         self.ops = ops
+        # a fused gate/up whose model calls forward_silu_mul (the kernel warm-up compiles for that)
+        self.silu_mul = silu_mul
         self._fused_decode = fused_decode_enabled()      # experimental (kernels/lora_decode.py)
         # Attached by SlotPool.attach (plain attributes: not weights of the model).
         self.a_pool: torch.Tensor | None = None           # [S, M, R, in]
@@ -49,26 +51,37 @@ class LoRALinear(nn.Module):
                                  lora.slot_ranks, lora.slot_scales, out, block_t=lora.block_t,
                                  rank_bound=lora.rank_bound)
             return out
-        if lora.side_stream is not None:
-            return self._forward_overlapped(x, lora)
-        out = self.base_layer(x)
-        y = self._shrink(x, lora)
+        out, y = self._base_and_shrink(x, lora)
         return self._expand(y, lora, out)
 
-    def _forward_overlapped(self, x: torch.Tensor, lora: LoraBatchMeta) -> torch.Tensor:
-        """The shrink on lora.side_stream, beside the base matmul; the expand after both (it adds
-        into the matmul's output). Both stream weights from memory; the shrink's small programs
-        spend much of their time on latency, which the matmul beside them hides. H200, one
-        Llama-3-8B decode layer at 64 tokens (bench/results/lora-overlap-h200.md): the LoRA 77 -> 72
-        µs (S100) and 147 -> 136 µs (S1000). Running the expand on the side stream too (into a
-        scratch added after) lost: 82 and 144 µs."""
+    def forward_silu_mul(self, x: torch.Tensor, lora: LoraBatchMeta) -> torch.Tensor:
+        """For a fused gate/up projection: x [T, in] -> silu(gate) * up [T, out / 2], each token's
+        adapter included. Steps of long token tiles (prompts: >= 16 tokens a tile, or the kernels'
+        pick in eager steps) add the gate/up delta inside the activation (kernels/lora_silu_mul.py:
+        the LoRA then makes no pass over the [T, 2I] output); decode tiles keep the expand tuned for
+        them, then the activation."""
+        if not lora.has_lora or self.a_pool is None or (lora.block_t is not None and lora.block_t < 16):
+            return self.ops.silu_and_mul(self.forward(x, lora))
+        gate_up, y = self._base_and_shrink(x, lora)
+        return self.ops.lora_silu_mul(y, self.b_pool, gate_up, lora.seg_indptr, lora.seg_slots, lora.slot_ranks,
+                                      lora.slot_scales, config=lora.sgmv_config)
+
+    def _base_and_shrink(self, x: torch.Tensor, lora: LoraBatchMeta) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (the base matmul's output, the shrink's y). With lora.side_stream, the shrink runs on it
+        beside the base matmul. Both stream weights from memory; the shrink's small programs spend
+        much of their time on latency, which the matmul beside them hides. H200, one Llama-3-8B decode
+        layer at 64 tokens (bench/results/lora-overlap-h200.md): the LoRA 77 -> 72 µs (S100) and
+        147 -> 136 µs (S1000). Running the expand on the side stream too (into a scratch added
+        after) lost: 82 and 144 µs."""
+        if lora.side_stream is None:
+            return self.base_layer(x), self._shrink(x, lora)
         main, side = torch.cuda.current_stream(x.device), lora.side_stream
         side.wait_stream(main)                            # x is ready
         with torch.cuda.stream(side):
             y = self._shrink(x, lora)
         out = self.base_layer(x)
         main.wait_stream(side)
-        return self._expand(y, lora, out)
+        return out, y
 
     def _shrink(self, x: torch.Tensor, lora: LoraBatchMeta) -> torch.Tensor:
         num_modules, max_rank = self.a_pool.shape[1], self.a_pool.shape[2]

@@ -24,7 +24,7 @@ from collections.abc import Iterator
 import torch
 
 from inference_worker.lora.metadata import sgmv_config
-from kernels import sgmv_expand, sgmv_shrink
+from kernels import lora_silu_mul, sgmv_expand, sgmv_shrink
 from kernels.tiles import pick_block_t
 
 log = logging.getLogger(__name__)
@@ -64,11 +64,15 @@ def eager_config(max_rank: int, block_g: int) -> dict:
 
 def variant_key(shape: tuple, num_tokens: int, num_segs: int, block_g: int, dtype: torch.dtype) -> tuple:
     """The compile-time choices of one eager LoRA step's shrink and expand on a layer of `shape`
-    = (H_in, M, R, N): what LoRALinear's eager path passes the launchers."""
-    h_in, num_mods, max_rank, n = shape
+    = (H_in, M, R, N, silu_mul): what LoRALinear's eager path passes the launchers (a gate/up layer
+    feeding the activation takes kernels/lora_silu_mul.py in place of the expand)."""
+    h_in, num_mods, max_rank, n, silu_mul = shape
     config = eager_config(max_rank, block_g)
     shrink = sgmv_shrink.launch_config(num_tokens, num_segs, num_mods, max_rank, h_in, True, config)
-    expand = sgmv_expand.launch_config(num_tokens, num_segs, n, max_rank, dtype, config)
+    if silu_mul:
+        expand = lora_silu_mul.launch_config(num_tokens, num_segs, config)
+    else:
+        expand = sgmv_expand.launch_config(num_tokens, num_segs, n, max_rank, dtype, config)
     return tuple(sorted(shrink.items())), tuple(sorted(expand.items()))
 
 
@@ -86,7 +90,7 @@ def eager_variants(shape: tuple, max_tokens: int, max_segs: int, block_g: int,
 
 def layer_shape(lin) -> tuple:
     _, num_mods, max_rank, h_in = lin.a_pool.shape
-    return h_in, num_mods, max_rank, lin.b_pool.shape[2]
+    return h_in, num_mods, max_rank, lin.b_pool.shape[2], lin.silu_mul
 
 
 @torch.inference_mode()
@@ -114,7 +118,7 @@ def warm_lora_kernels(pool, max_tokens: int, max_segs: int, block_g: int, min_to
     slots = torch.full((max_segs,), -1, dtype=torch.int32, device=device)      # all base: no adapter reads
     launches = 0
     for shape, lin in by_shape.items():
-        h_in, num_mods, max_rank, n = shape
+        h_in, num_mods, max_rank, n, silu_mul = shape
         config = eager_config(max_rank, block_g)
         for t, g in todo[shape]:
             cuts = [t * i // g for i in range(g + 1)]                          # G non-empty segments
@@ -123,8 +127,12 @@ def warm_lora_kernels(pool, max_tokens: int, max_segs: int, block_g: int, min_to
             y = lin.shrink_scratch[: t * num_mods * max_rank].view(t, num_mods, max_rank)
             out = out_buf[: t * n].view(t, n)
             lin.ops.sgmv_shrink(x, lin.a_pool, indptr, slots[:g], pool.slot_ranks, y, config=config)
-            lin.ops.sgmv_expand(y, lin.b_pool, lin.out_offsets, indptr, slots[:g], pool.slot_ranks,
-                                pool.slot_scales, out, config=config)
+            if silu_mul:
+                lin.ops.lora_silu_mul(y, lin.b_pool, out, indptr, slots[:g], pool.slot_ranks, pool.slot_scales,
+                                      config=config)
+            else:
+                lin.ops.sgmv_expand(y, lin.b_pool, lin.out_offsets, indptr, slots[:g], pool.slot_ranks,
+                                    pool.slot_scales, out, config=config)
             launches += 1
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -142,12 +142,12 @@ class LlamaMLP(nn.Module):
         inter = spec.intermediate_size
         self.ops = ops
         self.gate_up_proj = LoRALinear(nn.Linear(spec.hidden_size, 2 * inter, bias=spec.mlp_bias),
-                                       ("gate_proj", "up_proj"), (inter, inter), ops)
+                                       ("gate_proj", "up_proj"), (inter, inter), ops, silu_mul=True)
         self.down_proj = LoRALinear(nn.Linear(inter, spec.hidden_size, bias=spec.mlp_bias), ("down_proj",),
                                     (spec.hidden_size,), ops)
 
     def forward(self, x: torch.Tensor, lora: LoraBatchMeta) -> torch.Tensor:
-        return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x, lora)), lora)   # [T, 2 inter] -> [T, inter]
+        return self.down_proj(self.gate_up_proj.forward_silu_mul(x, lora), lora)   # [T, hidden] -> [T, inter]
 
 
 class LlamaDecoderLayer(nn.Module):

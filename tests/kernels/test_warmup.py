@@ -12,7 +12,8 @@ from inference_worker.lora.warmup import eager_variants, token_counts, variant_k
 from kernels.tiles import segment_table_width
 from kernels.triton_ops import TRITON_OPS
 
-LLAMA8B_SHAPES = [(4096, 3, 64, 6144), (14336, 1, 64, 4096)]       # (H_in, M, R, N): q/k/v, down
+# (H_in, M, R, N, feeds the activation): q/k/v, down, gate/up (kernels/lora_silu_mul.py in place of the expand)
+LLAMA8B_SHAPES = [(4096, 3, 64, 6144, False), (14336, 1, 64, 4096, False), (4096, 2, 64, 28672, True)]
 
 
 @pytest.mark.parametrize("shape", LLAMA8B_SHAPES)
@@ -57,12 +58,13 @@ def test_a_fixed_table_width_serves_any_segment_count():
 
 
 def test_warm_up_launches_each_variant_and_leaves_the_pools_alone():
-    """Interpreted on CPU (no GPU): a tiny fused q/k/v and an o projection."""
+    """Interpreted on CPU (no GPU): a tiny fused q/k/v, an o projection and a gate/up feeding the activation."""
     torch.manual_seed(0)
     lins = [LoRALinear(nn.Linear(16, 24, bias=False), ("q_proj", "k_proj", "v_proj"), (8, 8, 8), TRITON_OPS),
-            LoRALinear(nn.Linear(8, 16, bias=False), ("o_proj",), (16,), TRITON_OPS)]
+            LoRALinear(nn.Linear(8, 16, bias=False), ("o_proj",), (16,), TRITON_OPS),
+            LoRALinear(nn.Linear(8, 32, bias=False), ("gate_proj", "up_proj"), (16, 16), TRITON_OPS, silu_mul=True)]
     max_tokens, max_segs = 24, 3
-    pool = SlotPool([(0, lins[0]), (0, lins[1])], num_slots=2, max_rank=4, max_tokens=max_tokens,
+    pool = SlotPool([(0, lin) for lin in lins], num_slots=2, max_rank=4, max_tokens=max_tokens,
                     device=torch.device("cpu"), dtype=torch.float32)
     for lin in lins:
         lin.a_pool.normal_()
@@ -70,7 +72,7 @@ def test_warm_up_launches_each_variant_and_leaves_the_pools_alone():
     before = [(lin.a_pool.clone(), lin.b_pool.clone()) for lin in lins]
     block_g = segment_table_width(max_segs)
     launches = warm_lora_kernels(pool, max_tokens, max_segs, block_g)
-    shapes = [(16, 3, 4, 24), (8, 1, 4, 16)]
+    shapes = [(16, 3, 4, 24, False), (8, 1, 4, 16, False), (8, 2, 4, 32, True)]
     assert launches == sum(len(eager_variants(s, max_tokens, max_segs, block_g, torch.float32)) for s in shapes)
     assert launches >= 2 * 3                     # several token tiles per shape
     for lin, (a, b) in zip(lins, before):

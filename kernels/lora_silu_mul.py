@@ -1,0 +1,161 @@
+"""The gate/up LoRA expand fused into the MLP's SiLU-and-multiply (prompt steps).
+
+Math (reference: kernels.reference.lora_silu_mul_ref = sgmv_expand_ref then silu_and_mul_ref),
+gate_up [T, 2I] = [gate | up] from the base matmul, y [T, 2, R] from the shrink:
+    gate' = round(gate + s * y[t, 0, :r] @ B[slot, :r, :I]),  up' = round(up + s * y[t, 1, :r] @ B[slot, :r, I:])
+    out[t, i] = round(round(silu(gate'[t, i])) * up'[t, i])       (base tokens: no delta)
+with the roundings of the unfused pair (the expand stores gate_up in its dtype, then
+kernels/activation.py), so the result is theirs.
+
+Why: in a prompt step the gate/up expand reads and writes the whole [T, 2I] output (235 MB of
+the 2048-token layer's ~460 MB of LoRA traffic: 91 of its 190 µs on the H200), and the
+activation reads it once more right after. Here the activation's program computes its
+columns' delta in registers from y and B (a few KB per token tile), so the LoRA adds no pass
+over gate_up at all (bench/results/prefill-delta-first-h200.md has the alternatives measured).
+
+Grid: 1-D over (token tile, column block of I), sized from host ints (T, G, I): capturable in a
+CUDA graph; every token is covered (segment_tile's virtual base segment takes tokens past the
+last segment), since every token needs its activation. Token tiles of >= 16 use tl.dot; the
+decode steps keep sgmv_expand (tuned there) and the plain activation.
+"""
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from types import MappingProxyType
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels._common import (
+    block_g_for,
+    check_contiguous,
+    check_device,
+    check_lora_meta,
+    launch_options,
+    num_tiles_bound,
+    pdl_start,
+    pdl_wait,
+    segment_tile,
+)
+from kernels.tiles import cdiv, pick_block_t
+
+
+@triton.jit(do_not_specialize=["T", "G"])
+def _lora_silu_mul_kernel(y_ptr, b_ptr, gu_ptr, out_ptr, indptr_ptr, slots_ptr, ranks_ptr, scales_ptr,
+                          T, G, INTER, MR,
+                          R: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_R: tl.constexpr, PDL: tl.constexpr, IEEE: tl.constexpr):
+    pdl_start(PDL)
+    pid = tl.program_id(0)
+    num_nb = tl.cdiv(INTER, BLOCK_N)
+    pid_n = pid % num_nb
+    pid_tile = pid // num_nb
+    tile_start, tile_end, slot, rank = segment_tile(pid_tile, indptr_ptr, slots_ptr, ranks_ptr, T, G,
+                                                    BLOCK_G, BLOCK_T)
+    pdl_wait(PDL)                                        # gate_up and y come from earlier kernels
+    if tile_end <= tile_start:
+        return
+    offs_t = tile_start + tl.arange(0, BLOCK_T)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    t_mask = offs_t < tile_end
+    n_mask = offs_n < INTER
+    mask = t_mask[:, None] & n_mask[None, :]
+    g_ptrs = gu_ptr + offs_t[:, None].to(tl.int64) * (2 * INTER) + offs_n[None, :]
+    gate = tl.load(g_ptrs, mask=mask, other=0.0)          # issued first: independent of y and B
+    up = tl.load(g_ptrs + INTER, mask=mask, other=0.0)
+    # base tokens: rank 0 (no steps below), scale 0
+    scale = tl.load(scales_ptr + tl.maximum(slot, 0), mask=slot >= 0, other=0.0)
+    b_rows = b_ptr + tl.maximum(slot, 0).to(tl.int64) * R * (2 * INTER)
+    y_rows = y_ptr + offs_t.to(tl.int64) * MR                # module 0 (gate) at +0, module 1 (up) at +R
+    acc_g = tl.zeros((BLOCK_T, BLOCK_N), tl.float32)
+    acc_u = tl.zeros((BLOCK_T, BLOCK_N), tl.float32)
+    for r0 in range(0, rank, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        r_mask = offs_r < rank
+        y_mask = t_mask[:, None] & r_mask[None, :]
+        yg = tl.load(y_rows[:, None] + offs_r[None, :], mask=y_mask, other=0.0)
+        yu = tl.load(y_rows[:, None] + R + offs_r[None, :], mask=y_mask, other=0.0)
+        b_ptrs = b_rows + offs_r[:, None].to(tl.int64) * (2 * INTER) + offs_n[None, :]
+        b_mask = r_mask[:, None] & n_mask[None, :]
+        bg = tl.load(b_ptrs, mask=b_mask, other=0.0)
+        bu = tl.load(b_ptrs + INTER, mask=b_mask, other=0.0)
+        if IEEE:
+            acc_g += tl.dot(yg.to(bg.dtype), bg, input_precision="ieee")
+            acc_u += tl.dot(yu.to(bu.dtype), bu, input_precision="ieee")
+        else:
+            acc_g += tl.dot(yg.to(bg.dtype), bg)
+            acc_u += tl.dot(yu.to(bu.dtype), bu)
+    dtype = out_ptr.dtype.element_ty
+    g = (gate.to(tl.float32) + scale * acc_g).to(dtype).to(tl.float32)
+    u = (up.to(tl.float32) + scale * acc_u).to(dtype).to(tl.float32)
+    act = (g / (1.0 + tl.exp(-g))).to(dtype).to(tl.float32)
+    tl.store(out_ptr + offs_t[:, None].to(tl.int64) * INTER + offs_n[None, :], (act * u).to(dtype), mask=mask)
+
+
+def default_config(num_tokens: int, num_segs: int) -> dict:
+    """NOT tuned yet beyond the expand's prefill sweep (bench/results/sgmv-sweep-h200.json: 64-token
+    tiles, 16-row rank steps, 2 stages); two accumulators, so 128 columns (the expand's gate/up choice)."""
+    return {"block_t": max(16, pick_block_t(num_tokens, num_segs)), "block_n": 128, "block_r": 16,
+            "num_warps": 4, "num_stages": 2}
+
+
+def launch_config(num_tokens: int, num_segs: int, config: dict | None = None) -> Mapping:
+    """Every compile-time choice of a launch from host ints (as sgmv_expand.launch_config); `config`
+    overrides block sizes and may give "block_g" (the other keys of a step's SGMV config are ignored:
+    a decode graph's token tile never comes here). Cached; read-only."""
+    return _launch_config(num_tokens, num_segs, tuple(sorted((config or {}).items())))
+
+
+@functools.lru_cache(maxsize=1024)
+def _launch_config(num_tokens: int, num_segs: int, config_items: tuple) -> Mapping:
+    config = dict(config_items)
+    config.pop("rank_bound", None)                   # the rank loop stops at each slot's own rank
+    if (config.get("block_t") or 16) < 16:
+        config.pop("block_t")                        # tl.dot needs >= 16 rows; a smaller tile only pads
+    cfg = {**default_config(num_tokens, num_segs), **config}
+    cfg["block_g"] = block_g_for(num_segs, config.get("block_g"))
+    if cfg["block_t"] < 16 or cfg["block_n"] < 16 or cfg["block_r"] not in (16, 64):
+        # block_r 32 faults on the tl.dot path with triton 3.6 (kernels/sgmv_expand.default_config)
+        raise ValueError(f"need block_t, block_n >= 16 and block_r 16 or 64: {cfg}")
+    return MappingProxyType(cfg)
+
+
+def lora_silu_mul(y: torch.Tensor, b_pool: torch.Tensor, gate_up: torch.Tensor, seg_indptr: torch.Tensor,
+                  seg_slots: torch.Tensor, slot_ranks: torch.Tensor, slot_scales: torch.Tensor, *,
+                  config: dict | None = None) -> torch.Tensor:
+    """-> new out [T, I] = silu(gate') * up', gate_up' = gate_up + the gate/up LoRA (module docstring).
+
+    y [T, 2, R] fp32 or B's dtype (the shrink's), b_pool [S, R, 2I] (gate columns, then up),
+    gate_up [T, 2I] B's dtype (the base matmul's; not modified). All contiguous. No host-device
+    sync; capturable in a CUDA graph."""
+    check_device(y, b_pool, gate_up, seg_indptr, seg_slots, slot_ranks, slot_scales)
+    if y.dim() != 3 or y.shape[1] != 2 or b_pool.dim() != 3 or gate_up.dim() != 2:
+        raise ValueError(f"need y [T, 2, R], b_pool [S, R, 2I], gate_up [T, 2I]; got {tuple(y.shape)}, "
+                         f"{tuple(b_pool.shape)}, {tuple(gate_up.shape)}")
+    num_tokens, _, max_rank = y.shape
+    num_slots, b_rank, two_inter = b_pool.shape
+    if b_rank != max_rank or two_inter % 2 or tuple(gate_up.shape) != (num_tokens, two_inter):
+        raise ValueError(f"shapes do not match: y {tuple(y.shape)}, b_pool {tuple(b_pool.shape)}, "
+                         f"gate_up {tuple(gate_up.shape)}")
+    if b_pool.dtype not in (torch.bfloat16, torch.float16, torch.float32) or gate_up.dtype != b_pool.dtype \
+            or y.dtype not in (torch.float32, b_pool.dtype):
+        raise ValueError(f"b_pool bf16/fp16/fp32, gate_up its dtype, y fp32 or its dtype: "
+                         f"{b_pool.dtype}, {gate_up.dtype}, {y.dtype}")
+    check_contiguous(y=y, b_pool=b_pool, gate_up=gate_up, slot_scales=slot_scales)
+    num_segs = check_lora_meta(seg_indptr, seg_slots, slot_ranks, num_slots, slot_scales)
+    inter = two_inter // 2
+    out = gate_up.new_empty(num_tokens, inter)
+    if num_tokens == 0:
+        return out
+    cfg = launch_config(num_tokens, num_segs, config)
+    grid = (num_tiles_bound(num_tokens, num_segs, cfg["block_t"]) * cdiv(inter, cfg["block_n"]),)
+    options = launch_options(y.device)
+    _lora_silu_mul_kernel[grid](
+        y, b_pool, gate_up, out, seg_indptr, seg_slots, slot_ranks, slot_scales,
+        num_tokens, num_segs, inter, 2 * max_rank,
+        R=max_rank, BLOCK_G=cfg["block_g"], BLOCK_T=cfg["block_t"], BLOCK_N=cfg["block_n"],
+        BLOCK_R=cfg["block_r"], PDL="launch_pdl" in options, IEEE=(b_pool.dtype == torch.float32),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **options)
+    return out
