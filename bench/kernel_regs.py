@@ -82,7 +82,7 @@ def main() -> int:
                           dict(R=64, M=3, RB=rb, CHUNK=2048, BLOCK_G=128, BLOCK_T=bt, BLOCK_K=blk, BLOCK_N=blk), {}, 8))
     for bt, bn, nw in ((64, 128, 4), (64, 256, 8), (32, 128, 4)):
         cases.append((f"lora_silu_mul bt{bt} bn{bn} w{nw}", _lora_silu_mul_kernel, SM_PTRS,
-                      dict(R=64, BLOCK_G=128, BLOCK_T=bt, BLOCK_N=bn, BLOCK_R=16, PDL=True, IEEE=False),
+                      dict(R=64, BLOCK_G=128, BLOCK_T=bt, BLOCK_N=bn, BLOCK_R=16, IEEE=False),
                       {"num_stages": 2}, nw))
     ok = True
     for name, k, ptrs, consts, opts, nw in cases:

@@ -14,9 +14,10 @@ columns' delta in registers from y and B (a few KB per token tile), so the LoRA 
 over gate_up at all (bench/results/prefill-delta-first-h200.md has the alternatives measured).
 
 Grid: 1-D over (token tile, column block of I), sized from host ints (T, G, I): capturable in a
-CUDA graph; every token is covered (segment_tile's virtual base segment takes tokens past the
-last segment), since every token needs its activation. Token tiles of >= 16 use tl.dot; the
-decode steps keep sgmv_expand (tuned there) and the plain activation.
+CUDA graph. Launched without programmatic dependent launch: it follows the gate/up matmul
+(kernels/_common.launch_options says why). Every token is covered (segment_tile's virtual base
+segment takes tokens past the last segment): every token needs its activation. Token tiles of
+>= 16 use tl.dot; decode steps keep sgmv_expand (tuned there) and the plain activation.
 """
 from __future__ import annotations
 
@@ -33,10 +34,7 @@ from kernels._common import (
     check_contiguous,
     check_device,
     check_lora_meta,
-    launch_options,
     num_tiles_bound,
-    pdl_start,
-    pdl_wait,
     segment_tile,
 )
 from kernels.tiles import cdiv, pick_block_t
@@ -46,15 +44,13 @@ from kernels.tiles import cdiv, pick_block_t
 def _lora_silu_mul_kernel(y_ptr, b_ptr, gu_ptr, out_ptr, indptr_ptr, slots_ptr, ranks_ptr, scales_ptr,
                           T, G, INTER, MR,
                           R: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
-                          BLOCK_R: tl.constexpr, PDL: tl.constexpr, IEEE: tl.constexpr):
-    pdl_start(PDL)
+                          BLOCK_R: tl.constexpr, IEEE: tl.constexpr):
     pid = tl.program_id(0)
     num_nb = tl.cdiv(INTER, BLOCK_N)
     pid_n = pid % num_nb
     pid_tile = pid // num_nb
     tile_start, tile_end, slot, rank = segment_tile(pid_tile, indptr_ptr, slots_ptr, ranks_ptr, T, G,
                                                     BLOCK_G, BLOCK_T)
-    pdl_wait(PDL)                                        # gate_up and y come from earlier kernels
     if tile_end <= tile_start:
         return
     offs_t = tile_start + tl.arange(0, BLOCK_T)
@@ -95,9 +91,11 @@ def _lora_silu_mul_kernel(y_ptr, b_ptr, gu_ptr, out_ptr, indptr_ptr, slots_ptr, 
 
 
 def default_config(num_tokens: int, num_segs: int) -> dict:
-    """NOT tuned yet beyond the expand's prefill sweep (bench/results/sgmv-sweep-h200.json: 64-token
-    tiles, 16-row rank steps, 2 stages); two accumulators, so 128 columns (the expand's gate/up choice)."""
-    return {"block_t": max(16, pick_block_t(num_tokens, num_segs)), "block_n": 128, "block_r": 16,
+    """32-token tiles of 128 columns, 4 warps, 2 stages: the best of a sweep on the H200 (gate/up of
+    Llama-3-8B, rank 16, µs: 2048 tokens x 8 adapters 73 against 84 for 64-token tiles, x 64 adapters
+    98 against 99, 512 x 8 22 against 26; 256 columns or 8 warps slower; bench/notes/kernels.md,
+    session 9). Shorter segments take 16-token tiles (less padding)."""
+    return {"block_t": max(16, min(32, pick_block_t(num_tokens, num_segs))), "block_n": 128, "block_r": 16,
             "num_warps": 4, "num_stages": 2}
 
 
@@ -151,11 +149,10 @@ def lora_silu_mul(y: torch.Tensor, b_pool: torch.Tensor, gate_up: torch.Tensor, 
         return out
     cfg = launch_config(num_tokens, num_segs, config)
     grid = (num_tiles_bound(num_tokens, num_segs, cfg["block_t"]) * cdiv(inter, cfg["block_n"]),)
-    options = launch_options(y.device)
     _lora_silu_mul_kernel[grid](
         y, b_pool, gate_up, out, seg_indptr, seg_slots, slot_ranks, slot_scales,
         num_tokens, num_segs, inter, 2 * max_rank,
         R=max_rank, BLOCK_G=cfg["block_g"], BLOCK_T=cfg["block_t"], BLOCK_N=cfg["block_n"],
-        BLOCK_R=cfg["block_r"], PDL="launch_pdl" in options, IEEE=(b_pool.dtype == torch.float32),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **options)
+        BLOCK_R=cfg["block_r"], IEEE=(b_pool.dtype == torch.float32), num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"])
     return out

@@ -201,7 +201,7 @@ def sgmv_expand(y: torch.Tensor, b_pool: torch.Tensor, out_offsets: tuple[int, .
     offs, cbs, num_nb = module_table(offsets, block_n)
     num_tiles = num_tiles_bound(num_tokens, num_segs, block_t)
     grid = (num_tiles * cdiv(num_nb, nb_per_prog),)
-    options = launch_options(y.device)              # PDL, asked once a launch
+    options = launch_options(y.device, cfg["use_dot"])      # PDL (decode tiles), asked once a launch
     _sgmv_expand_kernel[grid](
         y, b_pool, out, seg_indptr, seg_slots, slot_ranks, slot_scales,
         num_tokens, num_segs, n, num_mods * max_rank, num_nb,

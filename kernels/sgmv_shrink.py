@@ -218,7 +218,7 @@ def sgmv_shrink(x: torch.Tensor, a_pool: torch.Tensor, seg_indptr: torch.Tensor,
     k_per_split = cdiv(cdiv(h_in, split_k), block_k) * block_k
     num_tiles = num_tiles_bound(num_tokens, num_segs, block_t)
     grid = (num_tiles * cdiv(ncol, block_n) * split_k,)
-    options = launch_options(x.device)              # PDL, asked once a launch
+    options = launch_options(x.device, cfg["use_dot"])      # PDL (decode tiles), asked once a launch
     _sgmv_shrink_kernel[grid](
         x, a_pool, out, seg_indptr, seg_slots, slot_ranks,
         num_tokens, num_segs, h_in, ncol, k_per_split,

@@ -357,12 +357,15 @@ def test_expand_picks_blocks_by_rank_bound():
 
 
 def test_pdl_switch_and_never_on_cpu(monkeypatch):
-    """PDL: on by default on Hopper, off with OPENLORA_SGMV_PDL=0, never without CUDA."""
+    """PDL: on by default on Hopper for decode tiles (never for long ones), off with OPENLORA_SGMV_PDL=0,
+    never without CUDA."""
     from kernels._common import gdc_wait, launch_options, pdl_enabled
     monkeypatch.delenv("OPENLORA_SGMV_PDL", raising=False)
     assert not pdl_enabled(torch.device("cpu")) and launch_options(torch.device("cpu")) == {}
     if torch.cuda.is_available():
         hopper = torch.cuda.get_device_capability()[0] >= 9 and gdc_wait is not None
         assert pdl_enabled(torch.device("cuda")) == hopper
+        assert ("launch_pdl" in launch_options(torch.device("cuda"))) == hopper
+        assert launch_options(torch.device("cuda"), long_tiles=True) == {}
         monkeypatch.setenv("OPENLORA_SGMV_PDL", "0")
         assert not pdl_enabled(torch.device("cuda")) and launch_options(torch.device("cuda")) == {}
