@@ -4,6 +4,14 @@ from __future__ import annotations
 import torch
 
 
+def resolve(device: torch.device) -> torch.device:
+    """"cuda" without an index means the calling thread's current GPU: made explicit (cuda:N), so that
+    other threads (which start on GPU 0) can be pointed at the same one. Other devices as they are."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def use_device(device: torch.device) -> None:
     """Make `device` the calling thread's current CUDA device (nothing for the CPU).
 
@@ -13,4 +21,4 @@ def use_device(device: torch.device) -> None:
     thread that issues work for it (the engine loop, the adapter loader) call this first.
     """
     if device.type == "cuda":
-        torch.cuda.set_device(device)
+        torch.cuda.set_device(resolve(device))      # (torch 2.11 refuses an unindexed "cuda")

@@ -24,7 +24,7 @@ from inference_worker.block_manager import BlockManager, blocks_for
 from inference_worker.config import EngineConfig
 from inference_worker.cuda_graphs import default_buckets
 from inference_worker.detokenizer import IncrementalDetokenizer
-from inference_worker.device import use_device
+from inference_worker.device import resolve, use_device
 from inference_worker.interfaces import (
     AdapterSource,
     AdapterTicket,
@@ -62,7 +62,7 @@ class LLMEngine:
                  random_weights: bool = False) -> None:
         """random_weights: read only config.json and the tokenizer from model_dir and draw the
         weights on the device (benchmarks of a model shape without its 16 GB of files)."""
-        device, dtype = config.torch_device, config.torch_dtype
+        device, dtype = resolve(config.torch_device), config.torch_dtype       # "cuda" -> this thread's cuda:N
         use_device(device)
         hf_config = load_hf_config(model_dir)
         spec = LlamaSpec.from_hf(hf_config)

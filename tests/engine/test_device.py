@@ -19,6 +19,18 @@ def test_use_device_sets_the_thread_s_cuda_device(monkeypatch):
     assert calls == [torch.device("cuda:1")]
 
 
+def test_an_unindexed_cuda_device_is_the_current_one(monkeypatch):
+    """torch refuses set_device("cuda"); the engine resolves it once, in the thread that builds it."""
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert device_mod.resolve(torch.device("cuda")) == torch.device("cuda:3")
+    assert device_mod.resolve(torch.device("cuda:1")) == torch.device("cuda:1")
+    assert device_mod.resolve(torch.device("cpu")) == torch.device("cpu")
+    calls = []
+    monkeypatch.setattr(torch.cuda, "set_device", calls.append)
+    device_mod.use_device(torch.device("cuda"))
+    assert calls == [torch.device("cuda:3")]
+
+
 def test_the_adapter_loader_thread_starts_on_the_pool_s_device(monkeypatch):
     threads = []
     monkeypatch.setattr(slot_pool_mod, "use_device", lambda d: threads.append((threading.current_thread().name, d)))
