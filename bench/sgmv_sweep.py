@@ -1,7 +1,8 @@
 """SGMV block-size sweep on the H200 (issue 7): each projection group's shrink and expand alone, over
 config lists, at 64 decode tokens x 64 (and 8) rank-16 adapters in pools of max rank 16 and 64, a
-2048-token prefill over 8 adapters, and 64 tokens over 46 adapters of ranks 8..64 (`--cases mixed`); correctness of the defaults first. Prints one line per op and writes
-JSON (per op: default, best, every config). What the default_config functions were tuned from.
+2048-token prefill over 8 adapters, and 64 tokens over 46 adapters of ranks 8..64 (`--cases mixed`);
+gate/up's LoRA inside the activation (`--cases silu`). Correctness of the defaults first. Prints one
+line per op and writes JSON (per op: default, best, every config). What the default configs were tuned from.
 
 Usage: python bench/sgmv_sweep.py --out bench/results/sgmv-sweep-h200.json      (CUDA only)
 """
@@ -81,17 +82,69 @@ def mixed_ranks_case(log: list[str]) -> dict:
     return bk.sweep_case(pools, 64, 46, MIXED_SHRINK, MIXED_EXPAND, log)
 
 
+SILU_CONFIGS = [None, {"block_t": 64, "block_n": 128, "num_warps": 8}, {"block_t": 32, "block_n": 128, "num_warps": 4},
+                {"block_t": 32, "block_n": 256, "num_warps": 8}, {"block_t": 64, "block_n": 64, "num_warps": 4},
+                {"block_t": 32, "block_n": 64, "num_warps": 4}, {"block_t": 64, "block_n": 256, "num_warps": 8},
+                {"block_t": 16, "block_n": 256, "num_warps": 4},
+                {"block_t": 32, "block_n": 128, "num_warps": 4, "num_stages": 3}]
+
+
+def silu_case(log: list[str]) -> dict:
+    """Gate/up of prompt steps: the expand then the activation against kernels/lora_silu_mul.py over
+    configs (rank 16; 2048 x 8, 2048 x 64, 512 x 8), µs per step of K over disjoint adapter sets."""
+    cases = {}
+    for tokens, adapters in ((2048, 8), (2048, 64), (512, 8)):
+        cases[f"silu_{tokens}x{adapters}_r16"] = _silu_row(tokens, adapters, log)
+        torch.cuda.empty_cache()
+    return cases
+
+
+def _silu_row(tokens: int, adapters: int, log: list[str]) -> dict:
+    from kernels.activation import silu_and_mul
+    from kernels.lora_silu_mul import lora_silu_mul
+    pools = bk.Pools(16, num_slots=bk.K_STEPS * adapters)
+    sets = bk.make_sets(tokens, adapters, bk.K_STEPS, rank_pool_slots=bk.K_STEPS * adapters)
+    layer = bk.Layer(tokens, 16)
+    y, b, gate_up = layer.y["gate_up"].normal_(), pools.b["gate_up"], layer.out["gate_up"]
+    offsets = bk.offsets_of(bk.GROUPS["gate_up"][1])
+
+    def pair():
+        for m in sets:
+            silu_and_mul(sgmv_expand(y, b, offsets, m["indptr"], m["slots"], pools.ranks, pools.scales, gate_up))
+
+    def fused(cfg):
+        for m in sets:
+            lora_silu_mul(y, b, gate_up, m["indptr"], m["slots"], pools.ranks, pools.scales, config=cfg)
+
+    row = {"activation_us": bk.median_graph_us(lambda: [silu_and_mul(gate_up) for _ in sets], steps=bk.K_STEPS),
+           "expand_then_activation_us": bk.median_graph_us(pair, steps=bk.K_STEPS), "fused": []}
+    for cfg in SILU_CONFIGS:
+        try:
+            us = bk.median_graph_us(lambda cfg=cfg: fused(cfg), steps=bk.K_STEPS)
+        except Exception as exc:  # noqa: BLE001 - a config that does not launch is a data point
+            log.append(f"silu {tokens}x{adapters} {cfg}: {exc!r}"[:300])
+            us = float("inf")
+        row["fused"].append((round(us, 2), cfg))
+        print(f"  silu T={tokens} A={adapters} {cfg}: {us:.1f} us (expand + activation "
+              f"{row['expand_then_activation_us']:.1f})", flush=True)
+    return row
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="")
-    ap.add_argument("--cases", choices=("all", "mixed"), default="all",
-                    help="mixed: only the mixed-ranks decode case (~6 min on the H200)")
+    ap.add_argument("--cases", choices=("all", "mixed", "silu"), default="all",
+                    help="mixed: only the mixed-ranks decode case (~6 min on the H200); silu: only gate/up's "
+                         "LoRA inside the activation (kernels/lora_silu_mul.py)")
     args = ap.parse_args()
     torch.manual_seed(0)
     check_defaults()
     log: list[str] = []
     cases = sweep_all(log) if args.cases == "all" else {}
-    cases["decode_64x46_R64_mixed"] = mixed_ranks_case(log)
+    if args.cases == "silu":
+        cases.update(silu_case(log))
+    else:
+        cases["decode_64x46_R64_mixed"] = mixed_ranks_case(log)
     report = {"device": torch.cuda.get_device_name(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
               "command": "python " + " ".join(sys.argv), "cases": cases, "log": log}
     if args.out:
