@@ -1,6 +1,6 @@
-"""The LoRA kernels' GPU-only variants (programmatic dependent launch, the fused decode kernel, gate/up's LoRA in the activation, the
-tl.dot paths) compile for sm_90 on a machine without a GPU (bench/kernel_regs.py, in its own
-process: the kernel tests run the kernels interpreted, and the interpreter cannot compile)."""
+"""The LoRA kernels' GPU-only variants (programmatic dependent launch, the fused decode kernel, gate/up's
+LoRA in the activation, the tl.dot paths) compile for sm_90 on a machine without a GPU (bench/kernel_regs.py,
+in its own process: the kernel tests run the kernels interpreted, and the interpreter cannot compile)."""
 from __future__ import annotations
 
 import os
