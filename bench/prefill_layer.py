@@ -33,16 +33,10 @@ def main() -> None:
     layer = bk.Layer(2048, 16)
     base = bk.Base()
     outs = {g: torch.empty(2048, sum(w), device="cuda", dtype=torch.bfloat16) for g, (_, w) in bk.GROUPS.items()}
-    for rnd in range(args.rounds):
-        r = {}
-        for name, fn in (("base_act", lambda: base.step_with_act(layer, outs)),
-                         ("added", lambda: base.step_with_act(layer, outs, pools, meta)),
-                         ("fused", lambda: base.step_with_act(layer, outs, pools, meta, fused=True))):
-            r[name] = bk.median_graph_us(fn, reps=30)
+    for rnd, r in enumerate(bk.layer_rounds(base, pools, layer, meta, outs, args.rounds)):
         print(f"round {rnd}: " + "  ".join(f"{k} {v:.1f}" for k, v in r.items()) +
               f"  | LoRA added +{r['added'] - r['base_act']:.1f}  fused +{r['fused'] - r['base_act']:.1f} us",
               flush=True)
-
 
 if __name__ == "__main__":
     main()
