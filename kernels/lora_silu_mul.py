@@ -37,7 +37,7 @@ from kernels._common import (
     num_tiles_bound,
     segment_tile,
 )
-from kernels.tiles import cdiv, pick_block_t
+from kernels.tiles import DOT_TILE, cdiv, pick_block_t
 
 
 @triton.jit(do_not_specialize=["T", "G"])
@@ -95,7 +95,7 @@ def default_config(num_tokens: int, num_segs: int) -> dict:
     Llama-3-8B, rank 16, µs: 2048 tokens x 8 adapters 73 against 84 for 64-token tiles, x 64 adapters
     98 against 99, 512 x 8 22 against 26; 256 columns or 8 warps slower; bench/notes/kernels.md,
     session 9). Shorter segments take 16-token tiles (less padding)."""
-    return {"block_t": max(16, min(32, pick_block_t(num_tokens, num_segs))), "block_n": 128, "block_r": 16,
+    return {"block_t": max(DOT_TILE, min(32, pick_block_t(num_tokens, num_segs))), "block_n": 128, "block_r": 16,
             "num_warps": 4, "num_stages": 2}
 
 
@@ -110,11 +110,11 @@ def launch_config(num_tokens: int, num_segs: int, config: dict | None = None) ->
 def _launch_config(num_tokens: int, num_segs: int, config_items: tuple) -> Mapping:
     config = dict(config_items)
     config.pop("rank_bound", None)                   # the rank loop stops at each slot's own rank
-    if (config.get("block_t") or 16) < 16:
+    if (config.get("block_t") or DOT_TILE) < DOT_TILE:
         config.pop("block_t")                        # tl.dot needs >= 16 rows; a smaller tile only pads
     cfg = {**default_config(num_tokens, num_segs), **config}
     cfg["block_g"] = block_g_for(num_segs, config.get("block_g"))
-    if cfg["block_t"] < 16 or cfg["block_n"] < 16 or cfg["block_r"] not in (16, 64):
+    if cfg["block_t"] < DOT_TILE or cfg["block_n"] < 16 or cfg["block_r"] not in (16, 64):
         # block_r 32 faults on the tl.dot path with triton 3.6 (kernels/sgmv_expand.default_config)
         raise ValueError(f"need block_t, block_n >= 16 and block_r 16 or 64: {cfg}")
     return MappingProxyType(cfg)

@@ -40,7 +40,7 @@ from kernels._common import (
     pdl_wait,
     segment_tile,
 )
-from kernels.tiles import cdiv, next_pow2, pick_block_t
+from kernels.tiles import DOT_TILE, cdiv, next_pow2, pick_block_t
 
 
 # T and G change every prompt step: not specialized on (T % 16, T == 1, ...), so a new
@@ -158,7 +158,7 @@ def _launch_config(num_tokens: int, num_segs: int, n: int, max_rank: int, b_dtyp
     if not 1 <= rank_bound <= max_rank:
         raise ValueError(f"rank_bound {rank_bound} must be in [1, R={max_rank}]")
     cfg = {"nb_per_prog": 1, **default_config(num_tokens, num_segs, n, rank_bound, config.get("block_t")), **config}
-    cfg["block_g"], cfg["use_dot"] = block_g_for(num_segs, config.get("block_g")), cfg["block_t"] >= 16
+    cfg["block_g"], cfg["use_dot"] = block_g_for(num_segs, config.get("block_g")), cfg["block_t"] >= DOT_TILE
     if cfg["use_dot"] and (cfg["block_n"] < 16 or cfg["block_r"] < 16):
         raise ValueError("tl.dot path (block_t >= 16) needs block_n, block_r >= 16")
     if cfg["use_dot"] and cfg["block_r"] == 32 and b_dtype != torch.float32:

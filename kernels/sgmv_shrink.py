@@ -41,7 +41,7 @@ from kernels._common import (
     pdl_wait,
     segment_tile,
 )
-from kernels.tiles import cdiv, next_pow2, pick_block_t
+from kernels.tiles import DOT_TILE, cdiv, next_pow2, pick_block_t
 
 
 # T and G change every prompt step: not specialized on (T % 16, T == 1, ...), so a new
@@ -172,7 +172,7 @@ def _launch_config(num_tokens: int, num_segs: int, num_mods: int, max_rank: int,
                          config.get("block_t"))
     cfg.update(config)
     cfg["rank_bound"], cfg["block_g"] = rank_bound, block_g_for(num_segs, config.get("block_g"))
-    cfg["use_dot"], cfg["atomic"] = cfg["block_t"] >= 16, cfg["split_k"] > 1
+    cfg["use_dot"], cfg["atomic"] = cfg["block_t"] >= DOT_TILE, cfg["split_k"] > 1
     cfg["can_skip"] = cfg["block_n"] <= rank_bound and rank_bound % cfg["block_n"] == 0
     if cfg["use_dot"] and (cfg["block_n"] < 16 or cfg["block_k"] < 16):
         raise ValueError("tl.dot path (block_t >= 16) needs block_n, block_k >= 16")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 
 FUSED_DECODE_MAX_A_BYTES = 256 << 10    # A_m (rank bound x H_in) one fused program streams first
+DOT_TILE = 16        # token tiles this long or longer take tl.dot (prompt steps); shorter ones are decode tiles
 
 
 # Host-side integer helpers for the launchers. triton.cdiv and triton.next_power_of_2 are JIT

@@ -12,7 +12,7 @@ from torch import nn
 
 from inference_worker.lora.metadata import LoraBatchMeta
 from kernels.backend import KernelOps
-from kernels.tiles import fused_decode_enabled, fused_decode_fits
+from kernels.tiles import DOT_TILE, fused_decode_enabled, fused_decode_fits
 
 
 class LoRALinear(nn.Module):
@@ -56,11 +56,11 @@ class LoRALinear(nn.Module):
 
     def forward_silu_mul(self, x: torch.Tensor, lora: LoraBatchMeta) -> torch.Tensor:
         """For a fused gate/up projection: x [T, in] -> silu(gate) * up [T, out / 2], each token's
-        adapter included. Steps of long token tiles (prompts: >= 16 tokens a tile, or the kernels'
-        pick in eager steps) add the gate/up delta inside the activation (kernels/lora_silu_mul.py:
+        adapter included. Steps of long token tiles (prompts: >= DOT_TILE tokens a tile, or the
+        kernels' pick in eager steps) add the gate/up delta inside the activation (kernels/lora_silu_mul.py:
         the LoRA then makes no pass over the [T, 2I] output); decode tiles keep the expand tuned for
         them, then the activation."""
-        if not lora.has_lora or self.a_pool is None or (lora.block_t is not None and lora.block_t < 16):
+        if not lora.has_lora or self.a_pool is None or (lora.block_t is not None and lora.block_t < DOT_TILE):
             return self.ops.silu_and_mul(self.forward(x, lora))
         gate_up, y = self._base_and_shrink(x, lora)
         return self.ops.lora_silu_mul(y, self.b_pool, gate_up, lora.seg_indptr, lora.seg_slots, lora.slot_ranks,
