@@ -223,14 +223,24 @@ class Base:
         for g in GROUPS:
             torch.matmul(layer.x[g], self.w[g].t(), out=outs[g])
 
-    def step_with_act(self, layer, outs, pools=None, meta=None, fused=False):
+    def step_with_act(self, layer, outs, pools=None, meta=None, fused=False, side=None):
         """The layer's matmuls and the MLP's activation, as the engine runs a prompt step; with pools and
         meta, each projection's LoRA too: added after its matmul, and for gate/up either added then
-        activated (fused=False) or added inside the activation (kernels/lora_silu_mul.py)."""
+        activated (fused=False) or added inside the activation (kernels/lora_silu_mul.py). With a side
+        stream, each shrink runs on it beside its matmul, as the engine's graphs do
+        (LoRALinear._base_and_shrink)."""
         for g, (_h_in, widths) in GROUPS.items():
-            torch.matmul(layer.x[g], self.w[g].t(), out=outs[g])
-            if pools is not None:
-                sgmv_shrink(layer.x[g], pools.a[g], meta["indptr"], meta["slots"], pools.ranks, layer.y[g])
+            if pools is not None and side is not None:
+                main = torch.cuda.current_stream()
+                side.wait_stream(main)
+                with torch.cuda.stream(side):
+                    sgmv_shrink(layer.x[g], pools.a[g], meta["indptr"], meta["slots"], pools.ranks, layer.y[g])
+                torch.matmul(layer.x[g], self.w[g].t(), out=outs[g])
+                main.wait_stream(side)
+            else:
+                torch.matmul(layer.x[g], self.w[g].t(), out=outs[g])
+                if pools is not None:
+                    sgmv_shrink(layer.x[g], pools.a[g], meta["indptr"], meta["slots"], pools.ranks, layer.y[g])
             if g == "gate_up":
                 if pools is not None and fused:
                     outs["act"] = lora_silu_mul(layer.y[g], pools.b[g], outs[g], meta["indptr"], meta["slots"],
@@ -278,20 +288,21 @@ def lora_case(pools, base, tokens, adapters, bw, node_us, do_loop=True, do_bmm=T
         row["base_act_us"] = statistics.median(r["base_act"] for r in rounds)
         row["layer_added_us"] = row["base_act_us"] + statistics.median(r["added"] - r["base_act"] for r in rounds)
         row["layer_fused_act_us"] = row["base_act_us"] + statistics.median(r["fused"] - r["base_act"] for r in rounds)
+        row["layer_engine_us"] = row["base_act_us"] + statistics.median(r["engine"] - r["base_act"] for r in rounds)
         row["fused_act_check"] = _fused_act_error(base, pools, layer, sets[0], outs)
     return row
 
 
 def layer_rounds(base, pools, layer, meta, outs, rounds: int) -> list[dict]:
     """Alternating rounds of one prompt layer (matmuls + activation), µs: without LoRA ("base_act"), each
-    projection's LoRA added after its matmul ("added"), gate/up's inside the activation ("fused")."""
-    out = []
-    for _ in range(rounds):
-        out.append({"base_act": median_graph_us(lambda: base.step_with_act(layer, outs), reps=30),
-                    "added": median_graph_us(lambda: base.step_with_act(layer, outs, pools, meta), reps=30),
-                    "fused": median_graph_us(lambda: base.step_with_act(layer, outs, pools, meta, fused=True),
-                                             reps=30)})
-    return out
+    projection's LoRA added after its matmul ("added"), gate/up's inside the activation ("fused"), and that
+    with each shrink beside its matmul on a second stream ("engine": what the engine's prompt graphs run)."""
+    side = torch.cuda.Stream()
+    variants = {"base_act": {}, "added": {"pools": pools, "meta": meta},
+                "fused": {"pools": pools, "meta": meta, "fused": True},
+                "engine": {"pools": pools, "meta": meta, "fused": True, "side": side}}
+    return [{name: median_graph_us(lambda kw=kw: base.step_with_act(layer, outs, **kw), reps=30)
+             for name, kw in variants.items()} for _ in range(rounds)]
 
 
 def _fused_act_error(base, pools, layer, meta, outs) -> float:
@@ -511,15 +522,18 @@ def write_markdown(res, path):
     if prompt:
         lines += ["", "Prompt steps: the LoRA's cost inside the layer (its matmuls and the MLP's activation, with "
                   "the LoRA minus without; median of alternating rounds where the row has them), µs and % of the "
-                  "base matmuls: each projection's LoRA added after its matmul, or gate/up's added inside the "
-                  "activation (kernels/lora_silu_mul.py, the engine's way):",
+                  "base matmuls: each projection's LoRA added after its matmul; gate/up's added inside the "
+                  "activation (kernels/lora_silu_mul.py); and that with each shrink on a second stream beside "
+                  "its matmul (the engine's prompt graphs):",
                   "", "| tokens | adapters | rank | matmuls | + activation | added after | % | gate/up in the "
-                  "activation | % |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "activation | % | + shrinks beside (engine) | % |",
+                  "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in prompt:
-            added, fused = in_layer(r, "layer_added_us"), in_layer(r, "layer_fused_act_us")
+            cells = [in_layer(r, k) for k in ("layer_added_us", "layer_fused_act_us", "layer_engine_us")
+                     if k in r]
             lines.append(f"| {r['tokens']} | {r['adapters']} | {r['rank']} | {r['base_us']:.1f} | "
-                         f"{r['base_act_us']:.1f} | {added:.1f} | {100 * added / r['base_us']:.1f}% | {fused:.1f} | "
-                         f"{100 * fused / r['base_us']:.1f}% |")
+                         f"{r['base_act_us']:.1f} | " +
+                         " | ".join(f"{c:.1f} | {100 * c / r['base_us']:.1f}%" for c in cells) + " |")
     lines += ["", "Paged decode attention (Hq 32, Hkv 8, bf16, block 16), µs:", "",
               "| batch | context | head dim | ours | gather + SDPA | KV floor | ours/floor |", "|---:|---:|---:|---:|---:|---:|---:|"]
     for r in res["attention"]:

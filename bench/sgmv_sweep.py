@@ -130,12 +130,51 @@ def _silu_row(tokens: int, adapters: int, log: list[str]) -> dict:
     return row
 
 
+# decode on the tl.dot path: 1-token segments in 16-row tiles (15 rows masked: no bytes moved for them),
+# so Triton's pipeliner streams A through shared memory (cp.async, num_stages deep) instead of registers
+DOT_DECODE_SHRINK = [{"block_t": 16, "block_n": bn, "block_k": k, "split_k": sk, "num_warps": 4, "num_stages": 4,
+                      "pdl": True} for bn in (16, 32) for k in (128, 256) for sk in (1, 2, 4)]
+DOT_DECODE_EXPAND = [{"block_t": 16, "block_n": bn, "block_r": 16, "nb_per_prog": nbp, "num_warps": nw,
+                      "num_stages": 2, "pdl": True} for bn in (128, 256, 512) for nbp in (1, 2) for nw in (4, 8)]
+
+
+def dot_decode_case(log: list[str]) -> dict:
+    """64 decode tokens x 64 rank-16 adapters (rank-16 pool): the decode configs against the tl.dot path
+    over 16-row tiles; every config first checked against the reference."""
+    from kernels.reference import sgmv_shrink_ref
+    from kernels.sgmv_shrink import sgmv_shrink
+    pools = bk.Pools(16)
+    pools.ranks.fill_(16)
+    m = bk.make_sets(64, 64, 1)[0]
+    layer = bk.Layer(64, 16)
+    for g, (_, widths) in bk.GROUPS.items():
+        layer.x[g].normal_()
+        want_y = sgmv_shrink_ref(layer.x[g], pools.a[g], m["indptr"], m["slots"], pools.ranks, layer.y[g].clone())
+        y = torch.randn_like(layer.y[g])
+        args = (bk.offsets_of(widths), m["indptr"], m["slots"], pools.ranks, pools.scales)
+        want_out = sgmv_expand_ref(y, pools.b[g], *args, layer.out[g].clone())
+        for cfg in DOT_DECODE_SHRINK:
+            got = sgmv_shrink(layer.x[g], pools.a[g], m["indptr"], m["slots"], pools.ranks, layer.y[g].clone(),
+                              config=cfg)
+            err = ((got - want_y).abs().max() / want_y.abs().max()).item()
+            if err > 2e-2:
+                log.append(f"dotdecode {g} shrink {cfg}: rel err {err:.2e}")
+        for cfg in DOT_DECODE_EXPAND:
+            got = sgmv_expand(y, pools.b[g], *args, layer.out[g].clone(), config=cfg)
+            err = ((got.float() - want_out.float()).abs().max() / want_out.float().abs().max()).item()
+            if err > 2e-2:
+                log.append(f"dotdecode {g} expand {cfg}: rel err {err:.2e}")
+    print("dotdecode checks:", log or "all configs match the reference", flush=True)
+    return bk.sweep_case(pools, 64, 64, DOT_DECODE_SHRINK, DOT_DECODE_EXPAND, log)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="")
-    ap.add_argument("--cases", choices=("all", "mixed", "silu"), default="all",
+    ap.add_argument("--cases", choices=("all", "mixed", "silu", "dotdecode"), default="all",
                     help="mixed: only the mixed-ranks decode case (~6 min on the H200); silu: only gate/up's "
-                         "LoRA inside the activation (kernels/lora_silu_mul.py)")
+                         "LoRA inside the activation (kernels/lora_silu_mul.py); dotdecode: 64 x 64 rank-16 "
+                         "decode against the tl.dot path over 16-row tiles")
     args = ap.parse_args()
     torch.manual_seed(0)
     check_defaults()
@@ -143,6 +182,8 @@ def main() -> None:
     cases = sweep_all(log) if args.cases == "all" else {}
     if args.cases == "silu":
         cases.update(silu_case(log))
+    elif args.cases == "dotdecode":
+        cases["decode_64x64_R16_dot"] = dot_decode_case(log)
     else:
         cases["decode_64x46_R64_mixed"] = mixed_ranks_case(log)
     report = {"device": torch.cuda.get_device_name(), "date": datetime.datetime.now().isoformat(timespec="seconds"),

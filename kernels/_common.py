@@ -45,14 +45,15 @@ def _pdl_on(wanted: bool, index: int | None) -> bool:
     return wanted and gdc_wait is not None and not interpreting() and torch.cuda.get_device_capability(index)[0] >= 9
 
 
-def launch_options(device: torch.device, long_tiles: bool = False) -> dict:
-    """Extra launch kwargs: launch_pdl only when PDL is on (older triton has no such option), and only
-    for decode tiles. Long token tiles (tl.dot: prompt steps) follow a long base matmul, and their
-    programs launched early sit on SM resources the matmul is still using: H200, a 2048-token
-    Llama-3-8B layer with its LoRA, 1354 µs with PDL against 1338 without (and 1351 against 1290 with
-    the gate/up LoRA in the activation); back to back, PDL gave those launches nothing (190 µs either
-    way): bench/notes/kernels.md, session 9."""
-    return {"launch_pdl": True} if not long_tiles and pdl_enabled(device) else {}
+def launch_options(device: torch.device, pdl: bool = True) -> dict:
+    """Extra launch kwargs: launch_pdl when the launch asks for it and PDL is on (older triton has no
+    such option). Launchers ask for it for decode tiles only (their config's "pdl" default). Long
+    token tiles (tl.dot: prompt steps) follow a long base matmul, and their programs launched early
+    sit on SM resources the matmul is still using: H200, a 2048-token Llama-3-8B layer with its LoRA,
+    1354 µs with PDL against 1338 without (and 1351 against 1290 with the gate/up LoRA in the
+    activation); back to back, PDL gave those launches nothing (190 µs either way):
+    bench/notes/kernels.md, session 9."""
+    return {"launch_pdl": True} if pdl and pdl_enabled(device) else {}
 
 
 def check_device(*tensors: torch.Tensor) -> None:

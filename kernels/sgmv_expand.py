@@ -159,6 +159,7 @@ def _launch_config(num_tokens: int, num_segs: int, n: int, max_rank: int, b_dtyp
         raise ValueError(f"rank_bound {rank_bound} must be in [1, R={max_rank}]")
     cfg = {"nb_per_prog": 1, **default_config(num_tokens, num_segs, n, rank_bound, config.get("block_t")), **config}
     cfg["block_g"], cfg["use_dot"] = block_g_for(num_segs, config.get("block_g")), cfg["block_t"] >= DOT_TILE
+    cfg.setdefault("pdl", not cfg["use_dot"])              # decode tiles (kernels/_common.launch_options)
     if cfg["use_dot"] and (cfg["block_n"] < 16 or cfg["block_r"] < 16):
         raise ValueError("tl.dot path (block_t >= 16) needs block_n, block_r >= 16")
     if cfg["use_dot"] and cfg["block_r"] == 32 and b_dtype != torch.float32:
@@ -201,7 +202,7 @@ def sgmv_expand(y: torch.Tensor, b_pool: torch.Tensor, out_offsets: tuple[int, .
     offs, cbs, num_nb = module_table(offsets, block_n)
     num_tiles = num_tiles_bound(num_tokens, num_segs, block_t)
     grid = (num_tiles * cdiv(num_nb, nb_per_prog),)
-    options = launch_options(y.device, cfg["use_dot"])      # PDL (decode tiles), asked once a launch
+    options = launch_options(y.device, cfg["pdl"])
     _sgmv_expand_kernel[grid](
         y, b_pool, out, seg_indptr, seg_slots, slot_ranks, slot_scales,
         num_tokens, num_segs, n, num_mods * max_rank, num_nb,

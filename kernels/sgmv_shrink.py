@@ -173,6 +173,7 @@ def _launch_config(num_tokens: int, num_segs: int, num_mods: int, max_rank: int,
     cfg.update(config)
     cfg["rank_bound"], cfg["block_g"] = rank_bound, block_g_for(num_segs, config.get("block_g"))
     cfg["use_dot"], cfg["atomic"] = cfg["block_t"] >= DOT_TILE, cfg["split_k"] > 1
+    cfg.setdefault("pdl", not cfg["use_dot"])              # decode tiles (kernels/_common.launch_options)
     cfg["can_skip"] = cfg["block_n"] <= rank_bound and rank_bound % cfg["block_n"] == 0
     if cfg["use_dot"] and (cfg["block_n"] < 16 or cfg["block_k"] < 16):
         raise ValueError("tl.dot path (block_t >= 16) needs block_n, block_k >= 16")
@@ -218,7 +219,7 @@ def sgmv_shrink(x: torch.Tensor, a_pool: torch.Tensor, seg_indptr: torch.Tensor,
     k_per_split = cdiv(cdiv(h_in, split_k), block_k) * block_k
     num_tiles = num_tiles_bound(num_tokens, num_segs, block_t)
     grid = (num_tiles * cdiv(ncol, block_n) * split_k,)
-    options = launch_options(x.device, cfg["use_dot"])      # PDL (decode tiles), asked once a launch
+    options = launch_options(x.device, cfg["pdl"])
     _sgmv_shrink_kernel[grid](
         x, a_pool, out, seg_indptr, seg_slots, slot_ranks,
         num_tokens, num_segs, h_in, ncol, k_per_split,

@@ -360,12 +360,20 @@ def test_pdl_switch_and_never_on_cpu(monkeypatch):
     """PDL: on by default on Hopper for decode tiles (never for long ones), off with OPENLORA_SGMV_PDL=0,
     never without CUDA."""
     from kernels._common import gdc_wait, launch_options, pdl_enabled
+    from kernels.sgmv_expand import launch_config as expand_config
+    from kernels.sgmv_shrink import launch_config as shrink_config
     monkeypatch.delenv("OPENLORA_SGMV_PDL", raising=False)
+    # launches ask for it on decode tiles only, unless their config says otherwise
+    assert shrink_config(64, 64, 3, 16, 4096, True)["pdl"] and expand_config(64, 64, 6144, 16, torch.bfloat16)["pdl"]
+    assert not shrink_config(2048, 8, 3, 16, 4096, True)["pdl"]
+    assert not expand_config(2048, 8, 6144, 16, torch.bfloat16)["pdl"]
+    dot_decode = {"block_t": 16, "block_n": 16, "block_k": 128, "pdl": True}
+    assert shrink_config(64, 64, 3, 16, 4096, True, dot_decode)["pdl"]
     assert not pdl_enabled(torch.device("cpu")) and launch_options(torch.device("cpu")) == {}
     if torch.cuda.is_available():
         hopper = torch.cuda.get_device_capability()[0] >= 9 and gdc_wait is not None
         assert pdl_enabled(torch.device("cuda")) == hopper
         assert ("launch_pdl" in launch_options(torch.device("cuda"))) == hopper
-        assert launch_options(torch.device("cuda"), long_tiles=True) == {}
+        assert launch_options(torch.device("cuda"), pdl=False) == {}
         monkeypatch.setenv("OPENLORA_SGMV_PDL", "0")
         assert not pdl_enabled(torch.device("cuda")) and launch_options(torch.device("cuda")) == {}
