@@ -48,11 +48,11 @@ POOL_SLOTS = 1024    # adapters per rank in the pool (4 disjoint sets of up to 2
 DEV = "cuda"
 ISSUE_BW = 4.25e12   # the copy bandwidth the issue measured on this H200 (its floors use it)
 COPY_VARIANTS: dict = {}
-PROMPT_ROUNDS = 3    # alternating rounds of the prompt layer with and without its LoRA (bench/prefill_layer.py)
+PROMPT_REPS = 100    # interleaved replays of the prompt layer with and without its LoRA (layer_interleaved)
 
 
-def median_graph_us(step, reps=40, steps=1):
-    """Captures step() in a CUDA graph, replays it `reps` times; median µs per replay / steps."""
+def capture_graph(step) -> torch.cuda.CUDAGraph:
+    """step() captured in a CUDA graph (after a warm-up call on the capture stream), replayed 3 times."""
     step()
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
@@ -66,13 +66,27 @@ def median_graph_us(step, reps=40, steps=1):
     torch.cuda.synchronize()
     for _ in range(3):
         graph.replay()
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
-    for e0, e1 in events:
-        e0.record()
-        graph.replay()
-        e1.record()
+    return graph
+
+
+def replay_us(graphs: list, reps: int) -> list[list[float]]:
+    """µs of each replay: `reps` rounds, each replaying every graph once back to back (no sync between);
+    -> [rep][graph]."""
+    events = [[(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in graphs]
+              for _ in range(reps)]
+    for rnd in events:
+        for graph, (e0, e1) in zip(graphs, rnd):
+            e0.record()
+            graph.replay()
+            e1.record()
     torch.cuda.synchronize()
-    times = [e0.elapsed_time(e1) * 1e3 for e0, e1 in events]
+    return [[e0.elapsed_time(e1) * 1e3 for e0, e1 in rnd] for rnd in events]
+
+
+def median_graph_us(step, reps=40, steps=1):
+    """Captures step() in a CUDA graph, replays it `reps` times; median µs per replay / steps."""
+    graph = capture_graph(step)
+    times = [t[0] for t in replay_us([graph], reps)]
     del graph
     return statistics.median(times) / steps
 
@@ -282,27 +296,42 @@ def lora_case(pools, base, tokens, adapters, bw, node_us, do_loop=True, do_bmm=T
     row["lora_over_base"] = row["ours_us"] / row["base_us"]
     if tokens >= 1024:
         # prompt steps: the LoRA's cost inside the layer (matmuls + activation with it, minus without), the
-        # median over alternating rounds (these ~1.3 ms graphs drift by tens of µs between calls)
-        rounds = layer_rounds(base, pools, layer, sets[0], outs, PROMPT_ROUNDS)
-        row["prompt_rounds"] = rounds
-        row["base_act_us"] = statistics.median(r["base_act"] for r in rounds)
-        row["layer_added_us"] = row["base_act_us"] + statistics.median(r["added"] - r["base_act"] for r in rounds)
-        row["layer_fused_act_us"] = row["base_act_us"] + statistics.median(r["fused"] - r["base_act"] for r in rounds)
-        row["layer_engine_us"] = row["base_act_us"] + statistics.median(r["engine"] - r["base_act"] for r in rounds)
+        # median over interleaved replays (these ~1.3 ms graphs drift by tens of µs within a process)
+        inter = layer_interleaved(base, pools, layer, sets[0], outs, PROMPT_REPS)
+        row["prompt_interleaved"] = inter
+        row["base_act_us"], row["prompt_matmuls_us"] = inter["median_us"]["base_act"], inter["median_us"]["matmuls"]
+        for key, variant in (("layer_added_us", "added"), ("layer_fused_act_us", "fused"),
+                             ("layer_engine_us", "engine")):
+            row[key] = row["base_act_us"] + inter["lora_us"][variant]
         row["fused_act_check"] = _fused_act_error(base, pools, layer, sets[0], outs)
     return row
 
 
-def layer_rounds(base, pools, layer, meta, outs, rounds: int) -> list[dict]:
-    """Alternating rounds of one prompt layer (matmuls + activation), µs: without LoRA ("base_act"), each
-    projection's LoRA added after its matmul ("added"), gate/up's inside the activation ("fused"), and that
-    with each shrink beside its matmul on a second stream ("engine": what the engine's prompt graphs run)."""
+def layer_interleaved(base, pools, layer, meta, outs, reps: int) -> dict:
+    """One prompt layer (matmuls + activation) in four variants, each a CUDA graph: without LoRA
+    ("base_act"), each projection's LoRA added after its matmul ("added"), gate/up's inside the activation
+    ("fused"), and that with each shrink beside its matmul on a second stream ("engine": what the engine's
+    prompt graphs run); and the matmuls alone ("matmuls"). Each rep replays the five back to back: these
+    ~1.2 ms graphs drift by 10-20 %
+    within a process (clocks, power; 1165 -> 1399 µs seen), so a variant's LoRA cost is the median over
+    reps of its time minus the base's of the same rep. -> {"median_us": {variant: µs}, "lora_us": {variant:
+    median difference}, "lora_spread_us": {variant: (25th, 75th percentile)}, "reps": reps}."""
     side = torch.cuda.Stream()
     variants = {"base_act": {}, "added": {"pools": pools, "meta": meta},
                 "fused": {"pools": pools, "meta": meta, "fused": True},
                 "engine": {"pools": pools, "meta": meta, "fused": True, "side": side}}
-    return [{name: median_graph_us(lambda kw=kw: base.step_with_act(layer, outs, **kw), reps=30)
-             for name, kw in variants.items()} for _ in range(rounds)]
+    steps = [lambda kw=kw: base.step_with_act(layer, outs, **kw) for kw in variants.values()]
+    graphs = [capture_graph(step) for step in steps + [lambda: base.step(layer, outs)]]
+    times = replay_us(graphs, reps)
+    del graphs
+    names = list(variants) + ["matmuls"]             # the matmuls alone: the % base, timed alongside
+    out = {"median_us": {n: statistics.median(t[i] for t in times) for i, n in enumerate(names)},
+           "lora_us": {}, "lora_spread_us": {}, "reps": reps}
+    for i, n in enumerate(names[1:4], 1):
+        diffs = sorted(t[i] - t[0] for t in times)
+        out["lora_us"][n] = statistics.median(diffs)
+        out["lora_spread_us"][n] = (diffs[len(diffs) // 4], diffs[(3 * len(diffs)) // 4])
+    return out
 
 
 def _fused_act_error(base, pools, layer, meta, outs) -> float:
@@ -447,11 +476,13 @@ def main():
                       f"{row['floor_us']:7.1f}  x{row['x_floor']:5.2f}  (a) {fmt(row.get('loop_us'), 0)}  "
                       f"(b) {fmt(row.get('bmm_us'))}  base {row['base_us']:7.1f}  "
                       f"lora/base {100 * row['lora_over_base']:5.1f}%", flush=True)
-                if "layer_fused_act_us" in row:
-                    print(f"  in the layer (matmuls {row['base_us']:.1f} us, + activation {row['base_act_us']:.1f}):"
+                if "layer_engine_us" in row:
+                    mm = row["prompt_matmuls_us"]
+                    print(f"  in the layer (matmuls {mm:.1f} us, + activation {row['base_act_us']:.1f}):"
                           f" LoRA added after each matmul +{in_layer(row, 'layer_added_us'):.1f} us, gate/up's in "
-                          f"the activation +{in_layer(row, 'layer_fused_act_us'):.1f} us "
-                          f"({100 * in_layer(row, 'layer_fused_act_us') / row['base_us']:.1f}% of the matmuls; "
+                          f"the activation +{in_layer(row, 'layer_fused_act_us'):.1f} us, with the shrinks beside "
+                          f"the matmuls (the engine) +{in_layer(row, 'layer_engine_us'):.1f} us "
+                          f"({100 * in_layer(row, 'layer_engine_us') / mm:.1f}% of the matmuls; "
                           f"activations differ by {row['fused_act_check']:.1e})", flush=True)
             except Exception as exc:  # noqa: BLE001
                 log.append(f"case {tokens}x{adapters} r{rank}: {traceback.format_exc()}"[-2000:])
@@ -518,22 +549,22 @@ def write_markdown(res, path):
                      f"{r['x_floor']:.2f} | {r['floor_4p25_us']:.1f} | {r['ours_us'] / r['floor_4p25_us']:.2f} | "
                      f"{fmt(r.get('loop_us'), 0)} | {fmt(r.get('bmm_us'))} | "
                      f"{r['base_us']:.1f} | {100 * r['lora_over_base']:.1f}% |")
-    prompt = [r for r in res["lora"] if "layer_fused_act_us" in r]
+    prompt = [r for r in res["lora"] if "layer_engine_us" in r]
     if prompt:
         lines += ["", "Prompt steps: the LoRA's cost inside the layer (its matmuls and the MLP's activation, with "
-                  "the LoRA minus without; median of alternating rounds where the row has them), µs and % of the "
-                  "base matmuls: each projection's LoRA added after its matmul; gate/up's added inside the "
+                  f"the LoRA minus without: the median over {PROMPT_REPS} interleaved replays of each variant's "
+                  "time minus the base's of the same replay), µs and % of the base matmuls (timed alongside): "
+                  "each projection's LoRA added after its matmul; gate/up's added inside the "
                   "activation (kernels/lora_silu_mul.py); and that with each shrink on a second stream beside "
                   "its matmul (the engine's prompt graphs):",
                   "", "| tokens | adapters | rank | matmuls | + activation | added after | % | gate/up in the "
                   "activation | % | + shrinks beside (engine) | % |",
                   "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in prompt:
-            cells = [in_layer(r, k) for k in ("layer_added_us", "layer_fused_act_us", "layer_engine_us")
-                     if k in r]
-            lines.append(f"| {r['tokens']} | {r['adapters']} | {r['rank']} | {r['base_us']:.1f} | "
-                         f"{r['base_act_us']:.1f} | " +
-                         " | ".join(f"{c:.1f} | {100 * c / r['base_us']:.1f}%" for c in cells) + " |")
+            cells = [in_layer(r, k) for k in ("layer_added_us", "layer_fused_act_us", "layer_engine_us")]
+            mm = r["prompt_matmuls_us"]
+            lines.append(f"| {r['tokens']} | {r['adapters']} | {r['rank']} | {mm:.1f} | {r['base_act_us']:.1f} | " +
+                         " | ".join(f"{c:.1f} | {100 * c / mm:.1f}%" for c in cells) + " |")
     lines += ["", "Paged decode attention (Hq 32, Hkv 8, bf16, block 16), µs:", "",
               "| batch | context | head dim | ours | gather + SDPA | KV floor | ours/floor |", "|---:|---:|---:|---:|---:|---:|---:|"]
     for r in res["attention"]:

@@ -1,14 +1,14 @@
-"""The LoRA's cost inside a 2048-token prompt layer, in alternating rounds (issue 7's prefill target).
+"""The LoRA's cost inside a 2048-token prompt layer, by interleaved replays (issue 7's prefill target).
 
 One Llama-3-8B layer's matmuls and MLP activation (bench/kernels.Base.step_with_act) over 2048 tokens
-of 8 rank-16 adapters, bf16, each variant a CUDA graph timed by its median replay: base (no LoRA),
-each projection's LoRA added after its matmul, and gate/up's LoRA inside the activation
-(kernels/lora_silu_mul.py), and that with each shrink on a second stream beside its matmul (what the
-engine's prompt graphs run). Rounds alternate the four, since these ~1.2 ms graphs
-drift by tens of µs between calls (clocks, power); the LoRA's cost is each variant minus the base of
-its own round.
+of 8 rank-16 adapters, bf16, each variant a CUDA graph: base (no LoRA), each projection's LoRA added
+after its matmul, gate/up's LoRA inside the activation (kernels/lora_silu_mul.py), and that with each
+shrink on a second stream beside its matmul (what the engine's prompt graphs run); and the matmuls
+alone, the target's base. Each rep replays them all back to back, since these ~1.2 ms graphs drift by
+10-20 % within a process (clocks, power): a variant's LoRA cost is the median over reps of its time
+minus the base's of the same rep (bench/kernels.layer_interleaved).
 
-Usage: python bench/prefill_layer.py [--rounds 3] [--out FILE.json]      (CUDA only)
+Usage: python bench/prefill_layer.py [--reps 200] [--out FILE.json]      (CUDA only)
 """
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ import argparse
 import datetime
 import json
 import os
-import statistics
 import sys
 
 import torch
@@ -28,8 +27,8 @@ import bench.kernels as bk  # noqa: E402
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--out", default=None, help="JSON of every round and the medians")
+    ap.add_argument("--reps", type=int, default=200)
+    ap.add_argument("--out", default=None, help="JSON of the medians and quartiles")
     args = ap.parse_args()
     torch.manual_seed(0)
     bk.copy_bandwidth()                                    # clocks up
@@ -38,19 +37,17 @@ def main() -> None:
     layer = bk.Layer(2048, 16)
     base = bk.Base()
     outs = {g: torch.empty(2048, sum(w), device="cuda", dtype=torch.bfloat16) for g, (_, w) in bk.GROUPS.items()}
-    matmuls = bk.median_graph_us(lambda: base.step(layer, outs), reps=30)
-    rounds = bk.layer_rounds(base, pools, layer, meta, outs, args.rounds)
-    for rnd, r in enumerate(rounds):
-        print(f"round {rnd}: " + "  ".join(f"{k} {v:.1f}" for k, v in r.items()) + "  | LoRA " +
-              "  ".join(f"{k} +{r[k] - r['base_act']:.1f}" for k in r if k != "base_act") + " us", flush=True)
-    added = {k: statistics.median(r[k] - r["base_act"] for r in rounds) for k in rounds[0] if k != "base_act"}
-    print(f"matmuls alone {matmuls:.1f} us; median LoRA cost: " +
-          "  ".join(f"{k} +{v:.1f} us ({100 * v / matmuls:.1f} %)" for k, v in added.items()), flush=True)
+    res = bk.layer_interleaved(base, pools, layer, meta, outs, args.reps)
+    med, mm = res["median_us"], res["median_us"]["matmuls"]
+    print("median µs: " + "  ".join(f"{k} {v:.1f}" for k, v in med.items()), flush=True)
+    for k, v in res["lora_us"].items():
+        lo, hi = res["lora_spread_us"][k]
+        print(f"LoRA {k:7s} +{v:6.1f} us ({100 * v / mm:4.1f} % of the matmuls; quartiles {lo:.1f} .. {hi:.1f})",
+              flush=True)
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "date": datetime.datetime.now().isoformat(),
-                       "torch": torch.__version__, "command": " ".join(sys.argv), "matmuls_us": matmuls,
-                       "rounds": rounds, "median_added_us": added}, f, indent=1)
+                       "torch": torch.__version__, "command": "python " + " ".join(sys.argv), **res}, f, indent=1)
 
 
 if __name__ == "__main__":
