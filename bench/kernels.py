@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from inference_worker.prompt_graphs import PROMPT_TILE
 from kernels.activation import silu_and_mul
 from kernels.lora_decode import lora_decode
 from kernels.lora_silu_mul import lora_silu_mul
@@ -237,36 +238,39 @@ class Base:
         for g in GROUPS:
             torch.matmul(layer.x[g], self.w[g].t(), out=outs[g])
 
-    def step_with_act(self, layer, outs, pools=None, meta=None, fused=False, side=None):
+    def step_with_act(self, layer, outs, pools=None, meta=None, fused=False, side=None, config=None):
         """The layer's matmuls and the MLP's activation, as the engine runs a prompt step; with pools and
         meta, each projection's LoRA too: added after its matmul, and for gate/up either added then
         activated (fused=False) or added inside the activation (kernels/lora_silu_mul.py). With a side
         stream, each shrink runs on it beside its matmul, as the engine's graphs do
-        (LoRALinear._base_and_shrink)."""
+        (LoRALinear._base_and_shrink); `config` goes to every LoRA launch (the engine's token tile)."""
+        def shrink(g):
+            sgmv_shrink(layer.x[g], pools.a[g], meta["indptr"], meta["slots"], pools.ranks, layer.y[g], config=config)
+
         for g, (_h_in, widths) in GROUPS.items():
             if pools is not None and side is not None:
                 main = torch.cuda.current_stream()
                 side.wait_stream(main)
                 with torch.cuda.stream(side):
-                    sgmv_shrink(layer.x[g], pools.a[g], meta["indptr"], meta["slots"], pools.ranks, layer.y[g])
+                    shrink(g)
                 torch.matmul(layer.x[g], self.w[g].t(), out=outs[g])
                 main.wait_stream(side)
             else:
                 torch.matmul(layer.x[g], self.w[g].t(), out=outs[g])
                 if pools is not None:
-                    sgmv_shrink(layer.x[g], pools.a[g], meta["indptr"], meta["slots"], pools.ranks, layer.y[g])
+                    shrink(g)
             if g == "gate_up":
                 if pools is not None and fused:
                     outs["act"] = lora_silu_mul(layer.y[g], pools.b[g], outs[g], meta["indptr"], meta["slots"],
-                                                pools.ranks, pools.scales)
+                                                pools.ranks, pools.scales, config=config)
                     continue
                 if pools is not None:
                     sgmv_expand(layer.y[g], pools.b[g], offsets_of(widths), meta["indptr"], meta["slots"],
-                                pools.ranks, pools.scales, outs[g])
+                                pools.ranks, pools.scales, outs[g], config=config)
                 outs["act"] = silu_and_mul(outs[g])
             elif pools is not None:
                 sgmv_expand(layer.y[g], pools.b[g], offsets_of(widths), meta["indptr"], meta["slots"], pools.ranks,
-                            pools.scales, outs[g])
+                            pools.scales, outs[g], config=config)
 
 
 def lora_case(pools, base, tokens, adapters, bw, node_us, do_loop=True, do_bmm=True):
@@ -310,16 +314,17 @@ def lora_case(pools, base, tokens, adapters, bw, node_us, do_loop=True, do_bmm=T
 def layer_interleaved(base, pools, layer, meta, outs, reps: int) -> dict:
     """One prompt layer (matmuls + activation) in four variants, each a CUDA graph: without LoRA
     ("base_act"), each projection's LoRA added after its matmul ("added"), gate/up's inside the activation
-    ("fused"), and that with each shrink beside its matmul on a second stream ("engine": what the engine's
-    prompt graphs run); and the matmuls alone ("matmuls"). Each rep replays the five back to back: these
-    ~1.2 ms graphs drift by 10-20 %
+    ("fused"), and that with each shrink beside its matmul on a second stream and the prompt graphs' token
+    tile ("engine": what the engine's prompt graphs run); and the matmuls alone ("matmuls"). Each rep
+    replays the five back to back: these ~1.2 ms graphs drift by 10-20 %
     within a process (clocks, power; 1165 -> 1399 µs seen), so a variant's LoRA cost is the median over
     reps of its time minus the base's of the same rep. -> {"median_us": {variant: µs}, "lora_us": {variant:
     median difference}, "lora_spread_us": {variant: (25th, 75th percentile)}, "reps": reps}."""
     side = torch.cuda.Stream()
     variants = {"base_act": {}, "added": {"pools": pools, "meta": meta},
                 "fused": {"pools": pools, "meta": meta, "fused": True},
-                "engine": {"pools": pools, "meta": meta, "fused": True, "side": side}}
+                "engine": {"pools": pools, "meta": meta, "fused": True, "side": side,
+                           "config": {"block_t": PROMPT_TILE}}}
     steps = [lambda kw=kw: base.step_with_act(layer, outs, **kw) for kw in variants.values()]
     graphs = [capture_graph(step) for step in steps + [lambda: base.step(layer, outs)]]
     times = replay_us(graphs, reps)
