@@ -238,14 +238,17 @@ class Base:
         for g in GROUPS:
             torch.matmul(layer.x[g], self.w[g].t(), out=outs[g])
 
-    def step_with_act(self, layer, outs, pools=None, meta=None, fused=False, side=None, config=None):
+    def step_with_act(self, layer, outs, pools=None, meta=None, fused=False, side=None, tiles=None):
         """The layer's matmuls and the MLP's activation, as the engine runs a prompt step; with pools and
         meta, each projection's LoRA too: added after its matmul, and for gate/up either added then
         activated (fused=False) or added inside the activation (kernels/lora_silu_mul.py). With a side
         stream, each shrink runs on it beside its matmul, as the engine's graphs do
-        (LoRALinear._base_and_shrink); `config` goes to every LoRA launch (the engine's token tile)."""
+        (LoRALinear._base_and_shrink). tiles = (shrink, expand, activation) token tiles (default: the
+        kernels' pick)."""
+        cfg_s, cfg_e, cfg_a = ({"block_t": t} for t in tiles) if tiles else (None, None, None)
+
         def shrink(g):
-            sgmv_shrink(layer.x[g], pools.a[g], meta["indptr"], meta["slots"], pools.ranks, layer.y[g], config=config)
+            sgmv_shrink(layer.x[g], pools.a[g], meta["indptr"], meta["slots"], pools.ranks, layer.y[g], config=cfg_s)
 
         for g, (_h_in, widths) in GROUPS.items():
             if pools is not None and side is not None:
@@ -262,15 +265,15 @@ class Base:
             if g == "gate_up":
                 if pools is not None and fused:
                     outs["act"] = lora_silu_mul(layer.y[g], pools.b[g], outs[g], meta["indptr"], meta["slots"],
-                                                pools.ranks, pools.scales, config=config)
+                                                pools.ranks, pools.scales, config=cfg_a)
                     continue
                 if pools is not None:
                     sgmv_expand(layer.y[g], pools.b[g], offsets_of(widths), meta["indptr"], meta["slots"],
-                                pools.ranks, pools.scales, outs[g], config=config)
+                                pools.ranks, pools.scales, outs[g], config=cfg_e)
                 outs["act"] = silu_and_mul(outs[g])
             elif pools is not None:
                 sgmv_expand(layer.y[g], pools.b[g], offsets_of(widths), meta["indptr"], meta["slots"], pools.ranks,
-                            pools.scales, outs[g], config=config)
+                            pools.scales, outs[g], config=cfg_e)
 
 
 def lora_case(pools, base, tokens, adapters, bw, node_us, do_loop=True, do_bmm=True):
@@ -311,7 +314,7 @@ def lora_case(pools, base, tokens, adapters, bw, node_us, do_loop=True, do_bmm=T
     return row
 
 
-def layer_interleaved(base, pools, layer, meta, outs, reps: int) -> dict:
+def layer_interleaved(base, pools, layer, meta, outs, reps: int, other_tiles=()) -> dict:
     """One prompt layer (matmuls + activation) in four variants, each a CUDA graph: without LoRA
     ("base_act"), each projection's LoRA added after its matmul ("added"), gate/up's inside the activation
     ("fused"), and that with each shrink beside its matmul on a second stream and the prompt graphs' token
@@ -324,7 +327,9 @@ def layer_interleaved(base, pools, layer, meta, outs, reps: int) -> dict:
     variants = {"base_act": {}, "added": {"pools": pools, "meta": meta},
                 "fused": {"pools": pools, "meta": meta, "fused": True},
                 "engine": {"pools": pools, "meta": meta, "fused": True, "side": side,
-                           "config": {"block_t": PROMPT_TILE}}}
+                           "tiles": (PROMPT_TILE,) * 3}}
+    for tiles in other_tiles:                        # the engine's way with other (shrink, expand, act) tiles
+        variants["engine " + "/".join(map(str, tiles))] = {**variants["engine"], "tiles": tiles}
     steps = [lambda kw=kw: base.step_with_act(layer, outs, **kw) for kw in variants.values()]
     graphs = [capture_graph(step) for step in steps + [lambda: base.step(layer, outs)]]
     times = replay_us(graphs, reps)
@@ -332,7 +337,7 @@ def layer_interleaved(base, pools, layer, meta, outs, reps: int) -> dict:
     names = list(variants) + ["matmuls"]             # the matmuls alone: the % base, timed alongside
     out = {"median_us": {n: statistics.median(t[i] for t in times) for i, n in enumerate(names)},
            "lora_us": {}, "lora_spread_us": {}, "reps": reps}
-    for i, n in enumerate(names[1:4], 1):
+    for i, n in enumerate(names[1:-1], 1):
         diffs = sorted(t[i] - t[0] for t in times)
         out["lora_us"][n] = statistics.median(diffs)
         out["lora_spread_us"][n] = (diffs[len(diffs) // 4], diffs[(3 * len(diffs)) // 4])

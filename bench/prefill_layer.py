@@ -8,12 +8,13 @@ alone, the target's base. Each rep replays them all back to back, since these ~1
 10-20 % within a process (clocks, power): a variant's LoRA cost is the median over reps of its time
 minus the base's of the same rep (bench/kernels.layer_interleaved).
 
-Usage: python bench/prefill_layer.py [--reps 200] [--out FILE.json]      (CUDA only)
+Usage: python bench/prefill_layer.py [--reps 200] [--mixed] [--tiles 64/32/32,...] [--out FILE.json]      (CUDA only)
 """
 from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import json
 import os
 import sys
@@ -29,20 +30,29 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=200)
     ap.add_argument("--out", default=None, help="JSON of the medians and quartiles")
+    ap.add_argument("--mixed", action="store_true",
+                    help="a steady mixed step instead: 7 prompts of 256 tokens and 50 decodes, 57 adapters")
+    ap.add_argument("--tiles", default="", help="more engine variants: shrink/expand/activation token tiles, "
+                                                "comma-separated (e.g. 64/32/32,64/64/64)")
     args = ap.parse_args()
     torch.manual_seed(0)
     bk.copy_bandwidth()                                    # clocks up
     pools = bk.Pools(16, num_slots=64)
-    meta = bk.make_sets(2048, 8, 1, rank_pool_slots=64)[0]
-    layer = bk.Layer(2048, 16)
+    lens = [256] * 7 + [1] * 50 if args.mixed else [256] * 8
+    meta = {"indptr": torch.tensor([0] + list(itertools.accumulate(lens)), dtype=torch.int32, device="cuda"),
+            "slots": torch.randperm(64)[: len(lens)].to(torch.int32).to("cuda")}
+    tokens = sum(lens)
+    layer = bk.Layer(tokens, 16)
     base = bk.Base()
-    outs = {g: torch.empty(2048, sum(w), device="cuda", dtype=torch.bfloat16) for g, (_, w) in bk.GROUPS.items()}
-    res = bk.layer_interleaved(base, pools, layer, meta, outs, args.reps)
+    outs = {g: torch.empty(tokens, sum(w), device="cuda", dtype=torch.bfloat16) for g, (_, w) in bk.GROUPS.items()}
+    other = [tuple(int(t) for t in v.split("/")) for v in args.tiles.split(",") if v]
+    res = bk.layer_interleaved(base, pools, layer, meta, outs, args.reps, other)
+    print(f"{tokens} tokens over {len(lens)} adapters", flush=True)
     med, mm = res["median_us"], res["median_us"]["matmuls"]
     print("median µs: " + "  ".join(f"{k} {v:.1f}" for k, v in med.items()), flush=True)
     for k, v in res["lora_us"].items():
         lo, hi = res["lora_spread_us"][k]
-        print(f"LoRA {k:7s} +{v:6.1f} us ({100 * v / mm:4.1f} % of the matmuls; quartiles {lo:.1f} .. {hi:.1f})",
+        print(f"LoRA {k:16s} +{v:6.1f} us ({100 * v / mm:4.1f} % of the matmuls; quartiles {lo:.1f} .. {hi:.1f})",
               flush=True)
     if args.out:
         with open(args.out, "w") as f:
