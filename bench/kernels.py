@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from inference_worker.prompt_graphs import PROMPT_TILE
+from inference_worker.prompt_graphs import PROMPT_SHRINK_TILE, PROMPT_TILE
 from kernels.activation import silu_and_mul
 from kernels.lora_decode import lora_decode
 from kernels.lora_silu_mul import lora_silu_mul
@@ -327,7 +327,7 @@ def layer_interleaved(base, pools, layer, meta, outs, reps: int, other_tiles=())
     variants = {"base_act": {}, "added": {"pools": pools, "meta": meta},
                 "fused": {"pools": pools, "meta": meta, "fused": True},
                 "engine": {"pools": pools, "meta": meta, "fused": True, "side": side,
-                           "tiles": (PROMPT_TILE,) * 3}}
+                           "tiles": (PROMPT_SHRINK_TILE, PROMPT_TILE, PROMPT_TILE)}}
     for tiles in other_tiles:                        # the engine's way with other (shrink, expand, act) tiles
         variants["engine " + "/".join(map(str, tiles))] = {**variants["engine"], "tiles": tiles}
     steps = [lambda kw=kw: base.step_with_act(layer, outs, **kw) for kw in variants.values()]

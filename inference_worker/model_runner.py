@@ -20,7 +20,7 @@ from inference_worker.cuda_graphs import DecodeGraphs, LoraVariant, lora_tile, r
 from inference_worker.lora.metadata import LoraBatchMeta, segments_of
 from inference_worker.lora.slot_pool import SlotPool
 from inference_worker.model.llama import LlamaForCausalLM, PieceBuffers
-from inference_worker.prompt_graphs import PROMPT_TILE, PromptGraphs
+from inference_worker.prompt_graphs import PROMPT_SHRINK_TILE, PROMPT_TILE, PromptGraphs
 from inference_worker.sequence import Sequence
 from kernels.tiles import segment_table_width
 
@@ -139,7 +139,7 @@ class ModelRunner:
         seqs = prefills + decodes
         indptr, seg_slots = segments_of([s.slot for s in seqs], [s.num_new_tokens for s in seqs])
         num_tokens = num_prefill_tokens + len(decodes)          # padding excluded
-        tile, padded, table_width = None, num_tokens, len(seg_slots)
+        tile, shrink_tile, padded, table_width = None, None, num_tokens, len(seg_slots)
         if bucket is not None:
             context_lens += [0] * num_pad                         # padding rows: empty context
             logits_indices += range(len(decodes), num_rows)
@@ -149,7 +149,8 @@ class ModelRunner:
         elif self.prompt_graphs is not None:
             prompt_bucket = self.prompt_graphs.bucket_for(num_tokens)
             if prompt_bucket is not None:                         # the prompt graphs' G: max_num_seqs
-                tile, padded, table_width = PROMPT_TILE, prompt_bucket, self.max_num_seqs
+                tile, shrink_tile = PROMPT_TILE, PROMPT_SHRINK_TILE
+                padded, table_width = prompt_bucket, self.max_num_seqs
         # a graph step's padding rows: no KV write (slot -1), base model (past the last segment);
         # the segment table padded with empty segments to the graph's G
         pad = padded - num_tokens
@@ -173,7 +174,7 @@ class ModelRunner:
         lora = LoraBatchMeta(
             has_lora=any(s >= 0 for s in seg_slots), seg_indptr=self._upload("seg_indptr", indptr),
             seg_slots=self._upload("seg_slots", seg_slots), slot_ranks=self.slot_pool.slot_ranks,
-            slot_scales=self.slot_pool.slot_scales, block_t=tile,
+            slot_scales=self.slot_pool.slot_scales, block_t=tile, shrink_block_t=shrink_tile,
             rank_bound=rank_bound_for(step_rank, self.slot_pool.max_rank),
             block_g=self.eager_block_g if bucket is None else None)
         ids = self._upload("input_ids", input_ids)
@@ -241,7 +242,7 @@ class ModelRunner:
         d, g = self._dev, self.max_num_seqs
         lora = LoraBatchMeta(has_lora=has_lora, seg_indptr=d["seg_indptr"][: g + 1], seg_slots=d["seg_slots"][:g],
                              slot_ranks=self.slot_pool.slot_ranks, slot_scales=self.slot_pool.slot_scales,
-                             block_t=PROMPT_TILE, block_g=self.eager_block_g,
+                             block_t=PROMPT_TILE, shrink_block_t=PROMPT_SHRINK_TILE, block_g=self.eager_block_g,
                              rank_bound=self.slot_pool.max_rank, side_stream=self._lora_stream)
         self.model.run_piece(i, self._pieces.prefix(bucket), d["input_ids"][:bucket], d["positions"][:bucket],
                              self.kv_caches, d["slot_mapping"][:bucket], lora)

@@ -17,7 +17,8 @@ dropped. Buckets are every 128 tokens up to 2,048 (padding costs at most 127 tok
 ~7 % of a 1,800-token step); larger steps run eagerly: they are few (long prompts), their GPU
 work dwarfs their launches, and graphs for them would hold their activations' memory (on the
 H200, a worker whose buckets went up to 8,192 tokens ran out of memory at start). Each bucket
-has graphs without LoRA and with it (token tile PROMPT_TILE, the pool's max rank); all share
+has graphs without LoRA and with it (token tiles PROMPT_TILE and PROMPT_SHRINK_TILE, the pool's
+max rank); all share
 one memory pool.
 """
 from __future__ import annotations
@@ -35,6 +36,13 @@ log = logging.getLogger(__name__)
 # The SGMV token tile of captured prompt steps: what the kernels pick for a steady mixed step
 # (~1,800 tokens over ~55 segments: 32 tokens a segment; kernels/tiles.pick_block_t).
 PROMPT_TILE = 32
+# The shrinks' tile there. A shrink runs on a second stream beside its base matmul, and with
+# 32-token tiles its programs (twice as many, each re-reading the slot's A rows) slow that
+# matmul down. H200, one Llama-3-8B layer (matmuls + activation, its LoRA as the engine runs it;
+# `python bench/prefill_layer.py --tiles ...`, bench/results/prefill-tiles-h200.md): 2048 tokens
+# x 8 adapters, LoRA +177 µs with 32 against +126 µs with 64; a mixed step (7 x 256 prompt
+# tokens + 50 decodes, 57 adapters) +289 against +298 µs. The expands and the activation keep 32.
+PROMPT_SHRINK_TILE = 64
 
 
 MAX_PROMPT_BUCKET = 2048

@@ -25,6 +25,9 @@ class LoraBatchMeta:
     # fixes it at capture (its grid depends on it), so the runner picks the graph whose tile
     # suits the step's tokens per segment.
     block_t: int | None = None
+    # the shrink's token tile where it differs from block_t (None = block_t): prompt graphs
+    # (inference_worker/prompt_graphs.PROMPT_SHRINK_TILE)
+    shrink_block_t: int | None = None
     # >= the rank of every adapter in the step (None = the pool's max rank): the shrink then
     # launches no programs for rank rows past it (kernels/sgmv_shrink.py); a decode graph fixes
     # it at capture too (cuda_graphs.rank_bounds)
@@ -39,9 +42,15 @@ class LoraBatchMeta:
 
     @cached_property
     def sgmv_config(self) -> dict:
-        """The config of this step's LoRA launches (shrink and expand take the same): built once a
-        step, not once a layer."""
+        """The config of this step's LoRA launches: built once a step, not once a layer."""
         return sgmv_config(self.block_t, self.block_g, self.rank_bound)
+
+    @cached_property
+    def shrink_config(self) -> dict:
+        """The shrinks' config: sgmv_config, with the shrink's own token tile when it has one."""
+        if self.shrink_block_t is None:
+            return self.sgmv_config
+        return sgmv_config(self.shrink_block_t, self.block_g, self.rank_bound)
 
 
 def sgmv_config(block_t: int | None, block_g: int | None, rank_bound: int | None) -> dict:

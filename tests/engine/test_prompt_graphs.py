@@ -6,7 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from inference_worker.prompt_graphs import PROMPT_TILE, PromptGraphs, default_prompt_buckets
+from inference_worker.prompt_graphs import (
+    PROMPT_SHRINK_TILE,
+    PROMPT_TILE,
+    PromptGraphs,
+    default_prompt_buckets,
+)
 from tests.engine.doubles import DirSource
 from tests.engine.harness import Driver
 from tests.engine.test_correctness import _workload
@@ -66,6 +71,7 @@ def test_padded_prompt_pieces_match_eager(family_model, adapters_of, make_engine
                 steps.append((batch.prompt_bucket, batch.num_tokens, batch.graph_bucket))
                 if batch.prompt_bucket is not None:
                     assert batch.lora.block_t == PROMPT_TILE and batch.lora.seg_slots.numel() == runner.max_num_seqs
+                    assert batch.lora.shrink_config["block_t"] == PROMPT_SHRINK_TILE
                 return batch
             runner.prepare = recording_prepare
         driver = Driver(engine)
