@@ -39,7 +39,7 @@ PROMPT_TILE = 32
 # The shrinks' tile there. A shrink runs on a second stream beside its base matmul, and with
 # 32-token tiles its programs (twice as many, each re-reading the slot's A rows) slow that
 # matmul down. H200, one Llama-3-8B layer (matmuls + activation, its LoRA as the engine runs it;
-# `python bench/prefill_layer.py --tiles ...`, bench/results/prefill-tiles-h200.md): 2048 tokens
+# `python bench/prefill_layer.py --tiles ...`, bench/results/prefill-layer-h200.md): 2048 tokens
 # x 8 adapters, LoRA +177 µs with 32 against +126 µs with 64; a mixed step (7 x 256 prompt
 # tokens + 50 decodes, 57 adapters) +289 against +298 µs. The expands and the activation keep 32.
 PROMPT_SHRINK_TILE = 64
