@@ -18,8 +18,7 @@ dropped. Buckets are every 128 tokens up to 2,048 (padding costs at most 127 tok
 work dwarfs their launches, and graphs for them would hold their activations' memory (on the
 H200, a worker whose buckets went up to 8,192 tokens ran out of memory at start). Each bucket
 has graphs without LoRA and with it (token tiles PROMPT_TILE and PROMPT_SHRINK_TILE, the pool's
-max rank); all share
-one memory pool.
+max rank); all share one memory pool.
 """
 from __future__ import annotations
 
