@@ -335,9 +335,17 @@ def layer_interleaved(base, pools, layer, meta, outs, reps: int, other_tiles=())
     times = replay_us(graphs, reps)
     del graphs
     names = list(variants) + ["matmuls"]             # the matmuls alone: the % base, timed alongside
+    return paired_costs(names, times, names[1:-1])
+
+
+def paired_costs(names: list[str], times: list[list[float]], costed: list[str]) -> dict:
+    """times[rep][i]: µs of variant names[i] in one rep; names[0] is the base. -> the medians of each
+    variant, and for each costed variant the median and quartiles over reps of its time minus the
+    base's time of the same rep (a slow drift over the reps moves both alike and cancels)."""
     out = {"median_us": {n: statistics.median(t[i] for t in times) for i, n in enumerate(names)},
-           "lora_us": {}, "lora_spread_us": {}, "reps": reps}
-    for i, n in enumerate(names[1:-1], 1):
+           "lora_us": {}, "lora_spread_us": {}, "reps": len(times)}
+    for n in costed:
+        i = names.index(n)
         diffs = sorted(t[i] - t[0] for t in times)
         out["lora_us"][n] = statistics.median(diffs)
         out["lora_spread_us"][n] = (diffs[len(diffs) // 4], diffs[(3 * len(diffs)) // 4])

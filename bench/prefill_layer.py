@@ -35,6 +35,8 @@ def main() -> None:
     ap.add_argument("--tiles", default="", help="more engine variants: shrink/expand/activation token tiles, "
                                                 "comma-separated (e.g. 64/32/32,64/64/64)")
     args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench/prefill_layer.py needs CUDA (one H200-class GPU)")
     torch.manual_seed(0)
     bk.copy_bandwidth()                                    # clocks up
     pools = bk.Pools(16, num_slots=64)
