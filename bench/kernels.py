@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from inference_worker.lora.layers import run_beside
 from inference_worker.prompt_graphs import PROMPT_SHRINK_TILE, PROMPT_TILE
 from kernels.activation import silu_and_mul
 from kernels.lora_decode import lora_decode
@@ -243,8 +244,8 @@ class Base:
         meta, each projection's LoRA too: added after its matmul, and for gate/up either added then
         activated (fused=False) or added inside the activation (kernels/lora_silu_mul.py). With a side
         stream, each shrink runs on it beside its matmul, as the engine's graphs do
-        (LoRALinear._base_and_shrink). tiles = (shrink, expand, activation) token tiles (default: the
-        kernels' pick)."""
+        (inference_worker/lora/layers.run_beside). tiles = (shrink, expand, activation) token tiles
+        (default: the kernels' pick)."""
         cfg_s, cfg_e, cfg_a = ({"block_t": t} for t in tiles) if tiles else (None, None, None)
 
         def shrink(g):
@@ -252,12 +253,8 @@ class Base:
 
         for g, (_h_in, widths) in GROUPS.items():
             if pools is not None and side is not None:
-                main = torch.cuda.current_stream()
-                side.wait_stream(main)
-                with torch.cuda.stream(side):
-                    shrink(g)
-                torch.matmul(layer.x[g], self.w[g].t(), out=outs[g])
-                main.wait_stream(side)
+                run_beside(side, lambda g=g: shrink(g),
+                           lambda g=g: torch.matmul(layer.x[g], self.w[g].t(), out=outs[g]))
             else:
                 torch.matmul(layer.x[g], self.w[g].t(), out=outs[g])
                 if pools is not None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import itertools
 import json
 import os
 import sys
@@ -24,6 +23,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import bench.kernels as bk  # noqa: E402
+from bench.lora_mixed_step import DECODES, PROMPT_LEN, PROMPTS, meta_of  # noqa: E402
 
 
 def main() -> None:
@@ -31,7 +31,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=200)
     ap.add_argument("--out", default=None, help="JSON of the medians and quartiles")
     ap.add_argument("--mixed", action="store_true",
-                    help="a steady mixed step instead: 7 prompts of 256 tokens and 50 decodes, 57 adapters")
+                    help="a steady mixed step instead (bench/lora_mixed_step.py's: 7 prompts of 256 tokens and "
+                         "50 decodes, 57 adapters)")
     ap.add_argument("--tiles", default="", help="more engine variants: shrink/expand/activation token tiles, "
                                                 "comma-separated (e.g. 64/32/32,64/64/64)")
     args = ap.parse_args()
@@ -40,9 +41,8 @@ def main() -> None:
     torch.manual_seed(0)
     bk.copy_bandwidth()                                    # clocks up
     pools = bk.Pools(16, num_slots=64)
-    lens = [256] * 7 + [1] * 50 if args.mixed else [256] * 8
-    meta = {"indptr": torch.tensor([0] + list(itertools.accumulate(lens)), dtype=torch.int32, device="cuda"),
-            "slots": torch.randperm(64)[: len(lens)].to(torch.int32).to("cuda")}
+    lens = [PROMPT_LEN] * PROMPTS + [1] * DECODES if args.mixed else [256] * 8
+    meta = meta_of(lens, torch.randperm(64)[: len(lens)].tolist())
     tokens = sum(lens)
     layer = bk.Layer(tokens, 16)
     base = bk.Base()

@@ -75,13 +75,7 @@ class LoRALinear(nn.Module):
         after) lost: 82 and 144 µs."""
         if lora.side_stream is None:
             return self.base_layer(x), self._shrink(x, lora)
-        main, side = torch.cuda.current_stream(x.device), lora.side_stream
-        side.wait_stream(main)                            # x is ready
-        with torch.cuda.stream(side):
-            y = self._shrink(x, lora)
-        out = self.base_layer(x)
-        main.wait_stream(side)
-        return out, y
+        return run_beside(lora.side_stream, lambda: self._shrink(x, lora), lambda: self.base_layer(x))
 
     def _shrink(self, x: torch.Tensor, lora: LoraBatchMeta) -> torch.Tensor:
         num_modules, max_rank = self.a_pool.shape[1], self.a_pool.shape[2]
@@ -97,3 +91,16 @@ class LoRALinear(nn.Module):
         self.ops.sgmv_expand(y, self.b_pool, self.out_offsets, lora.seg_indptr, lora.seg_slots,
                              lora.slot_ranks, lora.slot_scales, out, config=lora.sgmv_config)
         return out
+
+
+def run_beside(side: torch.cuda.Stream, side_fn, main_fn):
+    """side_fn() on stream `side` beside main_fn() on the current stream (both may read what the
+    current stream has written so far); the current stream then waits for both. -> (main_fn's result,
+    side_fn's result). In a CUDA graph capture the two become parallel branches."""
+    main = torch.cuda.current_stream(side.device)
+    side.wait_stream(main)                                # their inputs are ready
+    with torch.cuda.stream(side):
+        side_out = side_fn()
+    main_out = main_fn()
+    main.wait_stream(side)
+    return main_out, side_out
