@@ -37,7 +37,12 @@ def compile_one(kernel, ptrs, consts, num_warps=4, num_stages=3, **opts):
             sig[name] = ptrs[name]
         else:
             sig[name] = "i32"
-    src = ASTSource(fn=kernel, signature=sig, constexprs={(kernel.arg_names.index(k),): v for k, v in consts.items()})
+    # as the JIT specializes them at run time: pointers and ints (but T, G) divisible by 16 (the
+    # Llama shapes are), so loads vectorize as they do on the GPU
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(kernel.arg_names)
+             if name not in consts and name not in ("T", "G")}
+    src = ASTSource(fn=kernel, signature=sig, constexprs={(kernel.arg_names.index(k),): v for k, v in consts.items()},
+                    attrs=attrs)
     ck = triton.compile(src, target=TARGET, options={"num_warps": num_warps, "num_stages": num_stages, **opts})
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
         f.write(ck.asm["cubin"])
@@ -62,19 +67,22 @@ SM_PTRS = {"y_ptr": "*fp32", "b_ptr": "*bf16", "gu_ptr": "*bf16", "out_ptr": "*b
 def main() -> int:
     cases = []
     for rb in (16, 64):
-        for pdl in (False, True):
-            cases.append(("shrink decode R64 RB%d pdl%s" % (rb, pdl), _sgmv_shrink_kernel, SH_PTRS,
-                          dict(R=64, RB=rb, BLOCK_G=128, BLOCK_T=1, BLOCK_N=4, BLOCK_K=1024, SPLIT_K=1, USE_DOT=False,
-                               ATOMIC=False, CAN_SKIP=True, IEEE=False, PDL=pdl), {}, 4))
-            cases.append(("shrink dot R64 RB%d pdl%s" % (rb, pdl), _sgmv_shrink_kernel, SH_PTRS,
+        for pdl, early in ((False, False), (True, False), (True, True)):
+            for bk in (512, 1024):
+                cases.append((f"shrink decode R64 RB{rb} bk{bk} pdl{pdl} early{early}", _sgmv_shrink_kernel, SH_PTRS,
+                              dict(R=64, RB=rb, BLOCK_G=128, BLOCK_T=1, BLOCK_N=4, BLOCK_K=bk, SPLIT_K=1,
+                                   USE_DOT=False, ATOMIC=False, CAN_SKIP=True, IEEE=False, PDL=pdl, EARLY=early), {}, 4))
+            cases.append((f"shrink dot R64 RB{rb} pdl{pdl}", _sgmv_shrink_kernel, SH_PTRS,
                           dict(R=64, RB=rb, BLOCK_G=16, BLOCK_T=64, BLOCK_N=64, BLOCK_K=128, SPLIT_K=4, USE_DOT=True,
-                               ATOMIC=True, CAN_SKIP=rb >= 64, IEEE=False, PDL=pdl), {}, 4))
-    for pdl in (False, True):
+                               ATOMIC=True, CAN_SKIP=rb >= 64, IEEE=False, PDL=pdl, EARLY=False), {}, 4))
+    for pdl, early in ((False, False), (True, False), (True, True)):
         for bt, bn, br, nbp, nw, dot in ((1, 256, 16, 2, 8, False), (1, 1024, 8, 2, 4, False), (2, 512, 16, 1, 4, False),
                                          (64, 256, 16, 1, 4, True)):
-            cases.append((f"expand bt{bt} bn{bn} br{br} nbp{nbp} pdl{pdl}", _sgmv_expand_kernel, EX_PTRS,
-                          dict(R=64, BLOCK_G=128, BLOCK_T=bt, BLOCK_N=bn, BLOCK_R=br, NB_PER_PROG=nbp, USE_DOT=dot,
-                               IEEE=False, PDL=pdl), {}, nw))
+            if early and bt != 1:
+                continue
+            cases.append((f"expand bt{bt} bn{bn} br{br} nbp{nbp} pdl{pdl} early{early}", _sgmv_expand_kernel,
+                          EX_PTRS, dict(R=64, BLOCK_G=128, BLOCK_T=bt, BLOCK_N=bn, BLOCK_R=br, NB_PER_PROG=nbp,
+                                        USE_DOT=dot, IEEE=False, PDL=pdl, EARLY=early), {}, nw))
     for rb in (16, 32):
         for bt in (1, 2):
             blk = max(64, 8192 // (rb * bt))

@@ -45,6 +45,15 @@ def _pdl_on(wanted: bool, index: int | None) -> bool:
     return wanted and gdc_wait is not None and not interpreting() and torch.cuda.get_device_capability(index)[0] >= 9
 
 
+def early_weights() -> bool:
+    """Decode-tile SGMV programs read their first block of adapter weights before the PDL wait, on by
+    default (OPENLORA_SGMV_EARLY=0 turns it off). No kernel of a step writes the A/B pools (adapter
+    loads run on the copy stream, which the compute stream waits for by event), so those reads may
+    overlap the previous kernel's tail like the segment lookup does; what the previous kernel wrote
+    (x, y, out) is still read after the wait. Harmless without PDL (the wait is then a no-op)."""
+    return os.environ.get("OPENLORA_SGMV_EARLY", "1") != "0"
+
+
 def launch_options(device: torch.device, pdl: bool = True) -> dict:
     """Extra launch kwargs: launch_pdl when the launch asks for it and PDL is on (older triton has no
     such option). Launchers ask for it for decode tiles only (their config's "pdl" default). Long

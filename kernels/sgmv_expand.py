@@ -32,6 +32,7 @@ from kernels._common import (
     check_device,
     check_lora_meta,
     check_out_offsets,
+    early_weights,
     launch_options,
     module_of,
     module_table,
@@ -51,7 +52,7 @@ def _sgmv_expand_kernel(y_ptr, b_ptr, out_ptr, indptr_ptr, slots_ptr, ranks_ptr,
                         off1, off2, off3, off4, cb1, cb2, cb3,
                         R: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_R: tl.constexpr, NB_PER_PROG: tl.constexpr,
-                        USE_DOT: tl.constexpr, PDL: tl.constexpr, IEEE: tl.constexpr):
+                        USE_DOT: tl.constexpr, PDL: tl.constexpr, IEEE: tl.constexpr, EARLY: tl.constexpr):
     pdl_start(PDL)
     pid = tl.program_id(0)
     num_groups = tl.cdiv(NUM_NB, NB_PER_PROG)
@@ -59,8 +60,24 @@ def _sgmv_expand_kernel(y_ptr, b_ptr, out_ptr, indptr_ptr, slots_ptr, ranks_ptr,
     pid_tile = pid // num_groups
     tile_start, tile_end, slot, rank = segment_tile(pid_tile, indptr_ptr, slots_ptr, ranks_ptr, T, G,
                                                     BLOCK_G, BLOCK_T)
+    if EARLY:
+        # 1-token tiles: B does not depend on earlier kernels (no kernel of a step writes the
+        # pool), so the first column block's first BLOCK_R rows are read before the wait
+        offs_r = tl.arange(0, BLOCK_R)
+        live = (tile_end > tile_start) & (slot >= 0)
+        b_slot0 = b_ptr + tl.maximum(slot, 0).to(tl.int64) * R * N
+        nb0 = pid_grp * NB_PER_PROG
+        m0, lo0, hi0, cb0 = module_of(nb0, cb1, cb2, cb3, off1, off2, off3, off4)
+        offs_n0 = lo0 + (nb0 - cb0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        b_first = tl.load(b_slot0 + offs_r[:, None] * N + offs_n0[None, :],
+                          mask=(offs_r < tl.where(live, rank, 0))[:, None] & (offs_n0 < tl.where(nb0 < NUM_NB, hi0, 0))[None, :],
+                          other=0.0)
     pdl_wait(PDL)                                        # y and out come from earlier kernels
     if (tile_end <= tile_start) | (slot < 0):
+        return
+    if EARLY:
+        _expand_token(b_first, y_ptr, b_slot0, out_ptr, scales_ptr, slot, rank, tile_start, pid_grp, N, MR, NUM_NB,
+                      off1, off2, off3, off4, cb1, cb2, cb3, R, BLOCK_N, BLOCK_R, NB_PER_PROG)
         return
     scale = tl.load(scales_ptr + slot)
     offs_t = tile_start + tl.arange(0, BLOCK_T)
@@ -100,12 +117,54 @@ def _sgmv_expand_kernel(y_ptr, b_ptr, out_ptr, indptr_ptr, slots_ptr, ranks_ptr,
         tl.store(o_ptrs, (cur.to(tl.float32) + scale * acc).to(out_ptr.dtype.element_ty), mask=o_mask)
 
 
-def default_config(num_tokens: int, num_segs: int, n: int, max_rank: int, block_t: int | None = None) -> dict:
+@triton.jit
+def _expand_token(b_first, y_ptr, b_slot, out_ptr, scales_ptr, slot, rank, t, pid_grp, N, MR, NUM_NB,
+                  off1, off2, off3, off4, cb1, cb2, cb3,
+                  R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, NB_PER_PROG: tl.constexpr):
+    """The expand of one token (a 1-token tile): NB_PER_PROG column blocks, each read as [BLOCK_R,
+    BLOCK_N] row blocks summed over ranks in fp32; b_first is block 0's first BLOCK_R rows."""
+    scale = tl.load(scales_ptr + slot)
+    offs_r = tl.arange(0, BLOCK_R)
+    for j in tl.static_range(NB_PER_PROG):
+        nb = pid_grp * NB_PER_PROG + j
+        m, mod_lo, mod_hi, cb_lo = module_of(nb, cb1, cb2, cb3, off1, off2, off3, off4)
+        offs_n = mod_lo + (nb - cb_lo) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < tl.where(nb < NUM_NB, mod_hi, 0)        # blocks past the last: empty
+        o_ptrs = out_ptr + t.to(tl.int64) * N + offs_n
+        cur = tl.load(o_ptrs, mask=n_mask, other=0.0)
+        y_row = y_ptr + t.to(tl.int64) * MR + m * R
+        if j == 0:
+            bv = b_first
+        else:
+            bv = tl.load(b_slot + offs_r[:, None] * N + offs_n[None, :],
+                         mask=(offs_r < rank)[:, None] & n_mask[None, :], other=0.0)
+        yv = tl.load(y_row + offs_r, mask=offs_r < rank, other=0.0)
+        acc = tl.sum(yv[:, None].to(tl.float32) * bv.to(tl.float32), axis=0)
+        for r0 in range(BLOCK_R, rank, BLOCK_R):
+            rows = r0 + offs_r
+            bv = tl.load(b_slot + rows[:, None] * N + offs_n[None, :], mask=(rows < rank)[:, None] & n_mask[None, :],
+                         other=0.0)
+            yv = tl.load(y_row + rows, mask=rows < rank, other=0.0)
+            acc += tl.sum(yv[:, None].to(tl.float32) * bv.to(tl.float32), axis=0)
+        tl.store(o_ptrs, (cur.to(tl.float32) + scale * acc).to(out_ptr.dtype.element_ty), mask=n_mask)
+
+
+def default_config(num_tokens: int, num_segs: int, n: int, max_rank: int, block_t: int | None = None,
+                   early: bool = False) -> dict:
     """Block sizes from host-known shapes (tuned on an H200 with the rank-major B pool, see
-    bench/notes/kernels.md); block_t given: the other sizes for that token tile."""
+    bench/notes/kernels.md); block_t given: the other sizes for that token tile; early: for the
+    1-token path that reads its first B rows before the PDL wait (_expand_token)."""
     block_t = block_t or pick_block_t(num_tokens, num_segs)
     rank_p2 = next_pow2(max_rank)
     num_stages = 3
+    if early:
+        # a program sums [BLOCK_R, 512] row blocks over their rows: 2 warps hold a column's rows in
+        # one thread (8 columns a thread, 16-byte loads; more warps spread the rows over warps and
+        # the sum crosses them: 4x slower). 8-row steps, one block a program. H100 sweep at 64 x 64
+        # and 16 x 16, rank 16 (bench/early_weights.py --sweep): the layer's four expands 52.1 ->
+        # 40.3 µs and 24.1 -> 15.7 µs (the best config per op: 38.5 and 15.3)
+        return {"block_t": 1, "block_n": 512, "block_r": min(8, rank_p2), "nb_per_prog": 1, "num_warps": 2,
+                "num_stages": num_stages}
     if block_t >= 16:
         # BLOCK_R = 32 on the tl.dot path faulted ("misaligned address") with triton 3.6 on the
         # H200 (bf16/fp16 B, R = 32: tests/kernels/test_tiny_shapes_gpu.py). 16 also in rank-64
@@ -157,8 +216,12 @@ def _launch_config(num_tokens: int, num_segs: int, n: int, max_rank: int, b_dtyp
     rank_bound = config.pop("rank_bound", None) or max_rank
     if not 1 <= rank_bound <= max_rank:
         raise ValueError(f"rank_bound {rank_bound} must be in [1, R={max_rank}]")
-    cfg = {"nb_per_prog": 1, **default_config(num_tokens, num_segs, n, rank_bound, config.get("block_t")), **config}
-    cfg["block_g"], cfg["use_dot"] = block_g_for(num_segs, config.get("block_g")), cfg["block_t"] >= DOT_TILE
+    block_t = config.get("block_t") or pick_block_t(num_tokens, num_segs)
+    # 1-token tiles read their first B rows early (kernels/_common.early_weights), by default for
+    # steps of ranks <= 16 (where it was measured)
+    early = block_t == 1 and bool(config.get("early", early_weights() and rank_bound <= 16))
+    cfg = {"nb_per_prog": 1, **default_config(num_tokens, num_segs, n, rank_bound, block_t, early), **config}
+    cfg["block_g"], cfg["use_dot"], cfg["early"] = block_g_for(num_segs, config.get("block_g")), block_t >= DOT_TILE, early
     cfg.setdefault("pdl", not cfg["use_dot"])              # decode tiles (kernels/_common.launch_options)
     if cfg["use_dot"] and (cfg["block_n"] < 16 or cfg["block_r"] < 16):
         raise ValueError("tl.dot path (block_t >= 16) needs block_n, block_r >= 16")
@@ -209,6 +272,6 @@ def sgmv_expand(y: torch.Tensor, b_pool: torch.Tensor, out_offsets: tuple[int, .
         *offs, *cbs,
         R=max_rank, BLOCK_G=cfg["block_g"], BLOCK_T=block_t, BLOCK_N=block_n,
         BLOCK_R=block_r, NB_PER_PROG=nb_per_prog, USE_DOT=cfg["use_dot"], PDL="launch_pdl" in options,
-        IEEE=(b_pool.dtype == torch.float32), num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3),
+        IEEE=(b_pool.dtype == torch.float32), EARLY=cfg["early"], num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3),
         **options)
     return out

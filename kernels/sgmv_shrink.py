@@ -35,6 +35,7 @@ from kernels._common import (
     check_contiguous,
     check_device,
     check_lora_meta,
+    early_weights,
     launch_options,
     num_tiles_bound,
     pdl_start,
@@ -51,7 +52,7 @@ def _sgmv_shrink_kernel(x_ptr, a_ptr, y_ptr, indptr_ptr, slots_ptr, ranks_ptr,
                         T, G, H_in, NCOL, K_PER_SPLIT,
                         R: tl.constexpr, RB: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, USE_DOT: tl.constexpr, PDL: tl.constexpr,
-                        ATOMIC: tl.constexpr, CAN_SKIP: tl.constexpr, IEEE: tl.constexpr):
+                        ATOMIC: tl.constexpr, CAN_SKIP: tl.constexpr, IEEE: tl.constexpr, EARLY: tl.constexpr):
     pdl_start(PDL)
     pid = tl.program_id(0)
     num_nb = tl.cdiv(NCOL, BLOCK_N)
@@ -60,10 +61,6 @@ def _sgmv_shrink_kernel(x_ptr, a_ptr, y_ptr, indptr_ptr, slots_ptr, ranks_ptr,
     pid_tile = pid // (SPLIT_K * num_nb)
     tile_start, tile_end, slot, rank = segment_tile(pid_tile, indptr_ptr, slots_ptr, ranks_ptr, T, G,
                                                     BLOCK_G, BLOCK_T)
-    pdl_wait(PDL)                                        # x (and y's zeroing) come from earlier kernels
-    if tile_end <= tile_start:
-        return
-
     offs_t = tile_start + tl.arange(0, BLOCK_T)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)     # over M*RB: module offs_n // RB, row offs_n % RB
     t_mask = offs_t < tile_end
@@ -77,18 +74,26 @@ def _sgmv_shrink_kernel(x_ptr, a_ptr, y_ptr, indptr_ptr, slots_ptr, ranks_ptr,
         active = ((pid_n * BLOCK_N) % RB) < rank
     else:
         active = rank > 0
-    if not active:
-        if not ATOMIC:                                 # atomics: y was zeroed by the launcher
-            tl.store(y_ptrs, tl.zeros((BLOCK_T, BLOCK_N), y_ptr.dtype.element_ty),
-                     mask=t_mask[:, None] & n_mask[None, :])
-        return
-
     k_lo = pid_k * K_PER_SPLIT
     k_hi = tl.minimum(k_lo + K_PER_SPLIT, H_in)
     offs_k = tl.arange(0, BLOCK_K)
     x_ptrs = x_ptr + offs_t[:, None].to(tl.int64) * H_in + offs_k[None, :]
     a_base = a_ptr + slot.to(tl.int64) * MR * H_in
     a_ptrs = a_base + cols[:, None].to(tl.int64) * H_in + offs_k[None, :]
+    if EARLY:
+        # no kernel of a step writes the A pool: the first A block is read before the wait, beside
+        # the previous kernel's tail (empty tiles and base tokens have rank 0: nothing is read)
+        av_next = tl.load(a_ptrs + k_lo, mask=tl.where(active, col_on, False)[:, None] & ((k_lo + offs_k) < k_hi)[None, :],
+                          other=0.0)
+    pdl_wait(PDL)                                        # x (and y's zeroing) come from earlier kernels
+    if tile_end <= tile_start:
+        return
+    if not active:
+        if not ATOMIC:                                 # atomics: y was zeroed by the launcher
+            tl.store(y_ptrs, tl.zeros((BLOCK_T, BLOCK_N), y_ptr.dtype.element_ty),
+                     mask=t_mask[:, None] & n_mask[None, :])
+        return
+
     if USE_DOT:
         acc = tl.zeros((BLOCK_T, BLOCK_N), tl.float32)
         # Triton's software pipeliner overlaps these loads with the dots (num_stages)
@@ -107,7 +112,8 @@ def _sgmv_shrink_kernel(x_ptr, a_ptr, y_ptr, indptr_ptr, slots_ptr, ranks_ptr,
         acc3 = tl.zeros((BLOCK_T, BLOCK_N, BLOCK_K), tl.float32)
         k_mask = (k_lo + offs_k) < k_hi
         xv_next = tl.load(x_ptrs + k_lo, mask=t_mask[:, None] & k_mask[None, :], other=0.0)
-        av_next = tl.load(a_ptrs + k_lo, mask=col_on[:, None] & k_mask[None, :], other=0.0)
+        if not EARLY:
+            av_next = tl.load(a_ptrs + k_lo, mask=col_on[:, None] & k_mask[None, :], other=0.0)
         for k0 in range(k_lo, k_hi, BLOCK_K):
             xv = xv_next
             av = av_next
@@ -174,6 +180,7 @@ def _launch_config(num_tokens: int, num_segs: int, num_mods: int, max_rank: int,
     cfg["rank_bound"], cfg["block_g"] = rank_bound, block_g_for(num_segs, config.get("block_g"))
     cfg["use_dot"], cfg["atomic"] = cfg["block_t"] >= DOT_TILE, cfg["split_k"] > 1
     cfg.setdefault("pdl", not cfg["use_dot"])              # decode tiles (kernels/_common.launch_options)
+    cfg["early"] = not cfg["use_dot"] and cfg.get("early", early_weights())
     cfg["can_skip"] = cfg["block_n"] <= rank_bound and rank_bound % cfg["block_n"] == 0
     if cfg["use_dot"] and (cfg["block_n"] < 16 or cfg["block_k"] < 16):
         raise ValueError("tl.dot path (block_t >= 16) needs block_n, block_k >= 16")
@@ -225,6 +232,6 @@ def sgmv_shrink(x: torch.Tensor, a_pool: torch.Tensor, seg_indptr: torch.Tensor,
         num_tokens, num_segs, h_in, ncol, k_per_split,
         R=max_rank, RB=rank_bound, BLOCK_G=cfg["block_g"], BLOCK_T=block_t, BLOCK_N=block_n,
         BLOCK_K=block_k, SPLIT_K=split_k, USE_DOT=cfg["use_dot"], ATOMIC=cfg["atomic"], CAN_SKIP=cfg["can_skip"],
-        IEEE=(x.dtype == torch.float32), PDL="launch_pdl" in options, num_warps=cfg["num_warps"],
+        IEEE=(x.dtype == torch.float32), PDL="launch_pdl" in options, EARLY=cfg["early"], num_warps=cfg["num_warps"],
         num_stages=cfg.get("num_stages", 3), **options)
     return out

@@ -94,6 +94,18 @@ def test_sgmv_forced_paths(name, path):
               shrink_cfg=scfg, expand_cfg=ecfg)
 
 
+@pytest.mark.parametrize("name", ["decode_every_token_own_adapter", "empty_and_base_segments", "ranks_1_to_128",
+                                  "all_base"])
+@pytest.mark.parametrize("nbp,early", [(1, True), (3, True), (2, False)])
+def test_sgmv_one_token_tiles(name, nbp, early):
+    """1-token tiles, with their first weights read before the PDL wait (config "early", the default)
+    and without: column blocks past the last, ranks past one row block, base and empty segments."""
+    scfg = {"block_t": 1, "block_n": 8, "block_k": 16, "split_k": 2, "early": early}
+    ecfg = {"block_t": 1, "block_n": 8, "block_r": 4, "nb_per_prog": nbp, "early": early}
+    _run_case(name, random.randrange(1 << 30), num_mods=2, widths=[19, 30], h_in=53, dtype=torch.float32,
+              y_dtype=torch.float32, shrink_cfg=scfg, expand_cfg=ecfg)
+
+
 def test_sgmv_y_in_x_dtype_no_split():
     _run_case("mixed_short", random.randrange(1 << 30), num_mods=1, widths=[23], h_in=29,
               dtype=torch.float32, y_dtype=torch.float32, shrink_cfg={"split_k": 1})
@@ -337,10 +349,14 @@ def test_rank_bound_skips_padding_rows(block_t, split_k):
 
 def test_expand_picks_blocks_by_rank_bound():
     """Decode tiles of a step with ranks above 16 take narrow column blocks and 8-row steps (H200
-    sweep, mixed ranks 8..64); at rank 16 the wide blocks stay. Both give the reference's result."""
+    sweep, mixed ranks 8..64) and read no weights early; at rank 16 the early path's 512-column
+    blocks in 2 warps, or without it the wide blocks. All give the reference's result."""
     from kernels.sgmv_expand import launch_config
-    wide = launch_config(64, 46, 28672, 64, torch.bfloat16, {"block_t": 1, "rank_bound": 16})
+    early = launch_config(64, 46, 28672, 64, torch.bfloat16, {"block_t": 1, "rank_bound": 16})
+    wide = launch_config(64, 46, 28672, 64, torch.bfloat16, {"block_t": 1, "rank_bound": 16, "early": False})
     narrow = launch_config(64, 46, 28672, 64, torch.bfloat16, {"block_t": 1, "rank_bound": 64})
+    assert (early["early"], early["block_n"], early["block_r"], early["num_warps"]) == (True, 512, 8, 2)
+    assert (wide["early"], narrow["early"]) == (False, False)
     assert (wide["block_n"], narrow["block_n"], narrow["block_r"]) == (1024, 256, 8)
     assert launch_config(64, 46, 28672, 64, torch.bfloat16)["block_n"] == 256     # no bound: the pool's R
     seed = random.randrange(1 << 30)

@@ -1,0 +1,94 @@
+"""Decode SGMV with the adapter weights read before the PDL wait (config "early") against without, on
+the H200 (issue 7): one Llama-3-8B layer's LoRA (8 launches), each group's shrink + expand pair, and
+each expand alone (back to back over 4 adapter sets), rank-16 adapters. Every graph of a case is
+replayed interleaved with the others (bench.kernels.replay_us), so drift hits all variants alike; the
+expand's early path is first checked against the reference. Prints one line per case, writes JSON.
+
+Usage: python bench/early_weights.py --out bench/results/early-weights-h200.json      (CUDA only)
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import bench.kernels as bk  # noqa: E402
+from kernels.reference import sgmv_expand_ref  # noqa: E402
+from kernels.sgmv_expand import sgmv_expand  # noqa: E402
+
+# name -> (shrink's "early", expand's "early")
+VARIANTS = {"off": (False, False), "shrink": (True, False), "both": (True, True), "expand": (False, True)}
+CASES = ((64, 64), (16, 16), (1, 1), (256, 256))
+REPS = 200
+# the early expand sums a [BLOCK_R, BLOCK_N] block over its rows: one warp per 256 columns keeps a
+# column's rows in one thread (8 columns a thread, 16-byte loads); more warps spread rows over warps
+EXPAND_SWEEP = [{"block_t": 1, "block_n": bn, "block_r": br, "nb_per_prog": nbp, "num_warps": max(1, bn // 256) * wm,
+                 "early": True} for bn in (256, 512, 1024) for br in (8, 16) for nbp in (1, 2) for wm in (1, 2)]
+
+
+def check(pools: bk.Pools, layer: bk.Layer, meta: dict, early) -> float:
+    """Worst relative error of the early expand's added part against the reference, over the groups."""
+    worst = 0.0
+    for g, (_, widths) in bk.GROUPS.items():
+        y = torch.randn_like(layer.y[g])
+        args = (bk.offsets_of(widths), meta["indptr"], meta["slots"], pools.ranks, pools.scales)
+        got = sgmv_expand(y, pools.b[g], *args, layer.out[g].clone(), config={"early": early})
+        want = sgmv_expand_ref(y, pools.b[g], *args, layer.out[g].float())
+        worst = max(worst, ((got.float() - want).abs().max() / (want - layer.out[g].float()).abs().max()).item())
+    return worst
+
+
+def case(pools: bk.Pools, tokens: int, adapters: int, variants: dict) -> dict:
+    sets = bk.make_sets(tokens, adapters, bk.K_STEPS)
+    layer = bk.Layer(tokens, pools.rank)
+    graphs = {}
+    for name, (se, ee) in variants.items():
+        sc, ec = {g: {"early": se} for g in bk.GROUPS}, {g: {"early": ee} for g in bk.GROUPS}
+        graphs[f"layer.{name}"] = bk.capture_graph(
+            lambda sc=sc, ec=ec: [bk.ours_step(pools, layer, m, sc, ec) for m in sets])
+        for g in ("qkv", "gate_up"):
+            graphs[f"pair.{g}.{name}"] = bk.capture_graph(
+                lambda sc=sc, ec=ec, g=g: [bk.ours_step(pools, layer, m, sc, ec, groups=(g,)) for m in sets])
+            expand = bk._one_op("expand", g, bk.GROUPS[g][1], layer, pools, {"early": ee})
+            graphs[f"alone.{g}.{name}"] = bk.capture_graph(lambda fn=expand: [fn(m) for m in sets])
+    names = list(graphs)
+    times = bk.replay_us([graphs[n] for n in names], REPS)
+    return {n: round(statistics.median(t[i] for t in times) / bk.K_STEPS, 2) for i, n in enumerate(names)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="")
+    ap.add_argument("--sweep", action="store_true", help="the early expand's block sizes, each expand alone")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    pools = bk.Pools(16)
+    report = {"device": torch.cuda.get_device_name(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
+              "command": "python " + " ".join(sys.argv), "variants": VARIANTS, "cases": {}}
+    for tokens, adapters in CASES:
+        meta = bk.make_sets(tokens, adapters, 1)[0]
+        errs = {ee: check(pools, bk.Layer(tokens, pools.rank), meta, ee) for ee in {e for _, e in VARIANTS.values()}}
+        row = case(pools, tokens, adapters, VARIANTS)
+        report["cases"][f"{tokens}x{adapters}"] = {"us": row, "expand_rel_err": errs}
+        print(f"{tokens} x {adapters}: expand rel err {errs}", flush=True)
+        for n, us in row.items():
+            print(f"  {n:24s} {us:8.2f} us", flush=True)
+        assert max(errs.values()) < 3e-2, errs
+    if args.sweep:
+        log = []
+        report["sweep"] = {f"{t}x{a}": bk.sweep_case(pools, t, a, [], EXPAND_SWEEP, log) for t, a in ((64, 64), (16, 16))}
+        report["log"] = log
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
