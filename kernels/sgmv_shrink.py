@@ -138,7 +138,7 @@ def default_config(num_tokens: int, num_segs: int, ncol: int, max_rank: int, h_i
         # long segments: x tiles of up to 64 tokens. Split H_in 4 ways at 4096, 8 at 14336
         # when there are many tiles (prefill), 16 ways when few (a 64-token decode batch of
         # one adapter would otherwise run on a handful of programs)
-        block_n = min(64, max(16, next_pow2(ncol)))
+        block_n, num_warps = min(64, max(16, next_pow2(ncol))), 4
         block_k = 128
         real_tiles = cdiv(num_tokens, block_t) * cdiv(ncol, block_n)
         split_k = max(1, min(8, h_in // 1024)) if real_tiles >= 32 else max(1, min(16, h_in // 256))
@@ -147,14 +147,21 @@ def default_config(num_tokens: int, num_segs: int, ncol: int, max_rank: int, h_i
         # split only a long H_in (down proj) in two
         block_n = 4
         split_k = cdiv(h_in, 8192)
+        blocks = cdiv(num_tokens, block_t) * cdiv(ncol, block_n)
+        if block_t == 1 and 256 <= blocks < 600:
+            split_k = 1           # enough programs without splitting (H100 sweep: down at 64 x 64)
         # K blocks of 4096 A elements (8 KB bf16); 2048 when programs are many (fewer
         # registers, more resident programs: H200 sweep, qkv at 64 tokens x 64 adapters)
-        progs = cdiv(num_tokens, block_t) * cdiv(ncol, block_n) * split_k
+        progs = blocks * split_k
         block_k = (4096 if progs < 600 or block_t > 1 else 2048) // (block_n * block_t)
+        # a long H_in (down) in 1-token tiles of few programs: 8 warps. H100 sweep with the early
+        # weights (bench/results/early-weights-shrink-sweep-h100.json): down at 64 x 64 16.1 ->
+        # 14.6 µs, at 16 x 16 8.5 -> 7.4 µs
+        num_warps = 8 if block_t == 1 and h_in > 8192 and progs < 600 else 4
     if not atomic_ok:
         split_k = 1
     return {"block_t": block_t, "block_n": block_n, "block_k": block_k, "split_k": split_k,
-                "num_warps": 4}
+                "num_warps": num_warps}
 
 
 def launch_config(num_tokens: int, num_segs: int, num_mods: int, max_rank: int, h_in: int, out_fp32: bool,
