@@ -32,6 +32,9 @@ REPS = 200
 EXPAND_SWEEP = [{"block_t": 1, "block_n": bn, "block_r": br, "nb_per_prog": nbp, "num_warps": max(1, bn // 256) * wm,
                  "early": True} for bn in (256, 512, 1024) for br in (8, 16) for nbp in (1, 2) for wm in (1, 2)]
 
+SHRINK_SWEEP = [{"block_t": 1, "block_n": bn, "block_k": bk_, "split_k": sk, "num_warps": nw, "early": True}
+                for bn in (4, 8) for bk_ in (512, 1024) for sk in (1, 2) for nw in (2, 4, 8)]
+
 
 def check(pools: bk.Pools, layer: bk.Layer, meta: dict, early) -> float:
     """Worst relative error of the early expand's added part against the reference, over the groups."""
@@ -67,7 +70,10 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="")
     ap.add_argument("--sweep", action="store_true", help="the early expand's block sizes, each expand alone")
+    ap.add_argument("--sweep-shrink", action="store_true", help="the early shrink's block sizes, each shrink alone")
     args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench/early_weights.py needs CUDA (one Hopper-class GPU)")
     torch.manual_seed(0)
     pools = bk.Pools(16)
     report = {"device": torch.cuda.get_device_name(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -85,6 +91,11 @@ def main() -> None:
         log = []
         report["sweep"] = {f"{t}x{a}": bk.sweep_case(pools, t, a, [], EXPAND_SWEEP, log) for t, a in ((64, 64), (16, 16))}
         report["log"] = log
+    if args.sweep_shrink:
+        log = []
+        report["sweep_shrink"] = {f"{t}x{a}": bk.sweep_case(pools, t, a, SHRINK_SWEEP, [], log)
+                                  for t, a in ((64, 64), (16, 16))}
+        report["log_shrink"] = log
     if args.out:
         with open(args.out, "w") as f:
             json.dump(report, f, indent=1)

@@ -14,7 +14,9 @@ for rank 64 made a rank-16 adapter read 32 of every 128 bytes). The rank loop st
 the slot's rank (no work for padding; rows past it are never loaded, so they may hold
 anything). BLOCK_T >= 16 uses tl.dot ([BLOCK_T, BLOCK_R] x [BLOCK_R, BLOCK_N], y cast to
 B's dtype); smaller tiles (decode) accumulate BLOCK_R unrolled row loads per step in fp32,
-each row scaled by its y value. Accumulation is fp32; out is read, added to and rounded once.
+each row scaled by its y value; 1-token tiles of steps of rank <= 16 (config "early") read their first
+[BLOCK_R, BLOCK_N] block of B before the PDL wait and sum row blocks in one thread a column (_expand_token).
+Accumulation is fp32; out is read, added to and rounded once.
 """
 from __future__ import annotations
 
@@ -161,8 +163,8 @@ def default_config(num_tokens: int, num_segs: int, n: int, max_rank: int, block_
         # a program sums [BLOCK_R, 512] row blocks over their rows: 2 warps hold a column's rows in
         # one thread (8 columns a thread, 16-byte loads; more warps spread the rows over warps and
         # the sum crosses them: 4x slower). 8-row steps, one block a program. H100 sweep at 64 x 64
-        # and 16 x 16, rank 16 (bench/early_weights.py --sweep): the layer's four expands 52.1 ->
-        # 40.3 µs and 24.1 -> 15.7 µs (the best config per op: 38.5 and 15.3)
+        # and 16 x 16, rank 16 (bench/early_weights.py --sweep): the four expands (each alone, summed)
+        # 52.1 -> 40.3 µs and 24.1 -> 15.7 µs (the best config per op: 38.5 and 15.3)
         return {"block_t": 1, "block_n": 512, "block_r": min(8, rank_p2), "nb_per_prog": 1, "num_warps": 2,
                 "num_stages": num_stages}
     if block_t >= 16:

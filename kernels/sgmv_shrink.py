@@ -17,6 +17,8 @@ once for all BLOCK_T tokens of its tile:
   * column blocks past the slot's rank (padding) are skipped (or only zeroed);
   * BLOCK_T >= 16 uses tl.dot (prefill, long segments), BLOCK_T < 16 a multiply-reduce
     (decode, 1..8 tokens per segment);
+  * decode tiles (config "early") read their first A block before the PDL wait: no kernel of a
+    step writes the A pool;
   * SPLIT_K > 1 splits H_in over programs and adds partial sums with fp32 atomics into a
     pre-zeroed y (y must be float32): enough programs when T is small, or for prefill.
 """

@@ -35,7 +35,8 @@ def test_paired_costs_cancel_a_drift():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only refusal")
-def test_needs_cuda():
-    proc = subprocess.run([sys.executable, "bench/prefill_layer.py", "--reps", "1"], capture_output=True, text=True,
-                          timeout=120)
+@pytest.mark.parametrize("cmd", [["bench/prefill_layer.py", "--reps", "1"], ["bench/early_weights.py"]])
+def test_needs_cuda(cmd):
+    """The GPU benches (also bench/early_weights.py) say so on a machine without CUDA."""
+    proc = subprocess.run([sys.executable, *cmd], capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "needs CUDA" in proc.stderr
