@@ -1,10 +1,11 @@
 """Decode SGMV with the adapter weights read before the PDL wait (config "early") against without, on
-the H200 (issue 7): one Llama-3-8B layer's LoRA (8 launches), each group's shrink + expand pair, and
+a Hopper GPU (issue 7): one Llama-3-8B layer's LoRA (8 launches), each group's shrink + expand pair, and
 each expand alone (back to back over 4 adapter sets), rank-16 adapters. Every graph of a case is
 replayed interleaved with the others (bench.kernels.replay_us), so drift hits all variants alike; the
 expand's early path is first checked against the reference. Prints one line per case, writes JSON.
 
-Usage: python bench/early_weights.py --out bench/results/early-weights-h200.json      (CUDA only)
+Usage: python bench/early_weights.py [--sweep] [--sweep-shrink] --out bench/results/early-weights-h100.json
+(CUDA only; results: bench/results/early-weights-h100.md)
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ SHRINK_SWEEP = [{"block_t": 1, "block_n": bn, "block_k": bk_, "split_k": sk, "nu
                 for bn in (4, 8) for bk_ in (512, 1024) for sk in (1, 2) for nw in (2, 4, 8)]
 
 
-def check(pools: bk.Pools, layer: bk.Layer, meta: dict, early) -> float:
+def check(pools: bk.Pools, layer: bk.Layer, meta: dict, early: bool) -> float:
     """Worst relative error of the early expand's added part against the reference, over the groups."""
     worst = 0.0
     for g, (_, widths) in bk.GROUPS.items():
