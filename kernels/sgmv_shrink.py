@@ -132,9 +132,10 @@ def _sgmv_shrink_kernel(x_ptr, a_ptr, y_ptr, indptr_ptr, slots_ptr, ranks_ptr,
 
 
 def default_config(num_tokens: int, num_segs: int, ncol: int, max_rank: int, h_in: int,
-                   atomic_ok: bool, block_t: int | None = None) -> dict:
+                   atomic_ok: bool, block_t: int | None = None, halve: bool = True) -> dict:
     """Block sizes from host-known shapes (tuned on an H200, see bench/notes/kernels.md);
-    block_t given: the other sizes for that token tile."""
+    block_t given: the other sizes for that token tile; halve False: 4 rows a decode program
+    whatever the program count (the rule before the H200 sweep of session 12, for benchmarks)."""
     block_t = block_t or pick_block_t(num_tokens, num_segs)
     if block_t >= 16:
         # long segments: x tiles of up to 64 tokens. Split H_in 4 ways at 4096, 8 at 14336
@@ -152,6 +153,12 @@ def default_config(num_tokens: int, num_segs: int, ncol: int, max_rank: int, h_i
         blocks = cdiv(num_tokens, block_t) * cdiv(ncol, block_n)
         if block_t == 1 and 256 <= blocks < 600:
             split_k = 1           # enough programs without splitting (H100 sweep: down at 64 x 64)
+        halved = halve and block_t == 1 and blocks < 300
+        if halved:
+            # about two programs an SM or fewer: 2 rows a program, twice the programs in flight
+            # (H200 sweep, bench/results/shrink-sweep-h200.md: o at 64 x 64 4.80 -> 4.41 µs,
+            # down 12.20 -> 10.76)
+            block_n, blocks = 2, blocks * 2
         # K blocks of 4096 A elements (8 KB bf16); 2048 when programs are many (fewer
         # registers, more resident programs: H200 sweep, qkv at 64 tokens x 64 adapters)
         progs = blocks * split_k
@@ -159,7 +166,7 @@ def default_config(num_tokens: int, num_segs: int, ncol: int, max_rank: int, h_i
         # a long H_in (down) in 1-token tiles of few programs: 8 warps. H100 sweep with the early
         # weights (bench/results/early-weights-shrink-sweep-h100.json): down at 64 x 64 16.1 ->
         # 14.6 µs, at 16 x 16 8.5 -> 7.4 µs
-        num_warps = 8 if block_t == 1 and h_in > 8192 and progs < 600 else 4
+        num_warps = 8 if block_t == 1 and h_in > 8192 and progs < 600 and not halved else 4
     if not atomic_ok:
         split_k = 1
     return {"block_t": block_t, "block_n": block_n, "block_k": block_k, "split_k": split_k,
@@ -170,7 +177,8 @@ def launch_config(num_tokens: int, num_segs: int, num_mods: int, max_rank: int, 
                   config: dict | None = None) -> Mapping:
     """Every compile-time choice of a launch, from host ints only: two launches with equal
     dicts (and dtypes) run one compiled variant (inference_worker/lora/warmup.py compiles them
-    ahead). `config` overrides block sizes and may give "rank_bound" and "block_g".
+    ahead). `config` overrides block sizes and may give "rank_bound", "block_g" and "halve"
+    (default_config).
     Cached (every layer of a step asks the same): the result is read-only."""
     return _launch_config(num_tokens, num_segs, num_mods, max_rank, h_in, out_fp32,
                           tuple(sorted((config or {}).items())))
@@ -184,7 +192,7 @@ def _launch_config(num_tokens: int, num_segs: int, num_mods: int, max_rank: int,
     if not 1 <= rank_bound <= max_rank:
         raise ValueError(f"rank_bound {rank_bound} must be in [1, R={max_rank}]")
     cfg = default_config(num_tokens, num_segs, num_mods * rank_bound, rank_bound, h_in, out_fp32,
-                         config.get("block_t"))
+                         config.get("block_t"), config.get("halve", True))
     cfg.update(config)
     cfg["rank_bound"], cfg["block_g"] = rank_bound, block_g_for(num_segs, config.get("block_g"))
     cfg["use_dot"], cfg["atomic"] = cfg["block_t"] >= DOT_TILE, cfg["split_k"] > 1
