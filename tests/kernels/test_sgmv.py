@@ -372,6 +372,33 @@ def test_expand_picks_blocks_by_rank_bound():
     assert rel_err(out, want) < 1e-4, f"seed {seed}"
 
 
+def test_shrink_halves_rows_when_programs_are_few():
+    """1-token tiles of fewer than 300 4-row blocks take 2 rows a program and 4 warps (H200 sweep:
+    o and down at 64 x 64); many blocks (qkv at 64 tokens) keep 4 rows; "halve": False restores the
+    4-row rule. The 2-row programs give the reference's result, odd rank bound and rank 0 included."""
+    from kernels.sgmv_shrink import launch_config
+
+    def sizes(num_mods, h_in, **cfg):
+        c = launch_config(64, 64, num_mods, 16, h_in, True, {"block_t": 1, **cfg})
+        return c["block_n"], c["block_k"], c["split_k"], c["num_warps"]
+    assert sizes(1, 4096) == (2, 2048, 1, 4)                       # o
+    assert sizes(1, 14336) == (2, 2048, 1, 4)                      # down
+    assert sizes(1, 14336, halve=False) == (4, 1024, 1, 8)
+    assert sizes(3, 4096) == sizes(3, 4096, halve=False) == (4, 512, 1, 4)     # qkv: 768 blocks
+    seed = random.randrange(1 << 30)
+    gen = torch.Generator().manual_seed(seed)
+    ranks, RB = [5, 0, 3, 1], 5
+    indptr, slots, num_tokens = make_meta([1, 1, 1, 1, 1], [0, 1, 2, 3, 0], DEV)
+    a, _, slot_ranks, _ = make_pools(4, 2, 8, 72, 8, ranks, torch.float32, DEV, gen)
+    x = torch.randn(num_tokens, 72, generator=gen).to(DEV)
+    y = torch.full((num_tokens, 2, 8), float("nan"), device=DEV)
+    cfg = launch_config(num_tokens, 5, 2, 8, 72, True, {"rank_bound": RB})
+    assert (cfg["block_t"], cfg["block_n"], cfg["can_skip"]) == (1, 2, False)
+    sgmv_shrink(x, a, indptr, slots, slot_ranks, y, config={"rank_bound": RB})
+    y_ref = sgmv_shrink_ref(x, a, indptr, slots, slot_ranks, torch.empty_like(y))
+    assert rel_err(y[:, :, :RB], y_ref[:, :, :RB]) < 1e-4, f"seed {seed}"
+
+
 def test_pdl_switch_and_never_on_cpu(monkeypatch):
     """PDL: on by default on Hopper for decode tiles (never for long ones), off with OPENLORA_SGMV_PDL=0,
     never without CUDA."""
