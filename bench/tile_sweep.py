@@ -1,0 +1,119 @@
+"""Token-tile sweep of the decode SGMV on a Hopper GPU (issue 7): for decode steps whose segments hold
+several tokens (64 tokens over 1 or 8 adapters, 256 over 1, 16 or 64, ...), each group's shrink and
+expand alone over token tiles 1..64 and a few block sizes per tile, rank-16 adapters. The default
+tile rule (kernels/tiles.pick_block_t) was tuned once on early code (2-token tiles for 1.5..12 tokens
+a segment); this says per case and op which tile wins now. Every config's output is checked against
+the default's first (a config that disagrees is reported and left out).
+
+All launches use one segment-table width (block_g 128, as the engine's decode graphs of bucket 64 do)
+so that one compiled variant serves every case. Prints per case and op the best time per tile; JSON
+holds every config's time.
+
+Usage: python bench/tile_sweep.py [--cases 64x8,256x64] --out bench/results/tile-sweep-h200.json (CUDA only)
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import bench.kernels as bk  # noqa: E402
+
+CASES = ((64, 8), (256, 64), (256, 16), (64, 1), (256, 1), (16, 1), (64, 16))
+BLOCK_G = 128
+SHRINK = ([{"block_t": bt, "block_n": bn, "block_k": 4096 // (bn * bt), "split_k": sk, "num_warps": 4}
+           for bt in (1, 2, 4, 8) for bn in (2, 4, 8) for sk in (1, 2)]
+          + [{"block_t": bt, "block_n": bn, "block_k": 128, "split_k": sk, "num_warps": 4}
+             for bt in (16, 64) for bn in (32, 64) for sk in (1, 4, 16)])
+EXPAND = ([{"block_t": bt, "block_n": bn, "block_r": br, "num_warps": 4}
+           for bt in (2, 4, 8) for bn in (256, 512, 1024) for br in (8, 16)]
+          + [{"block_t": bt, "block_n": 256, "block_r": 16, "num_warps": 8} for bt in (2, 4, 8)]
+          + [{"block_t": bt, "block_n": bn, "block_r": 16, "num_warps": nw, "num_stages": 2}
+             for bt in (16, 64) for bn in (128, 256) for nw in (4, 8)])
+
+
+def time_configs(op: str, g: str, layer: bk.Layer, pools: bk.Pools, sets: list, cfgs: list, log: list) -> list:
+    """[(µs per step, cfg)] for the default (cfg None) and each config; a config whose result differs
+    from the default's by more than bf16 rounding is logged and timed as inf."""
+    widths = bk.GROUPS[g][1]
+    first, results = None, []
+    for cfg in [None] + cfgs:
+        try:
+            fn = bk._one_op(op, g, widths, layer, pools, {"block_g": BLOCK_G, **(cfg or {})})
+            res = one_result(op, g, layer, fn, sets[0])
+            if first is None:
+                first = res
+            else:
+                err = ((res - first).abs().max() / first.abs().max().clamp_min(1e-6)).item()
+                if err > 3e-2:
+                    raise AssertionError(f"rel err {err:.3e} against the default")
+            us = bk.median_graph_us(lambda fn=fn: [fn(m) for m in sets], steps=bk.K_STEPS, reps=20)
+        except Exception as exc:  # noqa: BLE001 - a bad config is a data point
+            us = float("inf")
+            log.append(f"{op} {g} {cfg}: {exc!r}"[:300])
+        results.append((round(us, 2), cfg))
+    return results
+
+
+def one_result(op: str, g: str, layer: bk.Layer, fn, meta: dict) -> torch.Tensor:
+    """What one launch computes: the shrink's y, or the expand's addition to out."""
+    if op == "shrink":
+        fn(meta)
+        return layer.y[g].float().clone()
+    layer.y[g].copy_(layer.y_ref[g])
+    layer.out[g].copy_(layer.out_ref[g])          # timing replays keep adding to out: start afresh
+    fn(meta)
+    return layer.out[g].float() - layer.out_ref[g].float()
+
+
+def case(pools: bk.Pools, tokens: int, adapters: int, log: list) -> dict:
+    sets = bk.make_sets(tokens, adapters, bk.K_STEPS)
+    layer = bk.Layer(tokens, pools.rank)
+    layer.y_ref = {g: torch.randn_like(y) for g, y in layer.y.items()}      # the expands' input
+    layer.out_ref = {g: out.clone() for g, out in layer.out.items()}
+    row = {}
+    for g in bk.GROUPS:
+        for op, cfgs in (("shrink", SHRINK), ("expand", EXPAND)):
+            results = time_configs(op, g, layer, pools, sets, cfgs, log)
+            per_tile = {}
+            for us, cfg in results[1:]:
+                bt = cfg["block_t"]
+                if us < per_tile.get(bt, (float("inf"),))[0]:
+                    per_tile[bt] = (us, cfg)
+            row[f"{g}.{op}"] = {"default_us": results[0][0], "per_tile": {str(k): v for k, v in per_tile.items()},
+                                "all": results}
+            tiles = "  ".join(f"t{bt} {us:6.2f}" for bt, (us, _) in sorted(per_tile.items()))
+            print(f"{tokens}x{adapters} {g:8s} {op:6s} default {results[0][0]:6.2f} | {tiles}", flush=True)
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--cases", default=",".join(f"{t}x{a}" for t, a in CASES))
+    ap.add_argument("--out", default="")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench/tile_sweep.py needs CUDA (one Hopper-class GPU)")
+    torch.manual_seed(0)
+    pools = bk.Pools(16)
+    log: list = []
+    report = {"device": torch.cuda.get_device_name(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
+              "command": "python " + " ".join(sys.argv), "block_g": BLOCK_G, "cases": {}, "log": log}
+    for c in args.cases.split(","):
+        tokens, adapters = (int(n) for n in c.split("x"))
+        report["cases"][c] = case(pools, tokens, adapters, log)
+        if args.out:                             # after each case: a run cut short keeps what it measured
+            with open(args.out, "w") as f:
+                json.dump(report, f, indent=1)
+    for line in log:
+        print("log:", line)
+
+
+if __name__ == "__main__":
+    main()
