@@ -447,7 +447,7 @@ def main():
     except Exception:  # noqa: BLE001
         commit = None
     res = {"device": torch.cuda.get_device_name(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
-               "torch": torch.__version__, "triton": triton.__version__, "commit": commit, "lora": [], "attention": [], "sweeps": {}}
+               "command": "python3 " + " ".join(sys.argv), "torch": torch.__version__, "triton": triton.__version__, "commit": commit, "lora": [], "attention": [], "sweeps": {}}
     bw = copy_bandwidth()
     node_us = empty_node_us()
     res["copy_bw_TBps"], res["graph_node_us"] = bw / 1e12, node_us
@@ -553,15 +553,17 @@ def write_markdown(res, path):
     lines = [f"# Kernel benchmark: {res['device']}", "",
              (f"{res['date']}, torch {res['torch']}, triton {res['triton']}, commit {res['commit']}; "
              f"copy bandwidth {res['copy_bw_TBps']:.2f} TB/s (read+write), one graph kernel node "
-             f"{res['graph_node_us']:.2f} µs. Command: `python3 bench/kernels.py`. Floor = (distinct A/B "
-             f"bytes + activations) / bandwidth."), "",
+             f"{res['graph_node_us']:.2f} µs. Command: `{res.get('command', 'python3 bench/kernels.py')}`. "
+             "Floor = (distinct A/B bytes + activations) / bandwidth; floor + launches adds one graph kernel "
+             "node per launch (8, or 9 with the memset of a split shrink), the cost of the launches alone."), "",
              "LoRA of one Llama-3-8B layer (7 projections, 8 SGMV launches), CUDA graph, µs per layer step:", "",
-             ("| tokens | adapters | rank | ours | floor | ours/floor | floor @4.25 TB/s | ours/that | (a) loop | "
-             "(b) bmm | base matmuls | ours/base |"),
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             ("| tokens | adapters | rank | ours | floor | ours/floor | floor @4.25 TB/s | ours/that | floor + launches "
+             "| ours/that | (a) loop | (b) bmm | base matmuls | ours/base |"),
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in res["lora"]:
         lines.append(f"| {r['tokens']} | {r['adapters']} | {r['rank']} | {r['ours_us']:.1f} | {r['floor_us']:.1f} | "
                      f"{r['x_floor']:.2f} | {r['floor_4p25_us']:.1f} | {r['ours_us'] / r['floor_4p25_us']:.2f} | "
+                     f"{r['launch_floor_us']:.1f} | {r['ours_us'] / r['launch_floor_us']:.2f} | "
                      f"{fmt(r.get('loop_us'), 0)} | {fmt(r.get('bmm_us'))} | "
                      f"{r['base_us']:.1f} | {100 * r['lora_over_base']:.1f}% |")
     prompt = [r for r in res["lora"] if "layer_engine_us" in r]

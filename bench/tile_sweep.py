@@ -1,6 +1,6 @@
 """Token-tile sweep of the decode SGMV on a Hopper GPU (issue 7): for decode steps whose segments hold
 several tokens (64 tokens over 1 or 8 adapters, 256 over 1, 16 or 64, ...), each group's shrink and
-expand alone over token tiles 1..64 and a few block sizes per tile, rank-16 adapters. The default
+expand alone over token tiles 1..64 and a few block sizes per tile, rank-16 adapters (or --rank). The default
 tile rule (kernels/tiles.pick_block_t) was tuned once on early code (2-token tiles for 1.5..12 tokens
 a segment); this says per case and op which tile wins now. Every config's output is checked against
 the default's first (a config that disagrees is reported and left out).
@@ -9,7 +9,7 @@ All launches use one segment-table width (block_g 128, as the engine's decode gr
 so that one compiled variant serves every case. Prints per case and op the best time per tile; JSON
 holds every config's time.
 
-Usage: python bench/tile_sweep.py [--cases 64x8,256x64] --out bench/results/tile-sweep-h200.json (CUDA only)
+Usage: python bench/tile_sweep.py [--cases 64x8,256x64] [--rank 64] --out bench/results/tile-sweep-h200.json (CUDA only)
 """
 from __future__ import annotations
 
@@ -96,15 +96,16 @@ def case(pools: bk.Pools, tokens: int, adapters: int, log: list) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--cases", default=",".join(f"{t}x{a}" for t, a in CASES))
+    ap.add_argument("--rank", type=int, default=16, help="every adapter's rank (and the pool's)")
     ap.add_argument("--out", default="")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench/tile_sweep.py needs CUDA (one Hopper-class GPU)")
     torch.manual_seed(0)
-    pools = bk.Pools(16)
+    pools = bk.Pools(args.rank)
     log: list = []
     report = {"device": torch.cuda.get_device_name(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
-              "command": "python " + " ".join(sys.argv), "block_g": BLOCK_G, "cases": {}, "log": log}
+              "command": "python " + " ".join(sys.argv), "block_g": BLOCK_G, "rank": args.rank, "cases": {}, "log": log}
     for c in args.cases.split(","):
         tokens, adapters = (int(n) for n in c.split("x"))
         report["cases"][c] = case(pools, tokens, adapters, log)
