@@ -27,8 +27,9 @@ import bench.kernels as bk  # noqa: E402
 
 CASES = ((64, 8), (256, 64), (256, 16), (64, 1), (256, 1), (16, 1), (64, 16))
 BLOCK_G = 128
-SHRINK = ([{"block_t": bt, "block_n": bn, "block_k": 4096 // (bn * bt), "split_k": sk, "num_warps": 4}
-           for bt in (1, 2, 4, 8) for bn in (2, 4, 8) for sk in (1, 2)]
+# decode tiles: multiply-reduce over 4096 (or, for 4- and 8-token tiles, 8192) products a K step
+SHRINK = ([{"block_t": bt, "block_n": bn, "block_k": n_el // (bn * bt), "split_k": sk, "num_warps": 4}
+           for bt in (1, 2, 4, 8) for n_el in (4096, 8192) for bn in (2, 4, 8) for sk in (1, 2) if n_el == 4096 or bt >= 4]
           + [{"block_t": bt, "block_n": bn, "block_k": 128, "split_k": sk, "num_warps": 4}
              for bt in (16, 64) for bn in (32, 64) for sk in (1, 4, 16)])
 EXPAND = ([{"block_t": bt, "block_n": bn, "block_r": br, "num_warps": 4}
