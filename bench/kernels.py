@@ -436,6 +436,8 @@ def main():
     ap.add_argument("--quick", action="store_true", help="few cases (smoke run)")
     ap.add_argument("--sweep", action="store_true", help="also sweep block sizes on key cases")
     ap.add_argument("--no-loop", action="store_true")
+    ap.add_argument("--ranks", default="16,8,64", help="adapter ranks of the LoRA cases, in order")
+    ap.add_argument("--no-attention", action="store_true")
     ap.add_argument("--mini-sweep", action="store_true", help="a few decode shrink variants (notes)")
     args = ap.parse_args()
     import triton
@@ -463,7 +465,7 @@ def main():
 
     decode_pairs = [(1, 1), (16, 1), (16, 16), (64, 1), (64, 8), (64, 64), (256, 1), (256, 16), (256, 64),
                     (256, 256)]
-    ranks = [16, 8, 64]
+    ranks = [int(r) for r in args.ranks.split(",")]
     if args.quick:
         decode_pairs, ranks = [(64, 64), (256, 256)], [16]
     base = Base()
@@ -526,7 +528,8 @@ def main():
             save()
             torch.cuda.empty_cache()
     run_rank(ranks[0])
-    run_attention()
+    if not args.no_attention:
+        run_attention()
     for rank in ranks[1:]:
         run_rank(rank)
     save()

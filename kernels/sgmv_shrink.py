@@ -44,7 +44,7 @@ from kernels._common import (
     pdl_wait,
     segment_tile,
 )
-from kernels.tiles import DOT_TILE, cdiv, next_pow2, pick_block_t
+from kernels.tiles import DOT_TILE, cdiv, next_pow2, pick_block_t, shrink_tile
 
 
 # T and G change every prompt step: not specialized on (T % 16, T == 1, ...), so a new
@@ -136,7 +136,7 @@ def default_config(num_tokens: int, num_segs: int, ncol: int, max_rank: int, h_i
     """Block sizes from host-known shapes (tuned on an H200, see bench/notes/kernels.md);
     block_t given: the other sizes for that token tile; halve False: 4 rows a decode program
     whatever the program count (the rule before the H200 sweep of session 12, for benchmarks)."""
-    block_t = block_t or pick_block_t(num_tokens, num_segs)
+    block_t = block_t or shrink_tile(pick_block_t(num_tokens, num_segs), num_tokens, h_in)
     if block_t >= 16:
         # long segments: x tiles of up to 64 tokens. Split H_in 4 ways at 4096, 8 at 14336
         # when there are many tiles (prefill), 16 ways when few (a 64-token decode batch of

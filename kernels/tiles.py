@@ -7,6 +7,9 @@ import os
 
 FUSED_DECODE_MAX_A_BYTES = 256 << 10    # A_m (rank bound x H_in) one fused program streams first
 DOT_TILE = 16        # token tiles this long or longer take tl.dot (prompt steps); shorter ones are decode tiles
+MANY_TOKENS = 256    # a step this long fills the GPU with dot tiles of up to 64 tokens
+SMALL_SHRINK_TILE = 2  # the shrink's tile where a step is too small for its dot tiles (shrink_tile)
+LONG_H_IN = 8192     # a shrink input this wide (down's 14336) has work enough a program for dot tiles from 64 tokens
 
 
 # Host-side integer helpers for the launchers. triton.cdiv and triton.next_power_of_2 are JIT
@@ -22,13 +25,30 @@ def next_pow2(n: int) -> int:
 
 
 def pick_block_t(num_tokens: int, num_segs: int) -> int:
-    """Token tile from the average segment length (host ints only; any real mix stays correct)."""
+    """Token tile from the average segment length (host ints only; any real mix stays correct).
+
+    H200 tile sweep (bench/results/tile-sweep-h200.md), each op alone: from 4 tokens a segment the
+    tl.dot tiles of 16 win the expand (256 tokens x 64 adapters: the four expands 105 -> 73 µs,
+    64 x 8: 31 -> 21 µs); 64-token tiles only where a step has tokens to fill the GPU with them
+    (64 tokens of one adapter: 22.1 -> 18.8 µs at 16). The shrink takes its own (shrink_tile)."""
     avg = num_tokens / max(num_segs, 1)
     if avg < 1.5:
         return 1
-    if avg < 12:
-        return 2          # H200 sweep: 2-token tiles beat 4 and 8 for 4..8-token segments
-    return min(64, max(16, next_pow2(int(avg))))
+    if avg < 4:
+        return 2
+    tile = min(64, max(DOT_TILE, next_pow2(int(avg))))
+    return tile if num_tokens >= MANY_TOKENS else min(tile, DOT_TILE)
+
+
+def shrink_tile(block_t: int, num_tokens: int, h_in: int) -> int:
+    """The shrink's token tile in a step tiled block_t. Its dot tiles need many tokens: split 16 ways
+    over H_in, the few tiles of a small step leave most SMs idle, and 2-token decode tiles win. So a
+    dot tile stays for 256 tokens and more, or 64 and more with a long H_in (down, 14336), else 2.
+    H200 tile sweep, the four shrinks: 16 tokens of one adapter 22.3 -> 18.0 µs, 64 x 8 down 8.70 ->
+    7.47 µs (kept on 16), 256 x 64 59.0 -> 40.4 µs (qkv, gate/up, down on 16 from 2)."""
+    if block_t < DOT_TILE or num_tokens >= MANY_TOKENS or (h_in > LONG_H_IN and num_tokens >= 64):
+        return block_t
+    return SMALL_SHRINK_TILE
 
 
 def segment_table_width(max_segs: int) -> int:

@@ -84,7 +84,7 @@ class LoRALinear(nn.Module):
         # the step's fixed launch choices (a decode graph's token tile and rank bound; an eager
         # step's segment-table width, inference_worker/lora/warmup.py)
         self.ops.sgmv_shrink(x, self.a_pool, lora.seg_indptr, lora.seg_slots, lora.slot_ranks, y,
-                             config=lora.shrink_config)
+                             config=lora.shrink_config_for(x.shape[0], x.shape[1]))
         return y
 
     def _expand(self, y: torch.Tensor, lora: LoraBatchMeta, out: torch.Tensor) -> torch.Tensor:

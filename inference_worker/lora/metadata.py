@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from kernels.tiles import SMALL_SHRINK_TILE, shrink_tile
+
 
 @dataclass
 class LoraBatchMeta:
@@ -51,6 +53,20 @@ class LoraBatchMeta:
         if self.shrink_block_t is None:
             return self.sgmv_config
         return sgmv_config(self.shrink_block_t, self.block_g, self.rank_bound)
+
+    def shrink_config_for(self, num_tokens: int, h_in: int) -> dict:
+        """The config of the shrink of a layer of input width h_in over num_tokens rows: shrink_config,
+        but a decode graph's dot tile gives way to 2-token tiles where the step is too small for the
+        dot path (kernels.tiles.shrink_tile: < 256 tokens, or < 64 for down's long H_in)."""
+        if self.shrink_block_t is not None or self.block_t is None:
+            return self.shrink_config
+        if shrink_tile(self.block_t, num_tokens, h_in) == self.block_t:
+            return self.shrink_config
+        return self._small_shrink_config
+
+    @cached_property
+    def _small_shrink_config(self) -> dict:
+        return sgmv_config(SMALL_SHRINK_TILE, self.block_g, self.rank_bound)
 
 
 def sgmv_config(block_t: int | None, block_g: int | None, rank_bound: int | None) -> dict:

@@ -106,7 +106,7 @@ def test_rank_bounds():
 
 def test_lora_tile_follows_tokens_per_adapter():
     assert lora_tile(0, 0) is None
-    assert [lora_tile(64, g) for g in (64, 47, 32, 8, 4, 1)] == [1, 1, 2, 2, 16, 16]
+    assert [lora_tile(64, g) for g in (64, 47, 32, 17, 16, 8, 4, 1)] == [1, 1, 2, 2, 16, 16, 16, 16]
 
 
 def test_no_collection_collects_first_then_keeps_the_collector_off():

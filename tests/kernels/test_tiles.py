@@ -1,0 +1,53 @@
+"""The token-tile rules of the SGMV kernels (kernels/tiles.py) and how a step's LoRA metadata applies
+the shrink's own rule per layer width (inference_worker/lora/metadata.py)."""
+import torch
+
+from inference_worker.lora.metadata import LoraBatchMeta
+from kernels.sgmv_expand import launch_config as expand_config
+from kernels.sgmv_shrink import launch_config as shrink_config
+from kernels.tiles import DOT_TILE, SMALL_SHRINK_TILE, pick_block_t, shrink_tile
+
+
+def test_pick_block_t_by_tokens_per_segment():
+    # 1 token a segment: 1; under 4: 2; from 4: dot tiles, of more than 16 only in steps of 256 tokens
+    assert [pick_block_t(64, g) for g in (64, 42, 32, 17, 16, 8, 1)] == [1, 2, 2, 2, 16, 16, 16]
+    assert [pick_block_t(256, g) for g in (64, 16, 8, 4, 1)] == [16, 16, 32, 64, 64]
+    assert pick_block_t(2048, 8) == 64 and pick_block_t(0, 0) == 1
+
+
+def test_shrink_tile_keeps_dot_tiles_for_large_steps_and_long_inputs():
+    assert shrink_tile(1, 64, 4096) == 1 and shrink_tile(2, 64, 14336) == 2          # decode tiles stay
+    assert shrink_tile(16, 64, 4096) == SMALL_SHRINK_TILE == 2                      # small step, short H_in
+    assert shrink_tile(16, 16, 14336) == 2                                          # too few tokens even for down
+    assert shrink_tile(16, 64, 14336) == 16                                         # down from 64 tokens
+    assert shrink_tile(16, 256, 4096) == 16 and shrink_tile(64, 2048, 4096) == 64   # many tokens
+
+
+def test_launchers_default_to_the_rules():
+    """The shrink of 64 tokens x 8 adapters: 2-token tiles at H_in 4096, dot tiles at 14336; the expand
+    of the same step: dot tiles. A prefill keeps 64-token dot tiles for both."""
+    assert shrink_config(64, 8, 3, 16, 4096, True)["block_t"] == 2
+    assert shrink_config(64, 8, 1, 16, 14336, True)["block_t"] == DOT_TILE
+    assert expand_config(64, 8, 6144, 16, torch.bfloat16)["block_t"] == DOT_TILE
+    assert shrink_config(2048, 8, 3, 16, 4096, True)["block_t"] == 64
+    assert expand_config(2048, 8, 6144, 16, torch.bfloat16)["block_t"] == 64
+
+
+def _meta(**kw) -> LoraBatchMeta:
+    i32 = {"dtype": torch.int32}
+    return LoraBatchMeta(True, torch.zeros(2, **i32), torch.zeros(1, **i32), torch.zeros(1, **i32),
+                         torch.zeros(1), **kw)
+
+
+def test_meta_shrink_config_per_layer_width():
+    """A decode graph of tile 16 (the expand's): the shrink runs 2-token tiles at H_in 4096 under 256
+    rows and keeps 16 for down (H_in 14336) from 64 rows; a prompt graph's own shrink tile and an
+    eager step's (none: the launcher picks) are left alone."""
+    graph = _meta(block_t=16, rank_bound=16)
+    assert graph.shrink_config_for(64, 4096) == {"block_t": 2, "rank_bound": 16}
+    assert graph.shrink_config_for(64, 14336) is graph.shrink_config == {"block_t": 16, "rank_bound": 16}
+    assert graph.shrink_config_for(256, 4096)["block_t"] == 16
+    assert _meta(block_t=2).shrink_config_for(64, 4096)["block_t"] == 2
+    prompt = _meta(block_t=32, shrink_block_t=64, block_g=128)
+    assert prompt.shrink_config_for(48, 4096) == {"block_t": 64, "block_g": 128, "rank_bound": None}
+    assert "block_t" not in _meta(block_g=128).shrink_config_for(64, 4096)
