@@ -94,6 +94,25 @@ def case(pools: bk.Pools, tokens: int, adapters: int, log: list) -> dict:
     return row
 
 
+def write_markdown(report: dict, path: str) -> None:
+    """Per case and op: the default's µs and the best config's µs of each token tile."""
+    tiles = sorted({int(t) for row in report["cases"].values() for op in row.values() for t in op["per_tile"]})
+    lines = [f"# SGMV token-tile sweep: {report['device']}", "",
+             f"{report['date']}, rank {report.get('rank', 16)}, block_g {report['block_g']}. Command: "
+             f"`{report['command']}`. µs per launch, each op alone (CUDA graph of 4 launches over disjoint "
+             "adapter sets); per tile the best of its swept configs; `default` is the rule of the code that ran.",
+             "", "| case | op | default | " + " | ".join(f"tile {t}" for t in tiles) + " |",
+             "|---|---|---:|" + "---:|" * len(tiles)]
+    for case_name, row in report["cases"].items():
+        for op, res in row.items():
+            cells = [res["per_tile"].get(str(t), [None])[0] for t in tiles]
+            best = min(c for c in cells if c is not None)
+            lines.append(f"| {case_name} | {op} | {res['default_us']:.2f} | " + " | ".join(
+                "-" if c is None else (f"**{c:.2f}**" if c == best else f"{c:.2f}") for c in cells) + " |")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--cases", default=",".join(f"{t}x{a}" for t, a in CASES))
@@ -113,6 +132,7 @@ def main() -> None:
         if args.out:                             # after each case: a run cut short keeps what it measured
             with open(args.out, "w") as f:
                 json.dump(report, f, indent=1)
+            write_markdown(report, os.path.splitext(args.out)[0] + ".md")
     for line in log:
         print("log:", line)
 
