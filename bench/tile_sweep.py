@@ -1,9 +1,9 @@
 """Token-tile sweep of the decode SGMV on a Hopper GPU (issue 7): for decode steps whose segments hold
 several tokens (64 tokens over 1 or 8 adapters, 256 over 1, 16 or 64, ...), each group's shrink and
-expand alone over token tiles 1..64 and a few block sizes per tile, rank-16 adapters (or --rank). The default
-tile rule (kernels/tiles.pick_block_t) was tuned once on early code (2-token tiles for 1.5..12 tokens
-a segment); this says per case and op which tile wins now. Every config's output is checked against
-the default's first (a config that disagrees is reported and left out).
+expand alone over token tiles 1..64 and a few block sizes per tile, rank-16 adapters (or --rank). The tile
+rules of kernels/tiles.py come from its H200 run (bench/results/tile-sweep-h200.md; the rule before it,
+2-token tiles for 1.5..12 tokens a segment, dated from early code). Every config's output is checked
+against the default's first (a config that disagrees is reported and left out).
 
 All launches use one segment-table width (block_g 128, as the engine's decode graphs of bucket 64 do)
 so that one compiled variant serves every case. Prints per case and op the best time per tile; JSON
