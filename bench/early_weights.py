@@ -11,7 +11,6 @@ Usage: python bench/early_weights.py [--sweep] [--sweep-shrink] [--cases 64x64] 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import statistics
@@ -81,12 +80,8 @@ def main() -> None:
     ap.add_argument("--cases", default=",".join(f"{t}x{a}" for t, a in CASES),
                     help="tokens x adapters to run, e.g. 64x64 (the sweeps take those of 64x64 and 16x16)")
     args = ap.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("bench/early_weights.py needs CUDA (one Hopper-class GPU)")
-    torch.manual_seed(0)
+    report = bk.start_report(variants=VARIANTS, cases={})
     pools = bk.Pools(16)
-    report = {"device": torch.cuda.get_device_name(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
-              "command": "python " + " ".join(sys.argv), "variants": VARIANTS, "cases": {}}
     cases = [tuple(int(n) for n in c.split("x")) for c in args.cases.split(",")]
     sweep_cases = [c for c in cases if c in ((64, 64), (16, 16))]
     for tokens, adapters in cases:

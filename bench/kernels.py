@@ -53,6 +53,17 @@ COPY_VARIANTS: dict = {}
 PROMPT_REPS = 100    # interleaved replays of the prompt layer with and without its LoRA (layer_interleaved)
 
 
+def start_report(**fields) -> dict:
+    """A CUDA benchmark script's start: exits without a GPU, seeds torch, and returns its report's header
+    (device, date, command) with `fields`."""
+    script = os.path.relpath(sys.argv[0])
+    if not torch.cuda.is_available():
+        raise SystemExit(f"{script} needs CUDA (one Hopper-class GPU)")
+    torch.manual_seed(0)
+    return {"device": torch.cuda.get_device_name(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
+            "command": "python3 " + " ".join([script, *sys.argv[1:]]), **fields}
+
+
 def capture_graph(step) -> torch.cuda.CUDAGraph:
     """step() captured in a CUDA graph (after a warm-up call on the capture stream), replayed 3 times."""
     step()

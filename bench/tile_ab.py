@@ -11,12 +11,9 @@ Usage: python bench/tile_ab.py [--cases 64x8,256x64,16x1] --out bench/results/ti
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import sys
-
-import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -39,12 +36,8 @@ def main() -> None:
     ap.add_argument("--cases", default=",".join(f"{t}x{a}" for t, a in CASES))
     ap.add_argument("--out", default="")
     args = ap.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("bench/tile_ab.py needs CUDA (one Hopper-class GPU)")
-    torch.manual_seed(0)
+    report = bk.start_report(cases={})
     pools = bk.Pools(16)
-    report = {"device": torch.cuda.get_device_name(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
-              "command": "python3 " + " ".join(sys.argv), "cases": {}}
     for c in args.cases.split(","):
         tokens, adapters = (int(n) for n in c.split("x"))
         before = {"block_t": old_tile(tokens, adapters)}

@@ -14,7 +14,6 @@ Usage: python bench/tile_sweep.py [--cases 64x8,256x64] [--rank 64] --out bench/
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import sys
@@ -119,13 +118,9 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=16, help="every adapter's rank (and the pool's)")
     ap.add_argument("--out", default="")
     args = ap.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("bench/tile_sweep.py needs CUDA (one Hopper-class GPU)")
-    torch.manual_seed(0)
-    pools = bk.Pools(args.rank)
     log: list = []
-    report = {"device": torch.cuda.get_device_name(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
-              "command": "python " + " ".join(sys.argv), "block_g": BLOCK_G, "rank": args.rank, "cases": {}, "log": log}
+    report = bk.start_report(block_g=BLOCK_G, rank=args.rank, cases={}, log=log)
+    pools = bk.Pools(args.rank)
     for c in args.cases.split(","):
         tokens, adapters = (int(n) for n in c.split("x"))
         report["cases"][c] = case(pools, tokens, adapters, log)
