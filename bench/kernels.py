@@ -452,15 +452,14 @@ def main():
     ap.add_argument("--mini-sweep", action="store_true", help="a few decode shrink variants (notes)")
     args = ap.parse_args()
     import triton
-    torch.manual_seed(0)
     log = []
     try:
         git = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False)
         commit = git.stdout.strip() if git.returncode == 0 else None      # None: no commit yet
     except Exception:  # noqa: BLE001
         commit = None
-    res = {"device": torch.cuda.get_device_name(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
-               "command": "python3 " + " ".join(sys.argv), "torch": torch.__version__, "triton": triton.__version__, "commit": commit, "lora": [], "attention": [], "sweeps": {}}
+    res = start_report(torch=torch.__version__, triton=triton.__version__, commit=commit, lora=[], attention=[],
+                       sweeps={})
     bw = copy_bandwidth()
     node_us = empty_node_us()
     res["copy_bw_TBps"], res["graph_node_us"] = bw / 1e12, node_us

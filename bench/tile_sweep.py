@@ -38,7 +38,8 @@ EXPAND = ([{"block_t": bt, "block_n": bn, "block_r": br, "num_warps": 4}
              for bt in (16, 64) for bn in (128, 256) for nw in (4, 8)])
 
 
-def time_configs(op: str, g: str, layer: bk.Layer, pools: bk.Pools, sets: list, cfgs: list, log: list) -> list:
+def time_configs(op: str, g: str, layer: bk.Layer, refs: dict, pools: bk.Pools, sets: list, cfgs: list,
+                 log: list) -> list:
     """[(µs per step, cfg)] for the default (cfg None) and each config; a config whose result differs
     from the default's by more than bf16 rounding is logged and timed as inf."""
     widths = bk.GROUPS[g][1]
@@ -46,7 +47,7 @@ def time_configs(op: str, g: str, layer: bk.Layer, pools: bk.Pools, sets: list, 
     for cfg in [None] + cfgs:
         try:
             fn = bk._one_op(op, g, widths, layer, pools, {"block_g": BLOCK_G, **(cfg or {})})
-            res = one_result(op, g, layer, fn, sets[0])
+            res = one_result(op, g, layer, refs, fn, sets[0])
             if first is None:
                 first = res
             else:
@@ -61,26 +62,27 @@ def time_configs(op: str, g: str, layer: bk.Layer, pools: bk.Pools, sets: list, 
     return results
 
 
-def one_result(op: str, g: str, layer: bk.Layer, fn, meta: dict) -> torch.Tensor:
-    """What one launch computes: the shrink's y, or the expand's addition to out."""
+def one_result(op: str, g: str, layer: bk.Layer, refs: dict, fn, meta: dict) -> torch.Tensor:
+    """What one launch computes: the shrink's y, or the expand's addition to out (refs: the expands'
+    inputs, y and out)."""
     if op == "shrink":
         fn(meta)
         return layer.y[g].float().clone()
-    layer.y[g].copy_(layer.y_ref[g])
-    layer.out[g].copy_(layer.out_ref[g])          # timing replays keep adding to out: start afresh
+    layer.y[g].copy_(refs["y"][g])
+    layer.out[g].copy_(refs["out"][g])            # timing replays keep adding to out: start afresh
     fn(meta)
-    return layer.out[g].float() - layer.out_ref[g].float()
+    return layer.out[g].float() - refs["out"][g].float()
 
 
 def case(pools: bk.Pools, tokens: int, adapters: int, log: list) -> dict:
     sets = bk.make_sets(tokens, adapters, bk.K_STEPS)
     layer = bk.Layer(tokens, pools.rank)
-    layer.y_ref = {g: torch.randn_like(y) for g, y in layer.y.items()}      # the expands' input
-    layer.out_ref = {g: out.clone() for g, out in layer.out.items()}
+    refs = {"y": {g: torch.randn_like(y) for g, y in layer.y.items()},
+            "out": {g: out.clone() for g, out in layer.out.items()}}
     row = {}
     for g in bk.GROUPS:
         for op, cfgs in (("shrink", SHRINK), ("expand", EXPAND)):
-            results = time_configs(op, g, layer, pools, sets, cfgs, log)
+            results = time_configs(op, g, layer, refs, pools, sets, cfgs, log)
             per_tile = {}
             for us, cfg in results[1:]:
                 bt = cfg["block_t"]
