@@ -77,15 +77,18 @@ def main() -> int:
             cases.append((f"shrink dot R64 RB{rb} pdl{pdl}", _sgmv_shrink_kernel, SH_PTRS,
                           dict(R=64, RB=rb, BLOCK_G=16, BLOCK_T=64, BLOCK_N=64, BLOCK_K=128, SPLIT_K=4, USE_DOT=True,
                                ATOMIC=True, CAN_SKIP=rb >= 64, IEEE=False, PDL=pdl, EARLY=False), {}, 4))
-    # (token tile, columns, rank rows, blocks a program, warps, tl.dot, early): the decode defaults before and
-    # with early weights (one warp per 256 columns), 2-token tiles, prefill
-    expands = ((1, 256, 16, 2, 8, False, False), (1, 1024, 8, 2, 4, False, False), (2, 512, 16, 1, 4, False, False),
-               (64, 256, 16, 1, 4, True, False), (1, 512, 8, 1, 2, False, True), (1, 1024, 8, 2, 4, False, True))
+    # (token tile, columns, rank rows, blocks a program, warps, tl.dot, early, prefetch): the decode defaults
+    # before and with early weights (one warp per 256 columns), 2-token tiles, prefill, dot tiles with the next
+    # column block's loads in flight
+    expands = ((1, 256, 16, 2, 8, False, False, False), (1, 1024, 8, 2, 4, False, False, False),
+               (2, 512, 16, 1, 4, False, False, False), (64, 256, 16, 1, 4, True, False, False),
+               (1, 512, 8, 1, 2, False, True, False), (1, 1024, 8, 2, 4, False, True, False),
+               (16, 128, 16, 4, 4, True, False, True))
     for pdl in (False, True):
-        for bt, bn, br, nbp, nw, dot, early in expands:
-            cases.append((f"expand bt{bt} bn{bn} br{br} nbp{nbp} pdl{pdl} early{early}", _sgmv_expand_kernel,
+        for bt, bn, br, nbp, nw, dot, early, pre in expands:
+            cases.append((f"expand bt{bt} bn{bn} br{br} nbp{nbp} pdl{pdl} early{early} pre{pre}", _sgmv_expand_kernel,
                           EX_PTRS, dict(R=64, BLOCK_G=128, BLOCK_T=bt, BLOCK_N=bn, BLOCK_R=br, NB_PER_PROG=nbp,
-                                        USE_DOT=dot, IEEE=False, PDL=pdl, EARLY=early), {}, nw))
+                                        USE_DOT=dot, IEEE=False, PDL=pdl, EARLY=early, PREFETCH=pre), {}, nw))
     for rb in (16, 32):
         for bt in (1, 2):
             blk = max(64, 8192 // (rb * bt))

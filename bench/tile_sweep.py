@@ -9,7 +9,7 @@ All launches use one segment-table width (block_g 128, as the engine's decode gr
 so that one compiled variant serves every case. Prints per case and op the best time per tile; JSON
 holds every config's time.
 
-Usage: python bench/tile_sweep.py [--cases 64x8,256x64] [--rank 64] --out bench/results/tile-sweep-h200.json (CUDA only)
+Usage: python bench/tile_sweep.py [--cases 64x8,256x64] [--rank 64] [--dot] --out bench/results/tile-sweep-h200.json (CUDA only)
 """
 from __future__ import annotations
 
@@ -36,6 +36,16 @@ EXPAND = ([{"block_t": bt, "block_n": bn, "block_r": br, "num_warps": 4}
           + [{"block_t": bt, "block_n": 256, "block_r": 16, "num_warps": 8} for bt in (2, 4, 8)]
           + [{"block_t": bt, "block_n": bn, "block_r": 16, "num_warps": nw, "num_stages": 2}
              for bt in (16, 64) for bn in (128, 256) for nw in (4, 8)])
+
+# --dot: the tl.dot path alone (16-token tiles), over what the sweep above holds fixed: K steps, H_in
+# splits and pipeline stages of the shrink; blocks a program, column widths, warps and the next block's
+# loads in flight (config "prefetch") of the expand
+SHRINK_DOT = [{"block_t": 16, "block_n": bn, "block_k": bk, "split_k": sk, "num_warps": 4, "num_stages": ns}
+              for bn in (32, 64) for bk in (64, 128, 256) for sk in (4, 8, 16) for ns in (2, 4)]
+EXPAND_DOT = ([{"block_t": 16, "block_n": bn, "block_r": 16, "nb_per_prog": nbp, "num_warps": 4, "num_stages": 2,
+                "prefetch": pre} for bn in (64, 128, 256) for nbp in (1, 2, 4, 8) for pre in (False, True)]
+              + [{"block_t": 16, "block_n": bn, "block_r": 16, "nb_per_prog": nbp, "num_warps": 2, "num_stages": 1,
+                  "prefetch": True} for bn in (64, 128) for nbp in (2, 4, 8)])
 
 
 def time_configs(op: str, g: str, layer: bk.Layer, refs: dict, pools: bk.Pools, sets: list, cfgs: list,
@@ -74,14 +84,14 @@ def one_result(op: str, g: str, layer: bk.Layer, refs: dict, fn, meta: dict) -> 
     return layer.out[g].float() - refs["out"][g].float()
 
 
-def case(pools: bk.Pools, tokens: int, adapters: int, log: list) -> dict:
+def case(pools: bk.Pools, tokens: int, adapters: int, log: list, grids: tuple = (SHRINK, EXPAND)) -> dict:
     sets = bk.make_sets(tokens, adapters, bk.K_STEPS)
     layer = bk.Layer(tokens, pools.rank)
     refs = {"y": {g: torch.randn_like(y) for g, y in layer.y.items()},
             "out": {g: out.clone() for g, out in layer.out.items()}}
     row = {}
     for g in bk.GROUPS:
-        for op, cfgs in (("shrink", SHRINK), ("expand", EXPAND)):
+        for op, cfgs in zip(("shrink", "expand"), grids):
             results = time_configs(op, g, layer, refs, pools, sets, cfgs, log)
             per_tile = {}
             for us, cfg in results[1:]:
@@ -118,14 +128,15 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--cases", default=",".join(f"{t}x{a}" for t, a in CASES))
     ap.add_argument("--rank", type=int, default=16, help="every adapter's rank (and the pool's)")
+    ap.add_argument("--dot", action="store_true", help="sweep the tl.dot path's block sizes (16-token tiles) instead")
     ap.add_argument("--out", default="")
     args = ap.parse_args()
     log: list = []
-    report = bk.start_report(block_g=BLOCK_G, rank=args.rank, cases={}, log=log)
+    report = bk.start_report(block_g=BLOCK_G, rank=args.rank, dot=args.dot, cases={}, log=log)
     pools = bk.Pools(args.rank)
     for c in args.cases.split(","):
         tokens, adapters = (int(n) for n in c.split("x"))
-        report["cases"][c] = case(pools, tokens, adapters, log)
+        report["cases"][c] = case(pools, tokens, adapters, log, (SHRINK_DOT, EXPAND_DOT) if args.dot else (SHRINK, EXPAND))
         if args.out:                             # after each case: a run cut short keeps what it measured
             with open(args.out, "w") as f:
                 json.dump(report, f, indent=1)

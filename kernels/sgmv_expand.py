@@ -54,7 +54,8 @@ def _sgmv_expand_kernel(y_ptr, b_ptr, out_ptr, indptr_ptr, slots_ptr, ranks_ptr,
                         off1, off2, off3, off4, cb1, cb2, cb3,
                         R: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_R: tl.constexpr, NB_PER_PROG: tl.constexpr,
-                        USE_DOT: tl.constexpr, PDL: tl.constexpr, IEEE: tl.constexpr, EARLY: tl.constexpr):
+                        USE_DOT: tl.constexpr, PDL: tl.constexpr, IEEE: tl.constexpr, EARLY: tl.constexpr,
+                        PREFETCH: tl.constexpr):
     pdl_start(PDL)
     pid = tl.program_id(0)
     num_groups = tl.cdiv(NUM_NB, NB_PER_PROG)
@@ -85,6 +86,10 @@ def _sgmv_expand_kernel(y_ptr, b_ptr, out_ptr, indptr_ptr, slots_ptr, ranks_ptr,
     offs_t = tile_start + tl.arange(0, BLOCK_T)
     t_mask = offs_t < tile_end
     b_slot = b_ptr + slot.to(tl.int64) * R * N
+    if PREFETCH:
+        _expand_dot_prefetched(y_ptr, b_slot, out_ptr, scale, offs_t, t_mask, rank, pid_grp, N, MR, NUM_NB,
+                               off1, off2, off3, off4, cb1, cb2, cb3, R, BLOCK_T, BLOCK_N, BLOCK_R, NB_PER_PROG, IEEE)
+        return
     # a program does NB_PER_PROG column blocks of one token tile: the tile lookup above is
     # paid once for several blocks
     for j in range(NB_PER_PROG):
@@ -117,6 +122,52 @@ def _sgmv_expand_kernel(y_ptr, b_ptr, out_ptr, indptr_ptr, slots_ptr, ranks_ptr,
                                  other=0.0)
                     acc += yv[:, None].to(tl.float32) * bv[None, :].to(tl.float32)
         tl.store(o_ptrs, (cur.to(tl.float32) + scale * acc).to(out_ptr.dtype.element_ty), mask=o_mask)
+
+
+@triton.jit
+def _dot_block_loads(nb, live, y_ptr, b_slot, out_ptr, offs_t, t_mask, offs_r, r_mask, N, MR, NUM_NB,
+                     off1, off2, off3, off4, cb1, cb2, cb3, R: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Column block nb's loads for the tl.dot path (all masked off unless live): out's tile, y's rows of
+    the block's module, B's [BLOCK_R, BLOCK_N] rows; with out's pointers and mask for the store."""
+    m, mod_lo, mod_hi, cb_lo = module_of(nb, cb1, cb2, cb3, off1, off2, off3, off4)
+    offs_n = mod_lo + (nb - cb_lo) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < tl.where(live & (nb < NUM_NB), mod_hi, 0)
+    o_ptrs = out_ptr + offs_t[:, None].to(tl.int64) * N + offs_n[None, :]
+    o_mask = t_mask[:, None] & n_mask[None, :]
+    cur = tl.load(o_ptrs, mask=o_mask, other=0.0)
+    yv = tl.load(y_ptr + offs_t[:, None].to(tl.int64) * MR + m * R + offs_r[None, :],
+                 mask=t_mask[:, None] & r_mask[None, :], other=0.0)
+    bv = tl.load(b_slot + offs_r[:, None].to(tl.int64) * N + offs_n[None, :], mask=r_mask[:, None] & n_mask[None, :],
+                 other=0.0)
+    return cur, yv, bv, o_ptrs, o_mask
+
+
+@triton.jit
+def _expand_dot_prefetched(y_ptr, b_slot, out_ptr, scale, offs_t, t_mask, rank, pid_grp, N, MR, NUM_NB,
+                           off1, off2, off3, off4, cb1, cb2, cb3,
+                           R: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+                           NB_PER_PROG: tl.constexpr, IEEE: tl.constexpr):
+    """The tl.dot path of a step whose ranks fit one BLOCK_R step (config "prefetch"): a column block is
+    then one set of loads and one dot, so block j+1's loads are issued before block j's dot and store.
+    Two blocks' loads are in flight a program; without it a program waits out each block's loads in
+    turn (Triton pipelines the rank loop, which here has one step)."""
+    offs_r = tl.arange(0, BLOCK_R)
+    r_mask = offs_r < rank
+    nb = pid_grp * NB_PER_PROG
+    cur, yv, bv, o_ptrs, o_mask = _dot_block_loads(nb, True, y_ptr, b_slot, out_ptr, offs_t, t_mask, offs_r,
+                                                   r_mask, N, MR, NUM_NB, off1, off2, off3, off4, cb1, cb2, cb3,
+                                                   R, BLOCK_N)
+    for j in range(NB_PER_PROG):
+        cur_n, yv_n, bv_n, o_ptrs_n, o_mask_n = _dot_block_loads(
+            nb + 1, j + 1 < NB_PER_PROG, y_ptr, b_slot, out_ptr, offs_t, t_mask, offs_r, r_mask, N, MR, NUM_NB,
+            off1, off2, off3, off4, cb1, cb2, cb3, R, BLOCK_N)
+        if IEEE:
+            acc = tl.dot(yv.to(bv.dtype), bv, input_precision="ieee")
+        else:
+            acc = tl.dot(yv.to(bv.dtype), bv)
+        tl.store(o_ptrs, (cur.to(tl.float32) + scale * acc).to(out_ptr.dtype.element_ty), mask=o_mask)
+        cur, yv, bv, o_ptrs, o_mask = cur_n, yv_n, bv_n, o_ptrs_n, o_mask_n
+        nb += 1
 
 
 @triton.jit
@@ -227,6 +278,9 @@ def _launch_config(num_tokens: int, num_segs: int, n: int, max_rank: int, b_dtyp
     cfg.setdefault("pdl", not cfg["use_dot"])              # decode tiles (kernels/_common.launch_options)
     if cfg["use_dot"] and (cfg["block_n"] < 16 or cfg["block_r"] < 16):
         raise ValueError("tl.dot path (block_t >= 16) needs block_n, block_r >= 16")
+    cfg["prefetch"] = bool(cfg.get("prefetch", False))
+    if cfg["prefetch"] and not (cfg["use_dot"] and rank_bound <= cfg["block_r"]):
+        raise ValueError(f"prefetch needs the tl.dot path and rank_bound {rank_bound} <= block_r {cfg['block_r']}")
     if cfg["use_dot"] and cfg["block_r"] == 32 and b_dtype != torch.float32:
         # faults with "misaligned address" (triton 3.6, H200): see default_config
         raise ValueError("tl.dot path with bf16/fp16 B does not support block_r = 32; use 16 or 64")
@@ -274,6 +328,6 @@ def sgmv_expand(y: torch.Tensor, b_pool: torch.Tensor, out_offsets: tuple[int, .
         *offs, *cbs,
         R=max_rank, BLOCK_G=cfg["block_g"], BLOCK_T=block_t, BLOCK_N=block_n,
         BLOCK_R=block_r, NB_PER_PROG=nb_per_prog, USE_DOT=cfg["use_dot"], PDL="launch_pdl" in options,
-        IEEE=(b_pool.dtype == torch.float32), EARLY=cfg["early"], num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3),
+        IEEE=(b_pool.dtype == torch.float32), EARLY=cfg["early"], PREFETCH=cfg["prefetch"], num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3),
         **options)
     return out

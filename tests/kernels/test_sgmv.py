@@ -106,6 +106,26 @@ def test_sgmv_one_token_tiles(name, nbp, early):
               y_dtype=torch.float32, shrink_cfg=scfg, expand_cfg=ecfg)
 
 
+@pytest.mark.parametrize("name", ["long_segments", "empty_and_base_segments", "one_adapter_for_all", "mixed_short",
+                                  "decode_every_token_own_adapter"])
+@pytest.mark.parametrize("nbp", [1, 3])
+def test_expand_dot_tiles_prefetched(name, nbp):
+    """Dot tiles with the next column block's loads issued before this block's dot (config "prefetch"):
+    groups of blocks that cross a module boundary and run past the last block, base and empty segments."""
+    ecfg = {"block_t": 16, "block_n": 16, "block_r": 16, "nb_per_prog": nbp, "prefetch": True}
+    _run_case(name, random.randrange(1 << 30), num_mods=2, widths=[19, 30], h_in=53, dtype=torch.float32,
+              y_dtype=torch.float32, shrink_cfg={"block_t": 2}, expand_cfg=ecfg)
+
+
+def test_expand_prefetch_needs_one_rank_step():
+    y, b = torch.zeros(3, 1, 32, device=DEV), torch.zeros(2, 32, 8, device=DEV)
+    indptr, slots, _ = make_meta([3], [0], DEV)
+    ranks, scales = torch.full((2,), 32, dtype=torch.int32, device=DEV), torch.ones(2, device=DEV)
+    with pytest.raises(ValueError, match="prefetch"):
+        sgmv_expand(y, b, (0, 8), indptr, slots, ranks, scales, torch.zeros(3, 8, device=DEV),
+                    config={"block_t": 16, "block_n": 16, "block_r": 16, "prefetch": True})
+
+
 def test_sgmv_y_in_x_dtype_no_split():
     _run_case("mixed_short", random.randrange(1 << 30), num_mods=1, widths=[23], h_in=29,
               dtype=torch.float32, y_dtype=torch.float32, shrink_cfg={"split_k": 1})
