@@ -94,9 +94,9 @@ def main() -> int:
             blk = max(64, 8192 // (rb * bt))
             cases.append((f"lora_decode RB{rb} bt{bt} blk{blk}", _lora_decode_kernel, LD_PTRS,
                           dict(R=64, M=3, RB=rb, CHUNK=2048, BLOCK_G=128, BLOCK_T=bt, BLOCK_K=blk, BLOCK_N=blk), {}, 8))
-    for bt, bn, nw in ((64, 128, 4), (64, 256, 8), (32, 128, 4)):
-        cases.append((f"lora_silu_mul bt{bt} bn{bn} w{nw}", _lora_silu_mul_kernel, SM_PTRS,
-                      dict(R=64, BLOCK_G=128, BLOCK_T=bt, BLOCK_N=bn, BLOCK_R=16, IEEE=False),
+    for bt, bn, nw, one in ((64, 128, 4, False), (64, 256, 8, False), (32, 128, 4, False), (16, 128, 4, True)):
+        cases.append((f"lora_silu_mul bt{bt} bn{bn} w{nw} one_step{one}", _lora_silu_mul_kernel, SM_PTRS,
+                      dict(R=64, BLOCK_G=128, BLOCK_T=bt, BLOCK_N=bn, BLOCK_R=16, IEEE=False, ONE_STEP=one),
                       {"num_stages": 2}, nw))
     ok = True
     for name, k, ptrs, consts, opts, nw in cases:

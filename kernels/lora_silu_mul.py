@@ -44,7 +44,7 @@ from kernels.tiles import DOT_TILE, cdiv, pick_block_t
 def _lora_silu_mul_kernel(y_ptr, b_ptr, gu_ptr, out_ptr, indptr_ptr, slots_ptr, ranks_ptr, scales_ptr,
                           T, G, INTER, MR,
                           R: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
-                          BLOCK_R: tl.constexpr, IEEE: tl.constexpr):
+                          BLOCK_R: tl.constexpr, IEEE: tl.constexpr, ONE_STEP: tl.constexpr):
     pid = tl.program_id(0)
     num_nb = tl.cdiv(INTER, BLOCK_N)
     pid_n = pid % num_nb
@@ -65,29 +65,41 @@ def _lora_silu_mul_kernel(y_ptr, b_ptr, gu_ptr, out_ptr, indptr_ptr, slots_ptr, 
     scale = tl.load(scales_ptr + tl.maximum(slot, 0), mask=slot >= 0, other=0.0)
     b_rows = b_ptr + tl.maximum(slot, 0).to(tl.int64) * R * (2 * INTER)
     y_rows = y_ptr + offs_t.to(tl.int64) * MR                # module 0 (gate) at +0, module 1 (up) at +R
-    acc_g = tl.zeros((BLOCK_T, BLOCK_N), tl.float32)
-    acc_u = tl.zeros((BLOCK_T, BLOCK_N), tl.float32)
-    for r0 in range(0, rank, BLOCK_R):
-        offs_r = r0 + tl.arange(0, BLOCK_R)
-        r_mask = offs_r < rank
-        y_mask = t_mask[:, None] & r_mask[None, :]
-        yg = tl.load(y_rows[:, None] + offs_r[None, :], mask=y_mask, other=0.0)
-        yu = tl.load(y_rows[:, None] + R + offs_r[None, :], mask=y_mask, other=0.0)
-        b_ptrs = b_rows + offs_r[:, None].to(tl.int64) * (2 * INTER) + offs_n[None, :]
-        b_mask = r_mask[:, None] & n_mask[None, :]
-        bg = tl.load(b_ptrs, mask=b_mask, other=0.0)
-        bu = tl.load(b_ptrs + INTER, mask=b_mask, other=0.0)
-        if IEEE:
-            acc_g += tl.dot(yg.to(bg.dtype), bg, input_precision="ieee")
-            acc_u += tl.dot(yu.to(bu.dtype), bu, input_precision="ieee")
-        else:
-            acc_g += tl.dot(yg.to(bg.dtype), bg)
-            acc_u += tl.dot(yu.to(bu.dtype), bu)
+    if ONE_STEP:
+        # every rank of the step fits one BLOCK_R step (config "rank_bound"): straight-line loads, no loop
+        # for the pipeliner to stage them through (as sgmv_expand's "prefetch" path)
+        acc_g, acc_u = _gate_up_delta(y_rows, b_rows, 0, rank, t_mask, offs_n, n_mask, INTER, R, BLOCK_R, IEEE)
+    else:
+        acc_g = tl.zeros((BLOCK_T, BLOCK_N), tl.float32)
+        acc_u = tl.zeros((BLOCK_T, BLOCK_N), tl.float32)
+        for r0 in range(0, rank, BLOCK_R):
+            dg, du = _gate_up_delta(y_rows, b_rows, r0, rank, t_mask, offs_n, n_mask, INTER, R, BLOCK_R, IEEE)
+            acc_g += dg
+            acc_u += du
     dtype = out_ptr.dtype.element_ty
     g = (gate.to(tl.float32) + scale * acc_g).to(dtype).to(tl.float32)
     u = (up.to(tl.float32) + scale * acc_u).to(dtype).to(tl.float32)
     act = (g / (1.0 + tl.exp(-g))).to(dtype).to(tl.float32)
     tl.store(out_ptr + offs_t[:, None].to(tl.int64) * INTER + offs_n[None, :], (act * u).to(dtype), mask=mask)
+
+
+@triton.jit
+def _gate_up_delta(y_rows, b_rows, r0, rank, t_mask, offs_n, n_mask, INTER, R: tl.constexpr, BLOCK_R: tl.constexpr,
+                   IEEE: tl.constexpr):
+    """Rank rows [r0, r0 + BLOCK_R) of the tile's gate and up deltas: (y_gate B_gate, y_up B_up)."""
+    offs_r = r0 + tl.arange(0, BLOCK_R)
+    r_mask = offs_r < rank
+    y_mask = t_mask[:, None] & r_mask[None, :]
+    yg = tl.load(y_rows[:, None] + offs_r[None, :], mask=y_mask, other=0.0)
+    yu = tl.load(y_rows[:, None] + R + offs_r[None, :], mask=y_mask, other=0.0)
+    b_ptrs = b_rows + offs_r[:, None].to(tl.int64) * (2 * INTER) + offs_n[None, :]
+    b_mask = r_mask[:, None] & n_mask[None, :]
+    bg = tl.load(b_ptrs, mask=b_mask, other=0.0)
+    bu = tl.load(b_ptrs + INTER, mask=b_mask, other=0.0)
+    if IEEE:
+        return (tl.dot(yg.to(bg.dtype), bg, input_precision="ieee"),
+                tl.dot(yu.to(bu.dtype), bu, input_precision="ieee"))
+    return tl.dot(yg.to(bg.dtype), bg), tl.dot(yu.to(bu.dtype), bu)
 
 
 def default_config(num_tokens: int, num_segs: int) -> dict:
@@ -99,21 +111,26 @@ def default_config(num_tokens: int, num_segs: int) -> dict:
             "num_warps": 4, "num_stages": 2}
 
 
-def launch_config(num_tokens: int, num_segs: int, config: dict | None = None) -> Mapping:
+def launch_config(num_tokens: int, num_segs: int, config: dict | None = None, max_rank: int | None = None) -> Mapping:
     """Every compile-time choice of a launch from host ints (as sgmv_expand.launch_config); `config`
-    overrides block sizes and may give "block_g" (the other keys of a step's SGMV config are ignored:
-    a decode graph's token tile never comes here). Cached; read-only."""
-    return _launch_config(num_tokens, num_segs, tuple(sorted((config or {}).items())))
+    overrides block sizes and may give "block_g" and "rank_bound" (>= every slot's rank in the step,
+    default max_rank, the pool's: ranks within one BLOCK_R step take the loop-free path in 16-token
+    tiles; "one_step" turns it on or off). Token tiles under 16 are ignored. Cached; read-only."""
+    return _launch_config(num_tokens, num_segs, tuple(sorted((config or {}).items())), max_rank)
 
 
 @functools.lru_cache(maxsize=1024)
-def _launch_config(num_tokens: int, num_segs: int, config_items: tuple) -> Mapping:
+def _launch_config(num_tokens: int, num_segs: int, config_items: tuple, max_rank: int | None) -> Mapping:
     config = dict(config_items)
-    config.pop("rank_bound", None)                   # the rank loop stops at each slot's own rank
+    rank_bound = config.pop("rank_bound", None) or max_rank
     if (config.get("block_t") or DOT_TILE) < DOT_TILE:
         config.pop("block_t")                        # tl.dot needs >= 16 rows; a smaller tile only pads
     cfg = {**default_config(num_tokens, num_segs), **config}
     cfg["block_g"] = block_g_for(num_segs, config.get("block_g"))
+    # a step's ranks in one BLOCK_R step (known only from the caller's bound): no rank loop. By default in
+    # decode steps' 16-token tiles, where it was measured (bench/results/tile-ab-dot-h200.json)
+    cfg["one_step"] = (bool(config.get("one_step", cfg["block_t"] == DOT_TILE)) and rank_bound is not None
+                       and rank_bound <= cfg["block_r"])
     if cfg["block_t"] < DOT_TILE or cfg["block_n"] < 16 or cfg["block_r"] not in (16, 64):
         # block_r 32 faults on the tl.dot path with triton 3.6 (kernels/sgmv_expand.default_config)
         raise ValueError(f"need block_t, block_n >= 16 and block_r 16 or 64: {cfg}")
@@ -147,12 +164,13 @@ def lora_silu_mul(y: torch.Tensor, b_pool: torch.Tensor, gate_up: torch.Tensor, 
     out = gate_up.new_empty(num_tokens, inter)
     if num_tokens == 0:
         return out
-    cfg = launch_config(num_tokens, num_segs, config)
+    cfg = launch_config(num_tokens, num_segs, config, max_rank)
     grid = (num_tiles_bound(num_tokens, num_segs, cfg["block_t"]) * cdiv(inter, cfg["block_n"]),)
     _lora_silu_mul_kernel[grid](
         y, b_pool, gate_up, out, seg_indptr, seg_slots, slot_ranks, slot_scales,
         num_tokens, num_segs, inter, 2 * max_rank,
         R=max_rank, BLOCK_G=cfg["block_g"], BLOCK_T=cfg["block_t"], BLOCK_N=cfg["block_n"],
-        BLOCK_R=cfg["block_r"], IEEE=(b_pool.dtype == torch.float32), num_warps=cfg["num_warps"],
+        BLOCK_R=cfg["block_r"], IEEE=(b_pool.dtype == torch.float32), ONE_STEP=cfg["one_step"],
+        num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"])
     return out

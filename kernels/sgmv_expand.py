@@ -218,6 +218,16 @@ def default_config(num_tokens: int, num_segs: int, n: int, max_rank: int, block_
         # 52.1 -> 40.3 µs and 24.1 -> 15.7 µs (the best config per op: 38.5 and 15.3)
         return {"block_t": 1, "block_n": 512, "block_r": min(8, rank_p2), "nb_per_prog": 1, "num_warps": 2,
                 "num_stages": num_stages}
+    if block_t == DOT_TILE and rank_p2 <= 16:
+        # decode steps of 4+ tokens a segment (kernels/tiles.pick_block_t), ranks in one 16-row step: a
+        # column block is one set of loads and one dot, the next block's loads issued before it (config
+        # "prefetch"); in steps of many tiles a program does 4 blocks (8 of gate/up's 128 columns). H200
+        # sweep, each expand alone (bench/results/tile-sweep-dot-h200.md), 256 tokens x 64 adapters: the
+        # four 72.9 -> 56.2 µs (gate/up 44.4 -> 33.6); 64 x 16 28.7 -> 24.8; 256 x 1 29.4 -> 24.7
+        many = num_tiles_bound(num_tokens, num_segs, block_t) >= 64
+        wide = n > 8192
+        return {"block_t": block_t, "block_n": 128 if wide and many else 256, "block_r": 16,
+                "nb_per_prog": (8 if wide else 4) if many else 1, "num_warps": 4, "num_stages": 2, "prefetch": True}
     if block_t >= 16:
         # BLOCK_R = 32 on the tl.dot path faulted ("misaligned address") with triton 3.6 on the
         # H200 (bf16/fp16 B, R = 32: tests/kernels/test_tiny_shapes_gpu.py). 16 also in rank-64
@@ -278,9 +288,10 @@ def _launch_config(num_tokens: int, num_segs: int, n: int, max_rank: int, b_dtyp
     cfg.setdefault("pdl", not cfg["use_dot"])              # decode tiles (kernels/_common.launch_options)
     if cfg["use_dot"] and (cfg["block_n"] < 16 or cfg["block_r"] < 16):
         raise ValueError("tl.dot path (block_t >= 16) needs block_n, block_r >= 16")
-    cfg["prefetch"] = bool(cfg.get("prefetch", False))
-    if cfg["prefetch"] and not (cfg["use_dot"] and rank_bound <= cfg["block_r"]):
+    one_step = cfg["use_dot"] and rank_bound <= cfg["block_r"]
+    if config.get("prefetch") and not one_step:
         raise ValueError(f"prefetch needs the tl.dot path and rank_bound {rank_bound} <= block_r {cfg['block_r']}")
+    cfg["prefetch"] = bool(cfg.get("prefetch")) and one_step     # a default's, off where overrides rule it out
     if cfg["use_dot"] and cfg["block_r"] == 32 and b_dtype != torch.float32:
         # faults with "misaligned address" (triton 3.6, H200): see default_config
         raise ValueError("tl.dot path with bf16/fp16 B does not support block_r = 32; use 16 or 64")

@@ -44,7 +44,7 @@ from kernels._common import (
     pdl_wait,
     segment_tile,
 )
-from kernels.tiles import DOT_TILE, cdiv, next_pow2, pick_block_t, shrink_tile
+from kernels.tiles import DOT_TILE, LONG_H_IN, cdiv, next_pow2, pick_block_t, shrink_tile
 
 
 # T and G change every prompt step: not specialized on (T % 16, T == 1, ...), so a new
@@ -137,6 +137,7 @@ def default_config(num_tokens: int, num_segs: int, ncol: int, max_rank: int, h_i
     block_t given: the other sizes for that token tile; halve False: 4 rows a decode program
     whatever the program count (the rule before the H200 sweep of session 12, for benchmarks)."""
     block_t = block_t or shrink_tile(pick_block_t(num_tokens, num_segs), num_tokens, h_in)
+    num_stages = 3
     if block_t >= 16:
         # long segments: x tiles of up to 64 tokens. Split H_in 4 ways at 4096, 8 at 14336
         # when there are many tiles (prefill), 16 ways when few (a 64-token decode batch of
@@ -145,6 +146,11 @@ def default_config(num_tokens: int, num_segs: int, ncol: int, max_rank: int, h_i
         block_k = 128
         real_tiles = cdiv(num_tokens, block_t) * cdiv(ncol, block_n)
         split_k = max(1, min(8, h_in // 1024)) if real_tiles >= 32 else max(1, min(16, h_in // 256))
+        if block_t == DOT_TILE and h_in <= LONG_H_IN and num_tiles_bound(num_tokens, num_segs, block_t) >= 64:
+            # a decode step of many short segments (256 tokens x 64 adapters: 76 tiles, which the count
+            # above takes for 16): 4 splits, 4 stages, 32+ columns. H200 sweep, each shrink alone
+            # (bench/results/tile-sweep-dot-h200.md): qkv, o, gate/up 34.1 -> 30.2 µs
+            block_n, split_k, num_stages = max(32, block_n), 4, 4
     else:
         # decode: 4 rank rows a program, K blocks of 4096 A elements (8 KB bf16) per step;
         # split only a long H_in (down proj) in two
@@ -170,7 +176,7 @@ def default_config(num_tokens: int, num_segs: int, ncol: int, max_rank: int, h_i
     if not atomic_ok:
         split_k = 1
     return {"block_t": block_t, "block_n": block_n, "block_k": block_k, "split_k": split_k,
-                "num_warps": num_warps}
+                "num_warps": num_warps, "num_stages": num_stages}
 
 
 def launch_config(num_tokens: int, num_segs: int, num_mods: int, max_rank: int, h_in: int, out_fp32: bool,

@@ -14,7 +14,7 @@ from torch import nn
 from inference_worker.lora.layers import LoRALinear
 from inference_worker.lora.metadata import LoraBatchMeta
 from kernels.backend import REFERENCE_OPS
-from kernels.lora_silu_mul import lora_silu_mul
+from kernels.lora_silu_mul import launch_config, lora_silu_mul
 from kernels.reference import lora_silu_mul_ref
 from tests.kernels.helpers import make_meta, make_pools, rel_err
 
@@ -48,13 +48,25 @@ def _case(name, inter, h_tail, dtype, seed):
 
 
 @pytest.mark.parametrize("name", sorted(SCENARIOS))
-def test_fused_matches_expand_then_activation_fp32(name):
+@pytest.mark.parametrize("one_step", [True, False])
+def test_fused_matches_expand_then_activation_fp32(name, one_step):
+    """one_step: ranks within one 16-row step (pools of rank <= 16) take the loop-free path, unless turned off."""
     seed = random.randrange(1 << 30)
     args, ref = _case(name, 24, 3, torch.float32, seed)
     gate_up = args[2].clone()
-    out = lora_silu_mul(*args, config={"block_n": 16})
+    out = lora_silu_mul(*args, config={"block_n": 16, "one_step": one_step})
     assert out.shape == (gate_up.shape[0], 24) and args[2].equal(gate_up), "gate_up is not modified"
     assert rel_err(out, ref) < 1e-4, f"{name} (seed {seed})"
+
+
+def test_one_step_follows_the_rank_bound():
+    assert launch_config(64, 8, {}, 16)["one_step"]
+    assert not launch_config(64, 8, {}, 64)["one_step"]               # a rank-64 pool: the rank loop
+    assert launch_config(64, 8, {"rank_bound": 16}, 64)["one_step"]   # unless the step's bound says otherwise
+    assert not launch_config(64, 8, {"rank_bound": 16, "one_step": False}, 64)["one_step"]
+    assert not launch_config(64, 8, {})["one_step"]                   # no bound known
+    assert not launch_config(2048, 8, {}, 16)["one_step"]             # prompt tiles: the loop, unless asked
+    assert launch_config(2048, 8, {"one_step": True}, 16)["one_step"]
 
 
 def test_fused_half_precision_and_tile_choices():
