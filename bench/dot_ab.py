@@ -3,7 +3,8 @@
 Decode steps of 4+ tokens a segment run the SGMV on 16-token tl.dot tiles (kernels/tiles.py). Session 14
 changed their blocks: the expand of ranks <= 16 takes the loop-free path with the next column block's loads
 in flight (config "prefetch") and 4 or 8 blocks a program in steps of 64+ tiles; the shrink of many short
-segments 4 splits and 4 stages; gate/up inside the activation (kernels/lora_silu_mul.py, the engine's
+segments 4 splits and 4 stages, that on 2-token tiles 2 rows a program when programs are few (config
+"halve", before only for 1-token tiles); gate/up inside the activation (kernels/lora_silu_mul.py, the engine's
 decode graphs at tile 16) the loop-free path ("one_step"). Per case, interleaved (bench.kernels.replay_us):
 one Llama-3-8B layer's LoRA (8 launches) under each rule, each expand alone, and lora_silu_mul with and
 without one_step; rank-16 adapters. `--prompt` adds 2048 x 8 prompt tiles (32 tokens) of the expand and
@@ -30,8 +31,9 @@ REPS = 200
 
 
 def before(tokens: int, adapters: int) -> tuple[dict, dict]:
-    """(shrink configs, expand configs) per group under the session-13 rules, for decode dot tiles; empty
-    where the step does not use them (the rules did not change there)."""
+    """(shrink configs, expand configs) per group under the session-13 rules, for decode steps on dot tiles
+    (whose shrinks take dot tiles or 2-token tiles); empty where the step does not use them (the rules did
+    not change there)."""
     if pick_block_t(tokens, adapters) != DOT_TILE:
         return {}, {}
     shrink, expand = {}, {}
@@ -41,7 +43,10 @@ def before(tokens: int, adapters: int) -> tuple[dict, dict]:
         nb = 2 if cdiv(tokens, DOT_TILE) * cdiv(n, bn) >= 1024 else 1
         expand[g] = {"block_t": DOT_TILE, "block_n": bn, "block_r": 16, "nb_per_prog": nb, "num_warps": 4,
                      "num_stages": 2, "prefetch": False}
-        if shrink_tile(DOT_TILE, tokens, h_in) == DOT_TILE and h_in <= LONG_H_IN:
+        tile = shrink_tile(DOT_TILE, tokens, h_in)
+        if tile < DOT_TILE:                   # 2-token tiles: 4 rows a program however few the programs
+            shrink[g] = {"block_t": tile, "halve": False}
+        elif h_in <= LONG_H_IN:
             ncol = len(widths) * 16
             sbn = min(64, max(16, next_pow2(ncol)))
             split = 4 if cdiv(tokens, DOT_TILE) * cdiv(ncol, sbn) >= 32 else 16

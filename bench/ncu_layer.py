@@ -24,10 +24,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # metric -> column name in the summary
 METRICS = {
     "gpu__time_duration.sum": "us",
-    "dram__bytes_read.sum": "dram_rd_MB",
-    "dram__bytes_write.sum": "dram_wr_MB",
-    "dram__throughput.avg.pct_of_peak_sustained_elapsed": "dram_%",
-    "lts__t_bytes.sum": "l2_MB",
+    "dram__bytes.sum.per_second": "dram_TB/s",
+    "gpu__dram_throughput.avg.pct_of_peak_sustained_elapsed": "dram_%",
+    "lts__t_sector_hit_rate.pct": "l2_hit_%",
     "sm__throughput.avg.pct_of_peak_sustained_elapsed": "sm_%",
     "launch__grid_size": "grid",
     "launch__registers_per_thread": "regs",
@@ -74,7 +73,7 @@ def summarize(csv_path: str, labels_path: str, out: str) -> None:
         raise SystemExit(f"{len(rows)} profiled launches but {len(labels)} labels")
     table = []
     for label, r in zip(labels, rows):
-        entry = {"launch": label}
+        entry = {"launch": label, "dram_MB": None}
         for metric, col in METRICS.items():
             v = r.get(metric, "")
             try:
@@ -85,9 +84,11 @@ def summarize(csv_path: str, labels_path: str, out: str) -> None:
             unit = units.get(metric, "")
             if col == "us":
                 x = x / 1000 if unit == "ns" else x * 1000 if unit == "ms" else x
-            elif col.endswith("_MB"):
-                x = x * {"byte": 1e-6, "Kbyte": 1e-3, "Mbyte": 1, "Gbyte": 1e3}.get(unit, 1e-6)
+            elif col == "dram_TB/s":
+                x = x * {"Gbyte/s": 1e-3, "Mbyte/s": 1e-6}.get(unit, 1.0)
             entry[col] = round(x, 2)
+        if entry["us"] is not None and entry["dram_TB/s"] is not None:
+            entry["dram_MB"] = round(entry["us"] * entry["dram_TB/s"], 2)     # TB/s x µs = MB
         # where the warps wait: the largest stall reasons (WarpStateStats' cycles per issued instruction)
         stalls = {}
         for k, v in r.items():
@@ -100,8 +101,12 @@ def summarize(csv_path: str, labels_path: str, out: str) -> None:
         table.append(entry)
     with open(out + ".json", "w") as f:
         json.dump({"csv": os.path.basename(csv_path), "metrics": sorted(units), "launches": table}, f, indent=1)
-    cols = list(METRICS.values()) + ["stalls"]
-    md = ["| launch | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
+    cols = list(METRICS.values()) + ["dram_MB", "stalls"]
+    md = [f"# Nsight Compute: one layer's LoRA launches ({os.path.basename(csv_path)})", "",
+          "Each launch alone under ncu (L2 flushed, no graph, no PDL overlap): bench/ncu_layer.py's module docstring. "
+          "Labels: tokens x adapters x rank, group.op. dram_MB = DRAM bytes moved (rate x time); stalls: "
+          "the largest WarpStateStats reasons, cycles per issued instruction.", "",
+          "| launch | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
     md += ["| " + e["launch"] + " | " + " | ".join("-" if e[c] is None else e[c] if isinstance(e[c], str) else f"{e[c]:g}" for c in cols) + " |"
            for e in table]
     with open(out + ".md", "w") as f:

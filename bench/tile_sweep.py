@@ -106,7 +106,11 @@ def case(pools: bk.Pools, tokens: int, adapters: int, log: list, grids: tuple = 
 
 
 def write_markdown(report: dict, path: str) -> None:
-    """Per case and op: the default's µs and the best config's µs of each token tile."""
+    """Per case and op: the default's µs and the best config's µs of each token tile (--dot: the best
+    three configs)."""
+    if report.get("dot"):
+        write_dot_markdown(report, path)
+        return
     tiles = sorted({int(t) for row in report["cases"].values() for op in row.values() for t in op["per_tile"]})
     lines = [f"# SGMV token-tile sweep: {report['device']}", "",
              f"{report['date']}, rank {report.get('rank', 16)}, block_g {report['block_g']}. Command: "
@@ -120,6 +124,24 @@ def write_markdown(report: dict, path: str) -> None:
             best = min(c for c in cells if c is not None)
             lines.append(f"| {case_name} | {op} | {res['default_us']:.2f} | " + " | ".join(
                 "-" if c is None else (f"**{c:.2f}**" if c == best else f"{c:.2f}") for c in cells) + " |")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def write_dot_markdown(report: dict, path: str) -> None:
+    short = {"block_n": "n", "block_k": "k", "split_k": "split", "nb_per_prog": "blocks/prog", "num_warps": "warps",
+             "num_stages": "stages", "prefetch": "prefetch"}
+    lines = [f"# SGMV dot-tile sweep: {report['device']}", "",
+             f"{report['date']}, rank {report.get('rank', 16)}, block_g {report['block_g']}, 16-token tiles. Command: "
+             f"`{report['command']}`. µs per launch, each op alone (CUDA graph of 4 launches over disjoint adapter "
+             "sets); `default` is the rule of the code that ran; the JSON holds every config.", "",
+             "| case | op | default | best | 2nd | 3rd |", "|---|---|---:|---|---|---|"]
+    for case_name, row in report["cases"].items():
+        for op, res in row.items():
+            top = sorted((r for r in res["all"] if r[1]), key=lambda r: r[0])[:3]
+            cells = [f"{us:.2f} " + " ".join(f"{short[k]} {int(v)}" for k, v in cfg.items() if k in short)
+                     for us, cfg in top]
+            lines.append(f"| {case_name} | {op} | {res['default_us']:.2f} | " + " | ".join(cells) + " |")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
 

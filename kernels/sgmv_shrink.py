@@ -159,11 +159,12 @@ def default_config(num_tokens: int, num_segs: int, ncol: int, max_rank: int, h_i
         blocks = cdiv(num_tokens, block_t) * cdiv(ncol, block_n)
         if block_t == 1 and 256 <= blocks < 600:
             split_k = 1           # enough programs without splitting (H100 sweep: down at 64 x 64)
-        halved = halve and block_t == 1 and blocks < 300
+        halved = halve and block_t <= 2 and blocks < 300
         if halved:
             # about two programs an SM or fewer: 2 rows a program, twice the programs in flight
             # (H200 sweep, bench/results/shrink-sweep-h200.md: o at 64 x 64 4.80 -> 4.41 µs,
-            # down 12.20 -> 10.76)
+            # down 12.20 -> 10.76; 2-token tiles, bench/results/tile-sweep-h200.json: the four
+            # shrinks of 16 tokens of one adapter 20.7 -> 18.0 µs, gate/up at 64 x 8 6.38 -> 5.69)
             block_n, blocks = 2, blocks * 2
         # K blocks of 4096 A elements (8 KB bf16); 2048 when programs are many (fewer
         # registers, more resident programs: H200 sweep, qkv at 64 tokens x 64 adapters)

@@ -405,6 +405,11 @@ def test_shrink_halves_rows_when_programs_are_few():
     assert sizes(1, 14336) == (2, 2048, 1, 4)                      # down
     assert sizes(1, 14336, halve=False) == (4, 1024, 1, 8)
     assert sizes(3, 4096) == sizes(3, 4096, halve=False) == (4, 512, 1, 4)     # qkv: 768 blocks
+    # 2-token tiles too: 16 tokens of one adapter (qkv: 96 blocks), gate/up at 64 x 8 (256); not qkv there (384)
+    two = {"block_t": 2}
+    assert launch_config(16, 1, 3, 16, 4096, True, two)["block_n"] == 2
+    assert launch_config(64, 8, 2, 16, 4096, True, two)["block_n"] == 2
+    assert launch_config(64, 8, 3, 16, 4096, True, two)["block_n"] == 4
     seed = random.randrange(1 << 30)
     gen = torch.Generator().manual_seed(seed)
     ranks, RB = [5, 0, 3, 1], 5
