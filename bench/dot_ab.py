@@ -1,10 +1,9 @@
 """The decode dot-tile block rules of session 14 against the rules before them, at the layer (issue 7).
 
 Decode steps of 4+ tokens a segment run the SGMV on 16-token tl.dot tiles (kernels/tiles.py). Session 14
-changed their blocks: the expand of ranks <= 16 takes the loop-free path with the next column block's loads
-in flight (config "prefetch") and 4 or 8 blocks a program in steps of 64+ tiles; the shrink of many short
-segments 4 splits and 4 stages, that on 2-token tiles 2 rows a program when programs are few (config
-"halve", before only for 1-token tiles); gate/up inside the activation (kernels/lora_silu_mul.py, the engine's
+changed their blocks: the expand of ranks <= 16 takes the loop-free path (config "prefetch", one block of
+256 columns a program); the shrink on dot tiles 4 splits and 4 stages, that on 2-token tiles 2 rows a
+program when programs are few (config "halve", before only for 1-token tiles); gate/up inside the activation (kernels/lora_silu_mul.py, the engine's
 decode graphs at tile 16) the loop-free path ("one_step"). Per case, interleaved (bench.kernels.replay_us):
 one Llama-3-8B layer's LoRA (8 launches) under each rule, each expand alone, and lora_silu_mul with and
 without one_step; rank-16 adapters. `--prompt` adds 2048 x 8 prompt tiles (32 tokens) of the expand and

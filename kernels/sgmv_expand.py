@@ -220,14 +220,13 @@ def default_config(num_tokens: int, num_segs: int, n: int, max_rank: int, block_
                 "num_stages": num_stages}
     if block_t == DOT_TILE and rank_p2 <= 16:
         # decode steps of 4+ tokens a segment (kernels/tiles.pick_block_t), ranks in one 16-row step: a
-        # column block is one set of loads and one dot, the next block's loads issued before it (config
-        # "prefetch"); in steps of many tiles a program does 4 blocks (8 of gate/up's 128 columns). H200
-        # sweep, each expand alone (bench/results/tile-sweep-dot-h200.md), 256 tokens x 64 adapters: the
-        # four 72.9 -> 56.2 µs (gate/up 44.4 -> 33.6); 64 x 16 28.7 -> 24.8; 256 x 1 29.4 -> 24.7
-        many = num_tiles_bound(num_tokens, num_segs, block_t) >= 64
-        wide = n > 8192
-        return {"block_t": block_t, "block_n": 128 if wide and many else 256, "block_r": 16,
-                "nb_per_prog": (8 if wide else 4) if many else 1, "num_warps": 4, "num_stages": 2, "prefetch": True}
+        # column block is one set of loads and one dot, with no rank loop for the pipeliner to stage
+        # (config "prefetch"). H200 sweep, each expand alone (bench/results/tile-sweep-dot-h200.md), the
+        # four: 256 tokens x 64 adapters 72.9 -> 61.8 µs (gate/up 44.4 -> 36.2), 64 x 16 28.7 -> 24.8,
+        # 256 x 1 29.4 -> 24.7. 4-8 blocks a program won a further 5.6 µs at 256 x 64 but lost 6 at 64 x 8;
+        # a decode graph pads its segment table to the bucket, so it cannot tell those steps apart.
+        return {"block_t": block_t, "block_n": 256, "block_r": 16, "nb_per_prog": 1, "num_warps": 4,
+                "num_stages": 2, "prefetch": True}
     if block_t >= 16:
         # BLOCK_R = 32 on the tl.dot path faulted ("misaligned address") with triton 3.6 on the
         # H200 (bf16/fp16 B, R = 32: tests/kernels/test_tiny_shapes_gpu.py). 16 also in rank-64

@@ -146,10 +146,12 @@ def default_config(num_tokens: int, num_segs: int, ncol: int, max_rank: int, h_i
         block_k = 128
         real_tiles = cdiv(num_tokens, block_t) * cdiv(ncol, block_n)
         split_k = max(1, min(8, h_in // 1024)) if real_tiles >= 32 else max(1, min(16, h_in // 256))
-        if block_t == DOT_TILE and h_in <= LONG_H_IN and num_tiles_bound(num_tokens, num_segs, block_t) >= 64:
-            # a decode step of many short segments (256 tokens x 64 adapters: 76 tiles, which the count
-            # above takes for 16): 4 splits, 4 stages, 32+ columns. H200 sweep, each shrink alone
-            # (bench/results/tile-sweep-dot-h200.md): qkv, o, gate/up 34.1 -> 30.2 µs
+        if block_t == DOT_TILE and h_in <= LONG_H_IN:
+            # decode steps on dot tiles (256+ tokens, kernels/tiles.shrink_tile): 4 splits, 4 stages, 32+
+            # columns. H200 sweep, each shrink alone (bench/results/tile-sweep-dot-h200.md): qkv, o, gate/up
+            # at 256 tokens x 64 adapters (76 tiles, which the count above takes for 16) 34.1 -> 30.2 µs;
+            # 256 x 16 22.0 -> 22.7 and 256 x 1 21.9 -> 23.1 (their 31 and 17 tiles liked 16 splits), but a
+            # decode graph pads its segment table to the bucket and cannot tell those steps apart
             block_n, split_k, num_stages = max(32, block_n), 4, 4
     else:
         # decode: 4 rank rows a program, K blocks of 4096 A elements (8 KB bf16) per step;

@@ -38,23 +38,23 @@ def _blocks(cfg, *keys):
 
 
 def test_dot_tile_decode_defaults():
-    """Decode steps on 16-token tiles (bench/results/tile-sweep-dot-h200.md). The expand of ranks <= 16:
-    the loop-free path with the next block's loads in flight; 4 blocks a program (gate/up: 8 of 128
-    columns) when the step has 64+ tiles, else 1 of 256 columns. Ranks past 16, or prompt tiles: as before.
-    The shrink of many short segments at H_in 4096: 4 splits, 4 stages, 32+ columns."""
+    """Decode steps on 16-token tiles (bench/results/tile-sweep-dot-h200.md), by T and the tile only (a
+    decode graph pads G). The expand of ranks <= 16: the loop-free path, one block of 256 columns a
+    program; ranks past 16, or prompt tiles: as before. The shrink at H_in <= 8192: 4 splits, 4 stages,
+    32+ columns; down's as before."""
     keys = ("block_n", "nb_per_prog", "prefetch")
-    assert _blocks(expand_config(256, 64, 6144, 16, torch.bfloat16), *keys) == (256, 4, True)
-    assert _blocks(expand_config(256, 64, 28672, 16, torch.bfloat16), *keys) == (128, 8, True)
-    assert _blocks(expand_config(64, 8, 28672, 16, torch.bfloat16), *keys) == (256, 1, True)
-    assert _blocks(expand_config(256, 16, 4096, 16, torch.bfloat16), *keys) == (256, 1, True)
+    for n in (6144, 28672):
+        for tokens, adapters in ((256, 64), (64, 8), (256, 16), (256, 256)):
+            assert _blocks(expand_config(tokens, adapters, n, 16, torch.bfloat16, {"block_t": 16}), *keys) == (256, 1, True)
     assert not expand_config(256, 64, 6144, 64, torch.bfloat16)["prefetch"]                  # a rank-64 pool
     assert expand_config(256, 64, 6144, 64, torch.bfloat16, {"rank_bound": 16})["prefetch"]  # ... of rank-16 adapters
     assert not expand_config(2048, 8, 6144, 16, torch.bfloat16)["prefetch"]                  # prompt tiles
     keys = ("block_n", "split_k", "num_stages")
-    assert _blocks(shrink_config(256, 64, 1, 16, 4096, True), *keys) == (32, 4, 4)
-    assert _blocks(shrink_config(256, 64, 3, 16, 4096, True), *keys) == (64, 4, 4)
-    assert _blocks(shrink_config(256, 16, 3, 16, 4096, True), *keys) == (64, 16, 3)         # 31 tiles: as before
+    for adapters in (64, 16, 1, 256):
+        assert _blocks(shrink_config(256, adapters, 1, 16, 4096, True, {"block_t": 16}), *keys) == (32, 4, 4)
+        assert _blocks(shrink_config(256, adapters, 3, 16, 4096, True, {"block_t": 16}), *keys) == (64, 4, 4)
     assert _blocks(shrink_config(256, 64, 1, 16, 14336, True), *keys) == (16, 16, 3)        # down: as before
+    assert _blocks(shrink_config(2048, 8, 3, 16, 4096, True), *keys) == (64, 4, 3)          # prompt tiles: as before
 
 
 def _meta(**kw) -> LoraBatchMeta:
