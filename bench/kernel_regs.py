@@ -83,7 +83,7 @@ def main() -> int:
     expands = ((1, 256, 16, 2, 8, False, False, False), (1, 1024, 8, 2, 4, False, False, False),
                (2, 512, 16, 1, 4, False, False, False), (64, 256, 16, 1, 4, True, False, False),
                (1, 512, 8, 1, 2, False, True, False), (1, 1024, 8, 2, 4, False, True, False),
-               (16, 128, 16, 4, 4, True, False, True))
+               (16, 128, 16, 4, 4, True, False, True), (32, 256, 16, 2, 4, True, False, True))
     for pdl in (False, True):
         for bt, bn, br, nbp, nw, dot, early, pre in expands:
             cases.append((f"expand bt{bt} bn{bn} br{br} nbp{nbp} pdl{pdl} early{early} pre{pre}", _sgmv_expand_kernel,
@@ -94,7 +94,7 @@ def main() -> int:
             blk = max(64, 8192 // (rb * bt))
             cases.append((f"lora_decode RB{rb} bt{bt} blk{blk}", _lora_decode_kernel, LD_PTRS,
                           dict(R=64, M=3, RB=rb, CHUNK=2048, BLOCK_G=128, BLOCK_T=bt, BLOCK_K=blk, BLOCK_N=blk), {}, 8))
-    for bt, bn, nw, one in ((64, 128, 4, False), (64, 256, 8, False), (32, 128, 4, False), (16, 128, 4, True)):
+    for bt, bn, nw, one in ((64, 128, 4, False), (64, 256, 8, False), (32, 128, 4, False), (16, 128, 4, True), (32, 128, 4, True)):
         cases.append((f"lora_silu_mul bt{bt} bn{bn} w{nw} one_step{one}", _lora_silu_mul_kernel, SM_PTRS,
                       dict(R=64, BLOCK_G=128, BLOCK_T=bt, BLOCK_N=bn, BLOCK_R=16, IEEE=False, ONE_STEP=one),
                       {"num_stages": 2}, nw))

@@ -258,8 +258,13 @@ def default_config(num_tokens: int, num_segs: int, n: int, max_rank: int, block_
     # two column blocks a program (the tile lookup paid once) while >= ~1024 programs remain
     blocks = cdiv(num_tokens, block_t) * cdiv(n, block_n)
     nb_per_prog = 2 if blocks >= 1024 else 1
+    # prompt tiles of up to 32 tokens (the engine's prompt graphs), ranks in one 16-row step: the loop-free
+    # path with the next block's loads in flight. H200, 2048 tokens x 8 adapters, 32-token tiles, each
+    # expand alone (bench/results/dot-ab-h200.json): qkv 19.4 -> 16.7 µs, o and down 14.3 -> 12.1 and
+    # 14.7 -> 12.4, gate/up 97.2 -> 81.9. (64-token tiles already use 254 registers: not tried.)
+    prefetch = DOT_TILE <= block_t <= 32 and rank_p2 <= 16
     return {"block_t": block_t, "block_n": block_n, "block_r": block_r, "nb_per_prog": nb_per_prog,
-            "num_warps": num_warps, "num_stages": num_stages}
+            "num_warps": num_warps, "num_stages": num_stages, "prefetch": prefetch}
 
 
 def launch_config(num_tokens: int, num_segs: int, n: int, max_rank: int, b_dtype: torch.dtype,

@@ -65,8 +65,9 @@ def test_one_step_follows_the_rank_bound():
     assert launch_config(64, 8, {"rank_bound": 16}, 64)["one_step"]   # unless the step's bound says otherwise
     assert not launch_config(64, 8, {"rank_bound": 16, "one_step": False}, 64)["one_step"]
     assert not launch_config(64, 8, {})["one_step"]                   # no bound known
-    assert not launch_config(2048, 8, {}, 16)["one_step"]             # prompt tiles: the loop, unless asked
-    assert launch_config(2048, 8, {"one_step": True}, 16)["one_step"]
+    assert launch_config(2048, 8, {}, 16)["one_step"]                 # prompt tiles of 32 tokens too
+    assert not launch_config(2048, 8, {"block_t": 64}, 16)["one_step"]  # 64: the loop, unless asked
+    assert launch_config(2048, 8, {"block_t": 64, "one_step": True}, 16)["one_step"]
 
 
 def test_fused_half_precision_and_tile_choices():
@@ -97,10 +98,11 @@ def test_lora_linear_adds_the_gate_up_lora_in_the_activation_for_prompt_tiles():
                                      "lora_silu_mul": lambda *a, **k: calls.append(1) or lora_silu_mul_ref(*a, **k)})
     gen = torch.Generator().manual_seed(random.randrange(1 << 30))
     lin = LoRALinear(nn.Linear(24, 40), ("gate_proj", "up_proj"), (20, 20), ops, silu_mul=True)
-    a, b, ranks, scales = make_pools(3, 2, 16, 24, 40, [16, 5, 9], torch.float32, DEV, gen)
+    # on the CPU wherever the tests run: the reference ops and the layer's weights live there
+    a, b, ranks, scales = make_pools(3, 2, 16, 24, 40, [16, 5, 9], torch.float32, "cpu", gen)
     lin.a_pool, lin.b_pool = a, b
     lin.shrink_scratch = torch.empty(6 * 2 * 16)
-    indptr, slots, _ = make_meta([3, 1, 2], [2, -1, 0], DEV)
+    indptr, slots, _ = make_meta([3, 1, 2], [2, -1, 0], "cpu")
     x = torch.randn(6, 24, generator=gen)
     for block_t, fused in ((None, True), (32, True), (16, True), (1, False), (2, False)):
         calls.clear()

@@ -40,7 +40,7 @@ def _blocks(cfg, *keys):
 def test_dot_tile_decode_defaults():
     """Decode steps on 16-token tiles (bench/results/tile-sweep-dot-h200.md), by T and the tile only (a
     decode graph pads G). The expand of ranks <= 16: the loop-free path, one block of 256 columns a
-    program; ranks past 16, or prompt tiles: as before. The shrink at H_in <= 8192: 4 splits, 4 stages,
+    program; ranks past 16: as before; prompt tiles of 32 tokens: the loop-free path too, not of 64. The shrink at H_in <= 8192: 4 splits, 4 stages,
     32+ columns; down's as before."""
     keys = ("block_n", "nb_per_prog", "prefetch")
     for n in (6144, 28672):
@@ -48,7 +48,9 @@ def test_dot_tile_decode_defaults():
             assert _blocks(expand_config(tokens, adapters, n, 16, torch.bfloat16, {"block_t": 16}), *keys) == (256, 1, True)
     assert not expand_config(256, 64, 6144, 64, torch.bfloat16)["prefetch"]                  # a rank-64 pool
     assert expand_config(256, 64, 6144, 64, torch.bfloat16, {"rank_bound": 16})["prefetch"]  # ... of rank-16 adapters
-    assert not expand_config(2048, 8, 6144, 16, torch.bfloat16)["prefetch"]                  # prompt tiles
+    assert not expand_config(2048, 8, 6144, 16, torch.bfloat16)["prefetch"]                  # 64-token tiles
+    assert expand_config(2048, 8, 6144, 16, torch.bfloat16, {"block_t": 32})["prefetch"]     # the prompt graphs'
+    assert not expand_config(2048, 8, 6144, 64, torch.bfloat16, {"block_t": 32})["prefetch"]
     keys = ("block_n", "split_k", "num_stages")
     for adapters in (64, 16, 1, 256):
         assert _blocks(shrink_config(256, adapters, 1, 16, 4096, True, {"block_t": 16}), *keys) == (32, 4, 4)
