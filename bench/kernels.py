@@ -595,8 +595,12 @@ def write_markdown(res, path):
             mm = r["prompt_matmuls_us"]
             lines.append(f"| {r['tokens']} | {r['adapters']} | {r['rank']} | {mm:.1f} | {r['base_act_us']:.1f} | " +
                          " | ".join(f"{c:.1f} | {100 * c / mm:.1f}%" for c in cells) + " |")
-    lines += ["", "Paged decode attention (Hq 32, Hkv 8, bf16, block 16), µs:", "",
-              "| batch | context | head dim | ours | gather + SDPA | KV floor | ours/floor |", "|---:|---:|---:|---:|---:|---:|---:|"]
+    if not res["attention"]:
+        lines += ["", "Paged decode attention: not run in this call (`--no-attention`)."]
+    else:
+        lines += ["", "Paged decode attention (Hq 32, Hkv 8, bf16, block 16), µs:", "",
+                  "| batch | context | head dim | ours | gather + SDPA | KV floor | ours/floor |",
+                  "|---:|---:|---:|---:|---:|---:|---:|"]
     for r in res["attention"]:
         if not r["cfg"]:
             lines.append(f"| {r['batch']} | {r['ctx']} | {r['head_dim']} | {r['ours_us']:.1f} | "
