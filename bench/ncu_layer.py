@@ -4,8 +4,10 @@ Runs each case's 8 SGMV launches (bench/kernels.py's ours_step: the four shrinks
 Llama-3-8B layer, the engine's default configs) once to compile, then once between
 cudaProfilerStart/Stop, and writes the launches' labels in profiled order. Under ncu:
 
-    ncu --clock-control none --profile-from-start off -k regex:sgmv --csv --page raw \\
-        --section SpeedOfLight --section ... (SECTIONS) python3 bench/ncu_layer.py --labels labels.json > ncu.csv
+    ncu --clock-control none --profile-from-start off -k regex:sgmv --section SpeedOfLight \\
+        --section LaunchStats --section Occupancy --section WarpStateStats --section MemoryWorkloadAnalysis \\
+        -f -o ncu-layer python3 bench/ncu_layer.py --labels labels.json
+    ncu --import ncu-layer.ncu-rep --csv --page raw > ncu.csv
     python3 bench/ncu_layer.py --summarize ncu.csv --labels labels.json --out bench/results/ncu-layer-h200
 
 ncu times each launch alone with a flushed L2 (no graph, no overlap with its neighbours): a launch's
@@ -33,7 +35,6 @@ METRICS = {
     "sm__warps_active.avg.pct_of_peak_sustained_active": "occ_%",
     "smsp__average_warp_latency_per_inst_issued.ratio": "cyc/inst",
 }
-SECTIONS = ("SpeedOfLight", "LaunchStats", "Occupancy", "WarpStateStats", "MemoryWorkloadAnalysis")
 CASES = "256x64x16,256x16x16,16x1x16,64x8x16,64x64x16,256x64x8,64x8x64"
 
 
@@ -60,7 +61,7 @@ def run(cases: str, labels_path: str) -> None:
         json.dump(labels, f)
 
 
-def summarize(csv_path: str, labels_path: str, out: str) -> None:
+def summarize(csv_path: str, labels_path: str, out: str, note: str = "") -> None:
     """ncu's raw CSV (one row a launch) + the labels -> a markdown table and JSON."""
     with open(csv_path) as f:
         lines = f.read().splitlines()
@@ -105,7 +106,7 @@ def summarize(csv_path: str, labels_path: str, out: str) -> None:
     md = [f"# Nsight Compute: one layer's LoRA launches ({os.path.basename(csv_path)})", "",
           "Each launch alone under ncu (L2 flushed, no graph, no PDL overlap): bench/ncu_layer.py's module docstring. "
           "Labels: tokens x adapters x rank, group.op. dram_MB = DRAM bytes moved (rate x time); stalls: "
-          "the largest WarpStateStats reasons, cycles per issued instruction.", "",
+          "the largest WarpStateStats reasons, cycles per issued instruction." + (f" {note}" if note else ""), "",
           "| launch | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
     md += ["| " + e["launch"] + " | " + " | ".join("-" if e[c] is None else e[c] if isinstance(e[c], str) else f"{e[c]:g}" for c in cols) + " |"
            for e in table]
@@ -120,9 +121,10 @@ def main() -> None:
     ap.add_argument("--labels", default="ncu-labels.json")
     ap.add_argument("--summarize", default="", help="ncu's --csv --page raw output to turn into a table")
     ap.add_argument("--out", default="ncu-layer", help="with --summarize: the table's path, no extension")
+    ap.add_argument("--note", default="", help="with --summarize: a line for the table's header (device, commit)")
     args = ap.parse_args()
     if args.summarize:
-        summarize(args.summarize, args.labels, args.out)
+        summarize(args.summarize, args.labels, args.out, args.note)
     else:
         run(args.cases, args.labels)
 

@@ -17,7 +17,8 @@ Grid: 1-D over (token tile, column block of I), sized from host ints (T, G, I): 
 CUDA graph. Launched without programmatic dependent launch: it follows the gate/up matmul
 (kernels/_common.launch_options says why). Every token is covered (segment_tile's virtual base
 segment takes tokens past the last segment): every token needs its activation. Token tiles of
->= 16 use tl.dot; decode steps keep sgmv_expand (tuned there) and the plain activation.
+>= 16 use tl.dot (prompt steps, and decode graphs of 16-token tiles); 1- and 2-token decode tiles keep
+sgmv_expand (tuned there) and the plain activation.
 """
 from __future__ import annotations
 

@@ -13,7 +13,8 @@ slot's first `rank` rows only, whatever the pool's max rank R (an [S, N, R] pool
 for rank 64 made a rank-16 adapter read 32 of every 128 bytes). The rank loop stops at
 the slot's rank (no work for padding; rows past it are never loaded, so they may hold
 anything). BLOCK_T >= 16 uses tl.dot ([BLOCK_T, BLOCK_R] x [BLOCK_R, BLOCK_N], y cast to
-B's dtype); smaller tiles (decode) accumulate BLOCK_R unrolled row loads per step in fp32,
+B's dtype; with every rank in one BLOCK_R step, config "prefetch", a loop-free block: _expand_dot_prefetched);
+smaller tiles (decode) accumulate BLOCK_R unrolled row loads per step in fp32,
 each row scaled by its y value; 1-token tiles of steps of rank <= 16 (config "early") read their first
 [BLOCK_R, BLOCK_N] block of B before the PDL wait and sum row blocks in one thread a column (_expand_token).
 Accumulation is fp32; out is read, added to and rounded once.
@@ -148,9 +149,10 @@ def _expand_dot_prefetched(y_ptr, b_slot, out_ptr, scale, offs_t, t_mask, rank, 
                            R: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
                            NB_PER_PROG: tl.constexpr, IEEE: tl.constexpr):
     """The tl.dot path of a step whose ranks fit one BLOCK_R step (config "prefetch"): a column block is
-    then one set of loads and one dot, so block j+1's loads are issued before block j's dot and store.
-    Two blocks' loads are in flight a program; without it a program waits out each block's loads in
-    turn (Triton pipelines the rank loop, which here has one step)."""
+    then one set of loads and one dot, with no rank loop, and with several blocks a program block j+1's
+    loads are issued before block j's dot and store. On the H200 most of the win is the loop-free block
+    itself (one block a program): Triton's pipeliner staged the one-step rank loop's loads through shared
+    memory, and these latency-bound programs (Nsight Compute: bench/results/ncu-layer-h200.md) paid for it."""
     offs_r = tl.arange(0, BLOCK_R)
     r_mask = offs_r < rank
     nb = pid_grp * NB_PER_PROG
