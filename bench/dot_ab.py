@@ -4,7 +4,7 @@ Decode steps of 4+ tokens a segment run the SGMV on 16-token tl.dot tiles (kerne
 changed their blocks: the expand of ranks <= 16 takes the loop-free path (config "prefetch", one block of
 256 columns a program); the shrink on dot tiles 4 splits and 4 stages, that on 2-token tiles 2 rows a
 program when programs are few (config "halve", before only for 1-token tiles); gate/up inside the activation (kernels/lora_silu_mul.py, the engine's
-decode graphs at tile 16) the loop-free path ("one_step"). Per case, interleaved (bench.kernels.replay_us):
+decode graphs at tile 16) the loop-free path ("one_step"). Per case, interleaved (bench.kernels.interleaved_medians):
 one Llama-3-8B layer's LoRA (8 launches) under each rule, each expand alone, and lora_silu_mul with and
 without one_step; rank-16 adapters. `--prompt` adds 2048 x 8 prompt tiles (32 tokens) of the expand and
 lora_silu_mul with and without the loop-free path, which the defaults leave off there (not measured before).
@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -82,9 +81,7 @@ def case(pools: bk.Pools, tokens: int, adapters: int, prompt: bool) -> dict:
         for one in (False, True):
             fn = silu(pools, layer, {"block_t": DOT_TILE, "rank_bound": 16, "one_step": one})
             graphs[f"silu.one_step{int(one)}"] = bk.capture_graph(lambda fn=fn: [fn(m) for m in sets])
-    names = list(graphs)
-    times = bk.replay_us([graphs[n] for n in names], REPS)
-    return {n: round(statistics.median(t[i] for t in times) / bk.K_STEPS, 2) for i, n in enumerate(names)}
+    return bk.interleaved_medians(graphs, REPS)
 
 
 def main() -> None:

@@ -2,7 +2,7 @@
 the shrink's 2-row programs when programs are few against 4 rows (config "halve"), on a Hopper GPU
 (issue 7): one Llama-3-8B layer's LoRA (8 launches), each group's shrink + expand pair, and
 each expand alone (back to back over 4 adapter sets), rank-16 adapters. Every graph of a case is
-replayed interleaved with the others (bench.kernels.replay_us), so drift hits all variants alike; the
+replayed interleaved with the others (bench.kernels.interleaved_medians), so drift hits all variants alike; the
 expand's early path is first checked against the reference. Prints one line per case, writes JSON.
 
 Usage: python bench/early_weights.py [--sweep] [--sweep-shrink] [--cases 64x64] --out bench/results/early-weights-h100.json
@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 
 import torch
@@ -67,9 +66,7 @@ def case(pools: bk.Pools, tokens: int, adapters: int, variants: dict) -> dict:
                 expand = bk._one_op("expand", g, bk.GROUPS[g][1], layer, pools, ecfg)
                 graphs[f"alone.{g}.{name}"] = bk.capture_graph(lambda fn=expand: [fn(m) for m in sets])
         expand_cfgs.append(ecfg)
-    names = list(graphs)
-    times = bk.replay_us([graphs[n] for n in names], REPS)
-    return {n: round(statistics.median(t[i] for t in times) / bk.K_STEPS, 2) for i, n in enumerate(names)}
+    return bk.interleaved_medians(graphs, REPS)
 
 
 def main() -> None:

@@ -96,6 +96,14 @@ def replay_us(graphs: list, reps: int) -> list[list[float]]:
     return [[e0.elapsed_time(e1) * 1e3 for e0, e1 in rnd] for rnd in events]
 
 
+def interleaved_medians(graphs: dict, reps: int, steps: int = K_STEPS) -> dict:
+    """{name: median µs per step}: `reps` rounds, each replaying every graph once (replay_us), so drift
+    hits all of them alike; each graph runs `steps` layer steps."""
+    names = list(graphs)
+    times = replay_us([graphs[n] for n in names], reps)
+    return {n: round(statistics.median(t[i] for t in times) / steps, 2) for i, n in enumerate(names)}
+
+
 def median_graph_us(step, reps=40, steps=1):
     """Captures step() in a CUDA graph, replays it `reps` times; median µs per replay / steps."""
     graph = capture_graph(step)
