@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.tiles import cdiv, segment_table_width
+from kernels.tiles import MANY_TOKENS, cdiv, segment_table_width
 
 
 def interpreting() -> bool:
@@ -52,6 +52,14 @@ def early_weights() -> bool:
     overlap the previous kernel's tail like the segment lookup does; what the previous kernel wrote
     (x, y, out) is still read after the wait. Harmless without PDL (the wait is then a no-op)."""
     return os.environ.get("OPENLORA_SGMV_EARLY", "1") != "0"
+
+
+def pdl_default(use_dot: bool, num_tokens: int) -> bool:
+    """Whether an SGMV launch asks for PDL by default: decode tiles always; tl.dot tiles in decode-sized
+    steps (up to MANY_TOKENS), not in prompt steps (launch_options says why). H200, one layer's 8
+    launches (bench/results/decode-ab-h200.json): 64 tokens x 8 rank-16 adapters 41.4 -> 36.1 µs,
+    256 x 64 at rank 8 97.8 -> 93.0."""
+    return not use_dot or num_tokens <= MANY_TOKENS
 
 
 def launch_options(device: torch.device, pdl: bool = True) -> dict:

@@ -40,11 +40,12 @@ from kernels._common import (
     module_of,
     module_table,
     num_tiles_bound,
+    pdl_default,
     pdl_start,
     pdl_wait,
     segment_tile,
 )
-from kernels.tiles import DOT_TILE, cdiv, next_pow2, pick_block_t
+from kernels.tiles import DOT_TILE, SMALL_RANK, cdiv, next_pow2, pick_block_t
 
 
 # T and G change every prompt step: not specialized on (T % 16, T == 1, ...), so a new
@@ -218,8 +219,10 @@ def default_config(num_tokens: int, num_segs: int, n: int, max_rank: int, block_
         # the sum crosses them: 4x slower). 8-row steps, one block a program. H100 sweep at 64 x 64
         # and 16 x 16, rank 16 (bench/early_weights.py --sweep): the four expands (each alone, summed)
         # 52.1 -> 40.3 µs and 24.1 -> 15.7 µs (the best config per op: 38.5 and 15.3)
-        return {"block_t": 1, "block_n": 512, "block_r": min(8, rank_p2), "nb_per_prog": 1, "num_warps": 2,
-                "num_stages": num_stages}
+        # Past rank 16, 16-row steps: H200 sweep of 1 token, rank 64 (bench/results/small-sweep-h200.md), the
+        # four expands 23.0 -> 17.9 µs against the 8-row steps of 256 columns a program below
+        return {"block_t": 1, "block_n": 512, "block_r": min(8 if rank_p2 <= SMALL_RANK else 16, rank_p2),
+                "nb_per_prog": 1, "num_warps": 2, "num_stages": num_stages}
     if block_t == DOT_TILE and rank_p2 <= 16:
         # decode steps of 4+ tokens a segment (kernels/tiles.pick_block_t), ranks in one 16-row step: a
         # column block is one set of loads and one dot, with no rank loop for the pipeliner to stage
@@ -228,6 +231,12 @@ def default_config(num_tokens: int, num_segs: int, n: int, max_rank: int, block_
         # 256 x 1 29.4 -> 24.7. 4-8 blocks a program won a further 5.6 µs at 256 x 64 but lost 6 at 64 x 8;
         # a decode graph pads its segment table to the bucket, so it cannot tell those steps apart.
         return {"block_t": block_t, "block_n": 256, "block_r": 16, "nb_per_prog": 1, "num_warps": 4,
+                "num_stages": 2, "prefetch": True}
+    if block_t == DOT_TILE and rank_p2 <= 64:
+        # ranks past 16 on 16-token tiles: the loop-free path with all 64 rows in one step. H200 sweep,
+        # rank 64, each expand alone (bench/results/small-sweep-h200.md): 64 tokens x 8 adapters, gate/up
+        # 14.8 -> 12.2 µs (13.2 without PDL), 16-row steps 13.2 (with PDL)
+        return {"block_t": block_t, "block_n": 256, "block_r": 64, "nb_per_prog": 1, "num_warps": 4,
                 "num_stages": 2, "prefetch": True}
     if block_t >= 16:
         # BLOCK_R = 32 on the tl.dot path faulted ("misaligned address") with triton 3.6 on the
@@ -286,12 +295,11 @@ def _launch_config(num_tokens: int, num_segs: int, n: int, max_rank: int, b_dtyp
     if not 1 <= rank_bound <= max_rank:
         raise ValueError(f"rank_bound {rank_bound} must be in [1, R={max_rank}]")
     block_t = config.get("block_t") or pick_block_t(num_tokens, num_segs)
-    # 1-token tiles read their first B rows early (kernels/_common.early_weights), by default for
-    # steps of ranks <= 16 (where it was measured)
-    early = block_t == 1 and bool(config.get("early", early_weights() and rank_bound <= 16))
+    # 1-token tiles read their first B rows early (kernels/_common.early_weights)
+    early = block_t == 1 and bool(config.get("early", early_weights()))
     cfg = {"nb_per_prog": 1, **default_config(num_tokens, num_segs, n, rank_bound, block_t, early), **config}
     cfg["block_g"], cfg["use_dot"], cfg["early"] = block_g_for(num_segs, config.get("block_g")), block_t >= DOT_TILE, early
-    cfg.setdefault("pdl", not cfg["use_dot"])              # decode tiles (kernels/_common.launch_options)
+    cfg.setdefault("pdl", pdl_default(cfg["use_dot"], num_tokens))
     if cfg["use_dot"] and (cfg["block_n"] < 16 or cfg["block_r"] < 16):
         raise ValueError("tl.dot path (block_t >= 16) needs block_n, block_r >= 16")
     one_step = cfg["use_dot"] and rank_bound <= cfg["block_r"]

@@ -40,11 +40,25 @@ from kernels._common import (
     early_weights,
     launch_options,
     num_tiles_bound,
+    pdl_default,
     pdl_start,
     pdl_wait,
     segment_tile,
 )
-from kernels.tiles import DOT_TILE, LONG_H_IN, cdiv, next_pow2, pick_block_t, shrink_tile
+from kernels.tiles import (
+    DOT_TILE,
+    LONG_H_IN,
+    MANY_TOKENS,
+    SMALL_RANK,
+    cdiv,
+    next_pow2,
+    pick_block_t,
+    prev_pow2,
+    shrink_tile,
+)
+
+
+WAVE = 128    # programs of one wave on an H200 (132 SMs), the decode dot tiles' target above SMALL_RANK
 
 
 # T and G change every prompt step: not specialized on (T % 16, T == 1, ...), so a new
@@ -136,8 +150,18 @@ def default_config(num_tokens: int, num_segs: int, ncol: int, max_rank: int, h_i
     """Block sizes from host-known shapes (tuned on an H200, see bench/notes/kernels.md);
     block_t given: the other sizes for that token tile; halve False: 4 rows a decode program
     whatever the program count (the rule before the H200 sweep of session 12, for benchmarks)."""
-    block_t = block_t or shrink_tile(pick_block_t(num_tokens, num_segs), num_tokens, h_in)
+    block_t = block_t or shrink_tile(pick_block_t(num_tokens, num_segs), num_tokens, h_in, max_rank)
     num_stages = 3
+    if block_t == DOT_TILE and max_rank > SMALL_RANK and num_tokens <= MANY_TOKENS:
+        # decode steps of ranks past 16 (kernels/tiles.shrink_tile): about one wave of programs (132
+        # SMs), wider column blocks as tiles grow, H_in split 4-16 ways. H200 sweep, rank 64, each
+        # shrink alone (bench/results/small-sweep-h200.md): the best within ~0.3 µs of 16 x 1, 64 x 1,
+        # 64 x 8 and 256 x 1 (the three alternatives at 16 and 256 tokens lose up to 2x)
+        tiles = cdiv(num_tokens, block_t)
+        block_n = min(16 if tiles <= 2 else 32 if tiles <= 4 else 64, max(16, next_pow2(ncol)))
+        split_k = min(16, max(4, prev_pow2(WAVE // (tiles * cdiv(ncol, block_n)))))
+        return _fit({"block_t": block_t, "block_n": block_n, "block_k": 128, "split_k": split_k, "num_warps": 4,
+                     "num_stages": 4}, atomic_ok)
     if block_t >= 16:
         # long segments: x tiles of up to 64 tokens. Split H_in 4 ways at 4096, 8 at 14336
         # when there are many tiles (prefill), 16 ways when few (a 64-token decode batch of
@@ -176,10 +200,13 @@ def default_config(num_tokens: int, num_segs: int, ncol: int, max_rank: int, h_i
         # weights (bench/results/early-weights-shrink-sweep-h100.json): down at 64 x 64 16.1 ->
         # 14.6 µs, at 16 x 16 8.5 -> 7.4 µs
         num_warps = 8 if block_t == 1 and h_in > 8192 and progs < 600 and not halved else 4
-    if not atomic_ok:
-        split_k = 1
-    return {"block_t": block_t, "block_n": block_n, "block_k": block_k, "split_k": split_k,
-                "num_warps": num_warps, "num_stages": num_stages}
+    return _fit({"block_t": block_t, "block_n": block_n, "block_k": block_k, "split_k": split_k,
+                 "num_warps": num_warps, "num_stages": num_stages}, atomic_ok)
+
+
+def _fit(cfg: dict, atomic_ok: bool) -> dict:
+    """No H_in split without fp32 atomics (a y of x's dtype)."""
+    return cfg if atomic_ok else {**cfg, "split_k": 1}
 
 
 def launch_config(num_tokens: int, num_segs: int, num_mods: int, max_rank: int, h_in: int, out_fp32: bool,
@@ -205,7 +232,7 @@ def _launch_config(num_tokens: int, num_segs: int, num_mods: int, max_rank: int,
     cfg.update(config)
     cfg["rank_bound"], cfg["block_g"] = rank_bound, block_g_for(num_segs, config.get("block_g"))
     cfg["use_dot"], cfg["atomic"] = cfg["block_t"] >= DOT_TILE, cfg["split_k"] > 1
-    cfg.setdefault("pdl", not cfg["use_dot"])              # decode tiles (kernels/_common.launch_options)
+    cfg.setdefault("pdl", pdl_default(cfg["use_dot"], num_tokens))
     cfg["early"] = not cfg["use_dot"] and cfg.get("early", early_weights())
     cfg["can_skip"] = cfg["block_n"] <= rank_bound and rank_bound % cfg["block_n"] == 0
     if cfg["use_dot"] and (cfg["block_n"] < 16 or cfg["block_k"] < 16):

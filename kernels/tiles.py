@@ -10,6 +10,7 @@ DOT_TILE = 16        # token tiles this long or longer take tl.dot (prompt steps
 MANY_TOKENS = 256    # a step this long fills the GPU with dot tiles of up to 64 tokens
 SMALL_SHRINK_TILE = 2  # the shrink's tile where a step is too small for its dot tiles (shrink_tile)
 LONG_H_IN = 8192     # a shrink input this wide (down's 14336) has work enough a program for dot tiles from 64 tokens
+SMALL_RANK = 16      # rank bounds up to this fit one 16-row tl.dot step; above it a step's shrink keeps dot tiles
 
 
 # Host-side integer helpers for the launchers. triton.cdiv and triton.next_power_of_2 are JIT
@@ -22,6 +23,11 @@ def cdiv(a: int, b: int) -> int:
 def next_pow2(n: int) -> int:
     """The smallest power of 2 >= n (1 for n <= 1)."""
     return 1 << max(0, n - 1).bit_length()
+
+
+def prev_pow2(n: int) -> int:
+    """The largest power of 2 <= n (1 for n <= 1)."""
+    return 1 << max(0, n.bit_length() - 1)
 
 
 def pick_block_t(num_tokens: int, num_segs: int) -> int:
@@ -40,12 +46,18 @@ def pick_block_t(num_tokens: int, num_segs: int) -> int:
     return tile if num_tokens >= MANY_TOKENS else min(tile, DOT_TILE)
 
 
-def shrink_tile(block_t: int, num_tokens: int, h_in: int) -> int:
-    """The shrink's token tile in a step tiled block_t. Its dot tiles need many tokens: split 16 ways
-    over H_in, the few tiles of a small step leave most SMs idle, and 2-token decode tiles win. So a
-    dot tile stays for 256 tokens and more, or 64 and more with a long H_in (down, 14336), else 2.
-    H200 tile sweep, the four shrinks: 16 tokens of one adapter 22.3 -> 18.0 µs, 64 x 8 down 8.70 ->
-    7.47 µs (kept on 16), 256 x 64 59.0 -> 40.4 µs (qkv, gate/up, down on 16 from 2)."""
+def shrink_tile(block_t: int, num_tokens: int, h_in: int, rank_bound: int | None = None) -> int:
+    """The shrink's token tile in a step tiled block_t, of adapters of ranks <= rank_bound (None: up to
+    SMALL_RANK). Its dot tiles need work: at rank 16 and H_in 4096 the few tiles of a small step leave
+    most SMs idle, and 2-token decode tiles win. So a dot tile stays for 256 tokens and more, or 64 and
+    more with a long H_in (down, 14336), else 2. H200 tile sweep, the four shrinks: 16 tokens of one
+    adapter 22.3 -> 18.0 µs, 64 x 8 down 8.70 -> 7.47 µs (kept on 16), 256 x 64 59.0 -> 40.4 µs (qkv,
+    gate/up, down on 16 from 2). Above SMALL_RANK a 2-token tile's programs each walk H_in for 4 of
+    many rank rows and re-read A once a tile: decode steps (up to 256 tokens) take 16-token dot tiles,
+    whose programs the launcher spreads over H_in (bench/results/small-sweep-h200.md: 64 tokens x 8
+    rank-64 adapters, qkv 19.0 -> 9.0 µs, gate/up 13.1 -> 6.7)."""
+    if block_t >= DOT_TILE and rank_bound is not None and rank_bound > SMALL_RANK and num_tokens <= MANY_TOKENS:
+        return DOT_TILE
     if block_t < DOT_TILE or num_tokens >= MANY_TOKENS or (h_in > LONG_H_IN and num_tokens >= 64):
         return block_t
     return SMALL_SHRINK_TILE

@@ -57,10 +57,11 @@ class LoraBatchMeta:
     def shrink_config_for(self, num_tokens: int, h_in: int) -> dict:
         """The config of the shrink of a layer of input width h_in over num_tokens rows: shrink_config,
         but a decode graph's dot tile gives way to 2-token tiles where the step is too small for the
-        dot path (kernels.tiles.shrink_tile: < 256 tokens, or < 64 for down's long H_in)."""
+        dot path (kernels.tiles.shrink_tile: < 256 tokens, or < 64 for down's long H_in, at rank bounds
+        up to 16)."""
         if self.shrink_block_t is not None or self.block_t is None:
             return self.shrink_config
-        if shrink_tile(self.block_t, num_tokens, h_in) == self.block_t:
+        if shrink_tile(self.block_t, num_tokens, h_in, self.rank_bound) == self.block_t:
             return self.shrink_config
         return self._small_shrink_config
 

@@ -107,12 +107,14 @@ def test_sgmv_one_token_tiles(name, nbp, early):
 
 
 @pytest.mark.parametrize("name", ["long_segments", "empty_and_base_segments", "one_adapter_for_all", "mixed_short",
-                                  "decode_every_token_own_adapter"])
+                                  "decode_every_token_own_adapter", "long_segments_mixed_ranks"])
 @pytest.mark.parametrize("nbp", [1, 3])
 def test_expand_dot_tiles_prefetched(name, nbp):
     """Dot tiles with the next column block's loads issued before this block's dot (config "prefetch"):
-    groups of blocks that cross a module boundary and run past the last block, base and empty segments."""
-    ecfg = {"block_t": 16, "block_n": 16, "block_r": 16, "nb_per_prog": nbp, "prefetch": True}
+    groups of blocks that cross a module boundary and run past the last block, base and empty segments;
+    ranks 8, 33 and 64 in one 64-row step (the default past rank 16)."""
+    block_r = 64 if SCENARIOS[name][3] > 16 else 16
+    ecfg = {"block_t": 16, "block_n": 16, "block_r": block_r, "nb_per_prog": nbp, "prefetch": True}
     _run_case(name, random.randrange(1 << 30), num_mods=2, widths=[19, 30], h_in=53, dtype=torch.float32,
               y_dtype=torch.float32, shrink_cfg={"block_t": 2}, expand_cfg=ecfg)
 
@@ -368,17 +370,20 @@ def test_rank_bound_skips_padding_rows(block_t, split_k):
 
 
 def test_expand_picks_blocks_by_rank_bound():
-    """Decode tiles of a step with ranks above 16 take narrow column blocks and 8-row steps (H200
-    sweep, mixed ranks 8..64) and read no weights early; at rank 16 the early path's 512-column
-    blocks in 2 warps, or without it the wide blocks. All give the reference's result."""
+    """1-token tiles read their first B rows early, in 8-row steps at rank bounds up to 16 and 16-row
+    steps above (H200 sweep, bench/results/small-sweep-h200.md); without the early reads, steps of ranks
+    above 16 take narrow column blocks and 8-row steps (H200 sweep, mixed ranks 8..64), those of rank 16
+    the wide blocks. All give the reference's result."""
     from kernels.sgmv_expand import launch_config
     early = launch_config(64, 46, 28672, 64, torch.bfloat16, {"block_t": 1, "rank_bound": 16})
+    early_wide = launch_config(64, 46, 28672, 64, torch.bfloat16, {"block_t": 1, "rank_bound": 64})
     wide = launch_config(64, 46, 28672, 64, torch.bfloat16, {"block_t": 1, "rank_bound": 16, "early": False})
-    narrow = launch_config(64, 46, 28672, 64, torch.bfloat16, {"block_t": 1, "rank_bound": 64})
+    narrow = launch_config(64, 46, 28672, 64, torch.bfloat16, {"block_t": 1, "rank_bound": 64, "early": False})
     assert (early["early"], early["block_n"], early["block_r"], early["num_warps"]) == (True, 512, 8, 2)
+    assert (early_wide["early"], early_wide["block_r"]) == (True, 16)
     assert (wide["early"], narrow["early"]) == (False, False)
     assert (wide["block_n"], narrow["block_n"], narrow["block_r"]) == (1024, 256, 8)
-    assert launch_config(64, 46, 28672, 64, torch.bfloat16)["block_n"] == 256     # no bound: the pool's R
+    assert launch_config(64, 46, 28672, 64, torch.bfloat16)["block_r"] == 16     # no bound: the pool's R
     seed = random.randrange(1 << 30)
     gen = torch.Generator().manual_seed(seed)
     ranks = [8, 64, 16, 32, 5]
@@ -386,10 +391,12 @@ def test_expand_picks_blocks_by_rank_bound():
     _, b, slot_ranks, scales = make_pools(5, 2, 64, 8, 300, ranks, torch.float32, DEV, gen)
     y = torch.randn(num_tokens, 2, 64, generator=gen).to(DEV)
     out0 = torch.randn(num_tokens, 300, generator=gen).to(DEV)
-    out = out0.clone()
-    sgmv_expand(y, b, (0, 100, 300), indptr, slots, slot_ranks, scales, out, config={"block_t": 1, "rank_bound": 64})
     want = sgmv_expand_ref(y, b, (0, 100, 300), indptr, slots, slot_ranks, scales, out0.clone())
-    assert rel_err(out, want) < 1e-4, f"seed {seed}"
+    for early in (True, False):
+        out = out0.clone()
+        sgmv_expand(y, b, (0, 100, 300), indptr, slots, slot_ranks, scales, out,
+                    config={"block_t": 1, "rank_bound": 64, "early": early})
+        assert rel_err(out, want) < 1e-4, f"seed {seed} early {early}"
 
 
 def test_shrink_halves_rows_when_programs_are_few():

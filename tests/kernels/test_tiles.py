@@ -21,6 +21,10 @@ def test_shrink_tile_keeps_dot_tiles_for_large_steps_and_long_inputs():
     assert shrink_tile(16, 16, 14336) == 2                                          # too few tokens even for down
     assert shrink_tile(16, 64, 14336) == 16                                         # down from 64 tokens
     assert shrink_tile(16, 256, 4096) == 16 and shrink_tile(64, 2048, 4096) == 64   # many tokens
+    # ranks past 16: 16-token dot tiles in decode-sized steps, whatever the expand's tile
+    assert shrink_tile(16, 16, 4096, 64) == shrink_tile(64, 256, 4096, 32) == 16
+    assert shrink_tile(16, 64, 4096, 16) == 2 and shrink_tile(2, 64, 4096, 64) == 2
+    assert shrink_tile(64, 2048, 4096, 64) == 64                                     # prompt steps: as at rank 16
 
 
 def test_launchers_default_to_the_rules():
@@ -40,14 +44,16 @@ def _blocks(cfg, *keys):
 def test_dot_tile_decode_defaults():
     """Decode steps on 16-token tiles (bench/results/tile-sweep-dot-h200.md), by T and the tile only (a
     decode graph pads G). The expand of ranks <= 16: the loop-free path, one block of 256 columns a
-    program; ranks past 16: as before; prompt tiles of 32 tokens: the loop-free path too, not of 64. The shrink at H_in <= 8192: 4 splits, 4 stages,
+    program; ranks up to 64: all rows in one step (loop-free too); prompt tiles of 32 tokens: the loop-free path too, not of 64. The shrink at H_in <= 8192: 4 splits, 4 stages,
     32+ columns; down's as before."""
     keys = ("block_n", "nb_per_prog", "prefetch")
     for n in (6144, 28672):
         for tokens, adapters in ((256, 64), (64, 8), (256, 16), (256, 256)):
             assert _blocks(expand_config(tokens, adapters, n, 16, torch.bfloat16, {"block_t": 16}), *keys) == (256, 1, True)
-    assert not expand_config(256, 64, 6144, 64, torch.bfloat16)["prefetch"]                  # a rank-64 pool
-    assert expand_config(256, 64, 6144, 64, torch.bfloat16, {"rank_bound": 16})["prefetch"]  # ... of rank-16 adapters
+    wide = expand_config(256, 64, 6144, 64, torch.bfloat16)                                  # a rank-64 pool: 64 rows,
+    assert (wide["block_r"], wide["block_n"], wide["prefetch"]) == (64, 256, True)          # one loop-free step
+    assert expand_config(256, 64, 6144, 64, torch.bfloat16, {"rank_bound": 16})["block_r"] == 16  # rank-16 adapters
+    assert not expand_config(256, 64, 6144, 128, torch.bfloat16)["prefetch"]                 # rank 128: a rank loop
     assert not expand_config(2048, 8, 6144, 16, torch.bfloat16)["prefetch"]                  # 64-token tiles
     assert expand_config(2048, 8, 6144, 16, torch.bfloat16, {"block_t": 32})["prefetch"]     # the prompt graphs'
     assert not expand_config(2048, 8, 6144, 64, torch.bfloat16, {"block_t": 32})["prefetch"]
@@ -57,6 +63,28 @@ def test_dot_tile_decode_defaults():
         assert _blocks(shrink_config(256, adapters, 3, 16, 4096, True, {"block_t": 16}), *keys) == (64, 4, 4)
     assert _blocks(shrink_config(256, 64, 1, 16, 14336, True), *keys) == (16, 16, 3)        # down: as before
     assert _blocks(shrink_config(2048, 8, 3, 16, 4096, True), *keys) == (64, 4, 3)          # prompt tiles: as before
+
+
+def test_wide_rank_decode_shrink_fills_one_wave():
+    """Ranks past 16 on 16-token tiles (bench/results/small-sweep-h200.md): wider column blocks as tiles
+    grow, H_in split so that tiles x column blocks x splits is about 128 programs, 4 to 16 splits."""
+    keys = ("block_t", "block_n", "split_k", "num_stages")
+    assert _blocks(shrink_config(16, 1, 3, 64, 4096, True), *keys) == (16, 16, 8, 4)      # 12 blocks x 8
+    assert _blocks(shrink_config(64, 8, 2, 64, 4096, True), *keys) == (16, 32, 8, 4)      # 4 x 4 x 8
+    assert _blocks(shrink_config(64, 8, 1, 64, 14336, True), *keys) == (16, 32, 16, 4)    # 4 x 2 x 16
+    assert _blocks(shrink_config(256, 1, 3, 64, 4096, True), *keys) == (16, 64, 4, 4)     # 16 x 3 x 4 (not 2)
+    assert _blocks(shrink_config(256, 1, 1, 64, 4096, True), *keys) == (16, 64, 8, 4)
+    assert shrink_config(64, 8, 3, 64, 4096, False)["split_k"] == 1                       # no fp32 y: no split
+    assert shrink_config(64, 8, 3, 64, 4096, True, {"rank_bound": 16})["block_t"] == 2    # rank-16 adapters
+
+
+def test_pdl_for_decode_sized_steps():
+    """Every launch of a step of up to 256 tokens asks for PDL, tl.dot tiles too; prompt steps' do not."""
+    assert expand_config(64, 8, 6144, 16, torch.bfloat16)["pdl"] and shrink_config(64, 8, 1, 16, 14336, True)["pdl"]
+    assert expand_config(256, 1, 6144, 16, torch.bfloat16)["pdl"]
+    assert not expand_config(2048, 8, 6144, 16, torch.bfloat16)["pdl"]
+    assert not shrink_config(2048, 8, 3, 16, 4096, True)["pdl"]
+    assert shrink_config(2048, 2048, 3, 16, 4096, True)["pdl"]                            # 1-token tiles: always
 
 
 def _meta(**kw) -> LoraBatchMeta:
@@ -73,6 +101,7 @@ def test_meta_shrink_config_per_layer_width():
     assert graph.shrink_config_for(64, 4096) == {"block_t": 2, "rank_bound": 16}
     assert graph.shrink_config_for(64, 14336) is graph.shrink_config == {"block_t": 16, "rank_bound": 16}
     assert graph.shrink_config_for(256, 4096)["block_t"] == 16
+    assert _meta(block_t=16, rank_bound=64).shrink_config_for(64, 4096)["block_t"] == 16      # wide ranks
     assert _meta(block_t=2).shrink_config_for(64, 4096)["block_t"] == 2
     prompt = _meta(block_t=32, shrink_block_t=64, block_g=128)
     assert prompt.shrink_config_for(48, 4096) == {"block_t": 64, "block_g": 128, "rank_bound": None}

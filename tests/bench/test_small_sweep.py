@@ -1,0 +1,34 @@
+"""bench/small_sweep.py's grids and its pick of each op's best config (CPU: launch_config only)."""
+import importlib
+
+import torch
+
+
+def test_grids_are_valid_launch_configs():
+    # imported in the test, not at collection: the sweep imports the Triton launchers, which must be imported
+    # after the kernels' conftest picks the interpreter
+    sweep = importlib.import_module("bench.small_sweep")
+    bk = importlib.import_module("bench.kernels")
+    shrink_lc = importlib.import_module("kernels.sgmv_shrink").launch_config
+    expand_lc = importlib.import_module("kernels.sgmv_expand").launch_config
+    for text in sweep.CASES:
+        tokens, adapters, rank = sweep.parse_case(text)
+        shrinks, expands = sweep.grids(tokens, adapters, rank)
+        assert shrinks and expands
+        for h_in, widths in bk.GROUPS.values():
+            for cfg in shrinks:
+                shrink_lc(tokens, adapters, len(widths), rank, h_in, True, {"block_g": 128, **cfg})
+            for cfg in expands:
+                expand_lc(tokens, adapters, sum(widths), rank, torch.bfloat16, {"block_g": 128, **cfg})
+    # no tile longer than a segment; dot tiles only from 4 tokens a segment; loop-free rank-64 dot tiles
+    assert {c["block_t"] for c in sweep.shrink_grid(1, 1, 64)} == {1}
+    assert {c["block_t"] for c in sweep.shrink_grid(64, 8, 16)} == {1, 2, 4, 16}
+    assert any(c["block_t"] == 16 and c["block_r"] == 64 and c["prefetch"] for c in sweep.expand_grid(64, 1, 64))
+    assert not any(c["block_r"] > 16 for c in sweep.expand_grid(16, 1, 16))
+
+
+def test_best_per_op_keeps_only_winning_overrides():
+    sweep = importlib.import_module("bench.small_sweep")
+    row = {"qkv.shrink": {"all": [(5.0, None), (4.0, {"block_n": 2})]},
+           "qkv.expand": {"all": [(3.0, None), (float("inf"), {"block_n": 64})]}}
+    assert sweep.best_per_op(row) == ({"qkv": {"block_n": 2}}, {})
