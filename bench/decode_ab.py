@@ -27,7 +27,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import bench.kernels as bk  # noqa: E402
-from kernels.lora_silu_mul import lora_silu_mul  # noqa: E402
+from bench.dot_ab import silu  # noqa: E402
 from kernels.tiles import DOT_TILE, LONG_H_IN, cdiv, next_pow2, pick_block_t  # noqa: E402
 
 CASES = ((1, 1), (16, 1), (16, 16), (64, 1), (64, 8), (64, 64), (256, 1), (256, 16), (256, 64), (256, 256))
@@ -87,11 +87,8 @@ def case(pools: bk.Pools, tokens: int, adapters: int) -> dict:
     graphs = {name: bk.capture_graph(lambda s=s, e=e: [bk.ours_step(pools, layer, m, s, e) for m in sets])
               for name, (s, e) in variants.items()}
     if pools.rank > 16 and pick_block_t(tokens, adapters) == DOT_TILE:
-        g = "gate_up"
         for block_r in (16, 64):
-            cfg = {"block_t": DOT_TILE, "block_r": block_r}
-            fn = (lambda m, cfg=cfg: lora_silu_mul(layer.y[g], pools.b[g], layer.out[g], m["indptr"], m["slots"],
-                                                   pools.ranks, pools.scales, config=cfg))
+            fn = silu(pools, layer, {"block_t": DOT_TILE, "block_r": block_r})
             graphs[f"silu.block_r{block_r}"] = bk.capture_graph(lambda fn=fn: [fn(m) for m in sets])
     return bk.interleaved_medians(graphs, REPS)
 

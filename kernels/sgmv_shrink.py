@@ -57,7 +57,6 @@ from kernels.tiles import (
     shrink_tile,
 )
 
-
 WAVE = 128    # programs of one wave on an H200 (132 SMs), the decode dot tiles' target above SMALL_RANK
 
 
