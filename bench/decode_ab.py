@@ -53,7 +53,7 @@ def _old_dot_shrink(tokens: int, ncol: int, h_in: int, block_t: int) -> dict:
 
 def before(tokens: int, adapters: int, rank: int) -> tuple[dict, dict]:
     """(shrink configs, expand configs) per group under the rules before session 15, where they differ from
-    today's defaults (bench/results/kernels-h200.md ran them)."""
+    today's defaults (bench/results/kernels-h200-run14.md ran them)."""
     block_t = pick_block_t(tokens, adapters)
     shrink, expand = {}, {}
     for g, (h_in, widths) in bk.GROUPS.items():

@@ -1,7 +1,7 @@
 """The decode steps over issue 7's 2 x line: a block-size sweep of each op, then the layer with each op's
 best config against the defaults (H200).
 
-Which steps: those of bench/results/kernels-h200.md above 2 x their floor + launches (16 or 64 tokens of
+Which steps: those of bench/results/kernels-h200-run14.md above 2 x their floor + launches (16 or 64 tokens of
 one or 8 adapters at ranks 8 and 16; every small step at rank 64) and 256 x 64 at rank 8. Why a sweep:
 the rules of kernels/sgmv_*.default_config were tuned at rank 16 on mid-size steps; at rank 64 a 1-token
 expand walks its rank in 8-row steps, each a dependent round trip to memory, and the dot tiles of a decode
