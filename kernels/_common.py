@@ -64,8 +64,8 @@ def pdl_default(use_dot: bool, num_tokens: int) -> bool:
 
 def launch_options(device: torch.device, pdl: bool = True) -> dict:
     """Extra launch kwargs: launch_pdl when the launch asks for it and PDL is on (older triton has no
-    such option). Launchers ask for it for decode tiles only (their config's "pdl" default). Long
-    token tiles (tl.dot: prompt steps) follow a long base matmul, and their programs launched early
+    such option). Launchers ask for it in decode-sized steps only (their config's "pdl" default:
+    pdl_default). Prompt steps' tl.dot tiles follow a long base matmul, and their programs launched early
     sit on SM resources the matmul is still using: H200, a 2048-token Llama-3-8B layer with its LoRA,
     1354 µs with PDL against 1338 without (and 1351 against 1290 with the gate/up LoRA in the
     activation); back to back, PDL gave those launches nothing (190 µs either way):
