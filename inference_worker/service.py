@@ -27,6 +27,7 @@ from protos import inference_worker_pb2 as pb
 from protos import inference_worker_pb2_grpc
 from services.errors import DeadlineExceeded, InvalidArgument, OpenLoRAError, Unavailable, grpc_errors
 from services.metrics import adapter_ref
+from services.server import InFlight
 from services.telemetry import Telemetry, count_request, current_context, global_telemetry
 
 POLL_S = 0.25                 # how often a waiting stream checks that its client is still there
@@ -49,10 +50,15 @@ class InferenceWorkerServicer(inference_worker_pb2_grpc.InferenceWorkerServicer)
         self._base_model = base_model
         self._device = device
         self._draining = threading.Event()
+        self._running = InFlight()            # Generate calls: a drain waits for them
 
     def drain(self) -> None:
         """Refuse new Generate calls (UNAVAILABLE); running ones finish; watchers get a last status."""
         self._draining.set()
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Blocks until no Generate call runs (True), or timeout seconds (False): the drain's wait."""
+        return self._running.wait_idle(timeout)
 
     # --- Generate --------------------------------------------------------------------------
     @grpc_errors
@@ -61,8 +67,14 @@ class InferenceWorkerServicer(inference_worker_pb2_grpc.InferenceWorkerServicer)
         yield from count_request(self._tel.metrics, adapter, context, self._generate(request, context, adapter))
 
     def _generate(self, request, context, adapter: str):
-        if self._draining.is_set():
-            raise Unavailable("worker is draining")
+        with self._running.track():
+            # checked once counted: a drain sets the flag before it waits, so a call it does not wait for
+            # sees the flag
+            if self._draining.is_set():
+                raise Unavailable("worker is draining")
+            yield from self._run(request, context, adapter)
+
+    def _run(self, request, context, adapter: str):
         rid = request.request_id or uuid.uuid4().hex
         outputs: queue.Queue = queue.Queue()
         on_output = outputs.put if self._stream_interval == 1 else StreamBatcher(outputs.put, self._stream_interval)

@@ -2,14 +2,17 @@
 
 Health (grpc.health.v1) turns SERVING once the service is ready; reflection lists
 the services; SIGTERM/SIGINT drain: health NOT_SERVING, the service's own drain
-hook (e.g. refuse new requests), in-flight RPCs finish up to the grace period,
+hook (e.g. refuse new requests), the service's running work finishes (its wait_idle
+hook) while the server still answers, in-flight RPCs finish up to the grace period,
 then the process exits 0.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import threading
+import time
 from concurrent import futures
 from typing import Callable, Iterable, Sequence
 
@@ -27,10 +30,13 @@ Registration = tuple[Callable[[object, grpc.Server], None], object]
 class GrpcServer:
     def __init__(self, config: ServerConfig, registrations: Sequence[Registration],
                  service_names: Iterable[str], on_drain: Callable[[], None] | None = None,
-                 interceptors: Sequence[grpc.ServerInterceptor] = ()):
+                 interceptors: Sequence[grpc.ServerInterceptor] = (),
+                 wait_idle: Callable[[float], bool] | None = None):
+        """wait_idle(timeout): blocks until the service's running work is done (drain)."""
         self.config = config
         self.service_names = list(service_names)
         self._on_drain = on_drain
+        self._wait_idle = wait_idle
         self._stopped = threading.Event()
         options = [("grpc.max_receive_message_length", config.max_message_bytes),
                    ("grpc.max_send_message_length", config.max_message_bytes),
@@ -76,11 +82,17 @@ class GrpcServer:
         if self._stopped.is_set():
             return
         grace = self.config.grace_s if grace_s is None else grace_s
+        deadline = time.monotonic() + grace
         log.info("draining (grace %.1fs)", grace)
         self._set_status(health_pb2.HealthCheckResponse.NOT_SERVING)
         if self._on_drain is not None:
             self._on_drain()
-        self.server.stop(grace).wait()
+        if self._wait_idle is not None:
+            # the server keeps answering while the running work finishes, so a new call gets the
+            # service's own refusal (UNAVAILABLE: a router retries elsewhere); once grpc's stop
+            # begins, a call racing it may be cancelled instead (CANCELLED, which nobody retries)
+            self._wait_idle(grace)
+        self.server.stop(max(0.0, deadline - time.monotonic())).wait()
         self._stopped.set()
         log.info("stopped")
 
@@ -98,6 +110,31 @@ class GrpcServer:
         """Block until drained (main thread stays responsive to signals)."""
         while not self._stopped.wait(0.5):
             pass
+
+
+class InFlight:
+    """Counts a service's running calls, so a drain can wait for them (GrpcServer's wait_idle)."""
+
+    def __init__(self) -> None:
+        self._count = 0
+        self._idle = threading.Condition()
+
+    @contextlib.contextmanager
+    def track(self):
+        with self._idle:
+            self._count += 1
+        try:
+            yield
+        finally:
+            with self._idle:
+                self._count -= 1
+                if self._count == 0:
+                    self._idle.notify_all()
+
+    def wait_idle(self, timeout: float) -> bool:
+        """True once no call runs; False if some still do after timeout seconds."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._count == 0, timeout)
 
 
 def serve_forever(server: GrpcServer) -> int:

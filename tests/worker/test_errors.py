@@ -1,6 +1,8 @@
 """Status codes, cancellation and deadlines through the real gRPC worker."""
 from __future__ import annotations
 
+import threading
+
 import grpc
 import pytest
 
@@ -98,3 +100,24 @@ def test_draining_refuses_new_requests(make_worker):
     assert reader.wait_for(lambda s: s.draining).draining
     assert reader.done.wait(60) and reader.error is None      # the watch ends after saying so
 
+
+
+def test_drain_waits_for_running_requests_and_refuses_new_ones(make_worker):
+    """The server's drain (SIGTERM) keeps answering while a Generate runs: status calls say draining, a new
+    Generate gets the worker's own UNAVAILABLE (which routers retry; once grpc's stop begins, a call racing
+    it may be cancelled instead); the drain ends once the running call does."""
+    w = make_worker()
+    running = StreamReader(long_request(w))
+    running.wait_for(lambda m: m.token_ids)
+    drain = threading.Thread(target=w.worker.server.drain, args=(60.0,), daemon=True)
+    drain.start()
+    wait_for(lambda: w.worker.servicer._draining.is_set(), "the drain to begin")
+    for _ in range(3):
+        with pytest.raises(grpc.RpcError) as err:
+            w.generate(prompt="hi")
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert w.stub.GetStatus(inference_worker_pb2.GetStatusRequest(), timeout=10).draining
+    assert drain.is_alive()                       # still waiting for the running request
+    running.call.cancel()
+    drain.join(30)
+    assert not drain.is_alive()
