@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import bench.kernels as bk  # noqa: E402
-from bench.tile_sweep import BLOCK_G, time_configs  # noqa: E402
+from bench.tile_sweep import BLOCK_G, sweep_inputs, time_configs  # noqa: E402
 from kernels.tiles import DOT_TILE, next_pow2  # noqa: E402
 
 CASES = ("1x1x64", "16x1x64", "64x1x64", "64x8x64", "256x1x64", "16x1x16", "64x1x16", "64x8x16", "16x1x8",
@@ -131,10 +131,7 @@ def best_per_op(row: dict) -> tuple[dict, dict]:
 
 
 def case(pools: bk.Pools, tokens: int, adapters: int, log: list) -> dict:
-    sets = bk.make_sets(tokens, adapters, bk.K_STEPS)
-    layer = bk.Layer(tokens, pools.rank)
-    refs = {"y": {g: torch.randn_like(y) for g, y in layer.y.items()},
-            "out": {g: out.clone() for g, out in layer.out.items()}}
+    sets, layer, refs = sweep_inputs(pools, tokens, adapters)
     ops = {}
     for g in bk.GROUPS:
         for op, cfgs in zip(("shrink", "expand"), grids(tokens, adapters, pools.rank)):

@@ -84,11 +84,18 @@ def one_result(op: str, g: str, layer: bk.Layer, refs: dict, fn, meta: dict) -> 
     return layer.out[g].float() - refs["out"][g].float()
 
 
-def case(pools: bk.Pools, tokens: int, adapters: int, log: list, grids: tuple = (SHRINK, EXPAND)) -> dict:
+def sweep_inputs(pools: bk.Pools, tokens: int, adapters: int) -> tuple[list, bk.Layer, dict]:
+    """A case's adapter sets (bench.kernels.make_sets), activations, and the expands' reference inputs (refs
+    of time_configs)."""
     sets = bk.make_sets(tokens, adapters, bk.K_STEPS)
     layer = bk.Layer(tokens, pools.rank)
     refs = {"y": {g: torch.randn_like(y) for g, y in layer.y.items()},
             "out": {g: out.clone() for g, out in layer.out.items()}}
+    return sets, layer, refs
+
+
+def case(pools: bk.Pools, tokens: int, adapters: int, log: list, grids: tuple = (SHRINK, EXPAND)) -> dict:
+    sets, layer, refs = sweep_inputs(pools, tokens, adapters)
     row = {}
     for g in bk.GROUPS:
         for op, cfgs in zip(("shrink", "expand"), grids):
