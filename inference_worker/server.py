@@ -132,7 +132,7 @@ def build_worker(config: WorkerConfig, telemetry: Telemetry | None = None) -> Wo
     server = GrpcServer(config.server_config(),
                         [(inference_worker_pb2_grpc.add_InferenceWorkerServicer_to_server, servicer)],
                         [SERVICE_NAME], on_drain=servicer.drain, interceptors=[telemetry.server_interceptor()],
-                        wait_idle=servicer.wait_idle)
+                        wait_idle=servicer.intake.wait_idle)
     log.info("worker for %s (base model %r) on %s", config.model_dir, base_model, config.engine.torch_device)
     return Worker(config, server, engine, manager, servicer, store, EngineMonitor(engine, telemetry.metrics))
 

@@ -25,9 +25,9 @@ from inference_worker.protocol import (
 from inference_worker.stream_batch import StreamBatcher
 from protos import inference_worker_pb2 as pb
 from protos import inference_worker_pb2_grpc
-from services.errors import DeadlineExceeded, InvalidArgument, OpenLoRAError, Unavailable, grpc_errors
+from services.errors import DeadlineExceeded, InvalidArgument, OpenLoRAError, grpc_errors
 from services.metrics import adapter_ref
-from services.server import InFlight
+from services.server import Intake
 from services.telemetry import Telemetry, count_request, current_context, global_telemetry
 
 POLL_S = 0.25                 # how often a waiting stream checks that its client is still there
@@ -49,16 +49,11 @@ class InferenceWorkerServicer(inference_worker_pb2_grpc.InferenceWorkerServicer)
         self.address = address
         self._base_model = base_model
         self._device = device
-        self._draining = threading.Event()
-        self._running = InFlight()            # Generate calls: a drain waits for them
+        self.intake = Intake("worker")        # Generate calls: a drain refuses new ones, waits for the rest
 
     def drain(self) -> None:
         """Refuse new Generate calls (UNAVAILABLE); running ones finish; watchers get a last status."""
-        self._draining.set()
-
-    def wait_idle(self, timeout: float) -> bool:
-        """Blocks until no Generate call runs (True), or timeout seconds (False): the drain's wait."""
-        return self._running.wait_idle(timeout)
+        self.intake.drain()
 
     # --- Generate --------------------------------------------------------------------------
     @grpc_errors
@@ -67,11 +62,7 @@ class InferenceWorkerServicer(inference_worker_pb2_grpc.InferenceWorkerServicer)
         yield from count_request(self._tel.metrics, adapter, context, self._generate(request, context, adapter))
 
     def _generate(self, request, context, adapter: str):
-        with self._running.track():
-            # checked once counted: a drain sets the flag before it waits, so a call it does not wait for
-            # sees the flag
-            if self._draining.is_set():
-                raise Unavailable("worker is draining")
+        with self.intake.admit():
             yield from self._run(request, context, adapter)
 
     def _run(self, request, context, adapter: str):
@@ -180,7 +171,7 @@ class InferenceWorkerServicer(inference_worker_pb2_grpc.InferenceWorkerServicer)
                 last = status
             if status.draining:
                 return                        # the last message says so; the server is stopping
-            self._draining.wait(interval_s)   # wakes at once on drain
+            self.intake.draining.wait(interval_s)   # wakes at once on drain
 
     def status(self) -> pb.WorkerStatus:
         stats = self._engine.stats()
@@ -190,4 +181,4 @@ class InferenceWorkerServicer(inference_worker_pb2_grpc.InferenceWorkerServicer)
             free_adapter_slots=stats.free_adapter_slots, total_adapter_slots=stats.total_adapter_slots,
             running_requests=stats.running_requests, waiting_requests=stats.waiting_requests,
             kv_blocks_used=stats.kv_blocks_used, kv_blocks_total=stats.kv_blocks_total,
-            draining=self._draining.is_set(), device=self._device, address=self.address)
+            draining=self.intake.draining.is_set(), device=self._device, address=self.address)

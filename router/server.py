@@ -24,9 +24,11 @@ class RouterServer:
         self.view = WorkerView(config, telemetry)
         self.discovery = Discovery(parse_workers(config.workers), self.view.set_addresses,
                                    config.resolve_interval_s, resolver)
-        servicer = RouterServicer(self.view, config, telemetry.metrics)
-        self.grpc = GrpcServer(config.server_config(), [(router_pb2_grpc.add_RouterServicer_to_server, servicer)],
-                               [SERVICE_NAME], interceptors=[telemetry.server_interceptor()])
+        self.servicer = RouterServicer(self.view, config, telemetry.metrics)
+        intake = self.servicer.intake
+        self.grpc = GrpcServer(config.server_config(), [(router_pb2_grpc.add_RouterServicer_to_server, self.servicer)],
+                               [SERVICE_NAME], interceptors=[telemetry.server_interceptor()],
+                               on_drain=intake.drain, wait_idle=intake.wait_idle)
 
     def start(self) -> int:
         """Listen, give the workers a moment to report, then turn SERVING. Returns the port.

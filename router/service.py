@@ -22,6 +22,7 @@ from router.worker_view import WorkerView
 from services.config import WORKER_METADATA_KEY
 from services.errors import Unavailable, from_rpc_error, grpc_errors
 from services.metrics import Metrics, adapter_ref
+from services.server import Intake
 from services.telemetry import count_request, global_telemetry
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         self.view = view
         self.config = config
         self.metrics = metrics or global_telemetry().metrics
+        self.intake = Intake("router")        # Generate calls: a drain refuses new ones, waits for the rest
 
     @grpc_errors
     def Generate(self, request, context):
@@ -50,6 +52,10 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         yield from count_request(self.metrics, adapter, context, self._generate(request, context, adapter))
 
     def _generate(self, request, context, adapter: str):
+        with self.intake.admit():
+            yield from self._route(request, context, adapter)
+
+    def _route(self, request, context, adapter: str):
         arrived = time.monotonic()
         key = routing_key(request)
         salt = request.request_id or uuid.uuid4().hex

@@ -21,6 +21,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from services.config import ServerConfig
+from services.errors import Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -112,29 +113,40 @@ class GrpcServer:
             pass
 
 
-class InFlight:
-    """Counts a service's running calls, so a drain can wait for them (GrpcServer's wait_idle)."""
+class Intake:
+    """A service's intake of calls: drain() stops it (new calls get UNAVAILABLE, which a router or client
+    retries elsewhere), wait_idle(timeout) waits for the calls already running (GrpcServer's hook)."""
 
-    def __init__(self) -> None:
-        self._count = 0
+    def __init__(self, what: str) -> None:
+        self.what = what                      # "worker", "router": said in the refusal
+        self.draining = threading.Event()
+        self._running = 0
         self._idle = threading.Condition()
 
+    def drain(self) -> None:
+        self.draining.set()
+
     @contextlib.contextmanager
-    def track(self):
+    def admit(self):
+        """Runs a call (counted) or refuses it (UNAVAILABLE) once draining."""
         with self._idle:
-            self._count += 1
+            self._running += 1
         try:
+            # checked once counted: drain() comes before wait_idle(), so a call the drain does not wait
+            # for sees the flag
+            if self.draining.is_set():
+                raise Unavailable(f"{self.what} is draining")
             yield
         finally:
             with self._idle:
-                self._count -= 1
-                if self._count == 0:
+                self._running -= 1
+                if self._running == 0:
                     self._idle.notify_all()
 
     def wait_idle(self, timeout: float) -> bool:
-        """True once no call runs; False if some still do after timeout seconds."""
+        """True once no admitted call runs; False if some still do after timeout seconds."""
         with self._idle:
-            return self._idle.wait_for(lambda: self._count == 0, timeout)
+            return self._idle.wait_for(lambda: self._running == 0, timeout)
 
 
 def serve_forever(server: GrpcServer) -> int:

@@ -99,6 +99,26 @@ def test_client_cancellation_reaches_the_worker(cluster):
     assert upstream.cancelled.wait(10), "the worker never saw the cancellation"
 
 
+def test_drain_refuses_new_streams_and_waits_for_running_ones(cluster):
+    """SIGTERM's drain: while a stream runs, the router still answers; new Generate calls get UNAVAILABLE
+    (clients retry another router) and ListWorkers works; the drain ends when the running stream does."""
+    for w in cluster.workers:
+        w.forever = True
+    call = cluster.stub.Generate(request(), timeout=60)
+    assert next(call).text == "t0 "
+    drain = threading.Thread(target=cluster.router.grpc.drain, args=(60.0,), daemon=True)
+    drain.start()
+    wait_for(cluster.router.servicer.intake.draining.is_set, what="the drain to begin")
+    with pytest.raises(grpc.RpcError) as err:
+        list(cluster.stub.Generate(request(), timeout=10))
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "router is draining" in err.value.details()
+    assert healthy(cluster.stub) == {w.address for w in cluster.workers}
+    assert drain.is_alive()
+    call.cancel()
+    drain.join(30)
+    assert not drain.is_alive()
+
+
 def test_deadline_is_passed_on(cluster):
     list(cluster.stub.Generate(request(request_id="with"), timeout=30))
     list(cluster.stub.Generate(request(request_id="without")))

@@ -111,7 +111,7 @@ def test_drain_waits_for_running_requests_and_refuses_new_ones(make_worker):
     running.wait_for(lambda m: m.token_ids)
     drain = threading.Thread(target=w.worker.server.drain, args=(60.0,), daemon=True)
     drain.start()
-    wait_for(lambda: w.worker.servicer._draining.is_set(), "the drain to begin")
+    wait_for(w.worker.servicer.intake.draining.is_set, "the drain to begin")
     for _ in range(3):
         with pytest.raises(grpc.RpcError) as err:
             w.generate(prompt="hi")
