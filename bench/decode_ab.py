@@ -28,27 +28,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import bench.kernels as bk  # noqa: E402
 from bench.dot_ab import silu  # noqa: E402
-from kernels.tiles import DOT_TILE, LONG_H_IN, cdiv, next_pow2, pick_block_t  # noqa: E402
+from kernels.sgmv_shrink import default_config as shrink_defaults  # noqa: E402
+from kernels.tiles import DOT_TILE, SMALL_RANK, cdiv, next_pow2, pick_block_t, shrink_tile  # noqa: E402
 
 CASES = ((1, 1), (16, 1), (16, 16), (64, 1), (64, 8), (64, 64), (256, 1), (256, 16), (256, 64), (256, 256))
 REPS = 200
-
-
-def _old_shrink_tile(block_t: int, tokens: int, h_in: int) -> int:
-    if block_t < DOT_TILE or tokens >= 256 or (h_in > LONG_H_IN and tokens >= 64):
-        return block_t
-    return 2
-
-
-def _old_dot_shrink(tokens: int, ncol: int, h_in: int, block_t: int) -> dict:
-    """The shrink's tl.dot config before (sgmv_shrink.default_config), PDL off."""
-    block_n, num_stages = min(64, max(16, next_pow2(ncol))), 3
-    real_tiles = cdiv(tokens, block_t) * cdiv(ncol, block_n)
-    split_k = max(1, min(8, h_in // 1024)) if real_tiles >= 32 else max(1, min(16, h_in // 256))
-    if block_t == DOT_TILE and h_in <= LONG_H_IN:
-        block_n, split_k, num_stages = max(32, block_n), 4, 4
-    return {"block_t": block_t, "block_n": block_n, "block_k": 128, "split_k": split_k, "num_warps": 4,
-            "num_stages": num_stages, "pdl": False}
 
 
 def before(tokens: int, adapters: int, rank: int) -> tuple[dict, dict]:
@@ -67,12 +51,14 @@ def before(tokens: int, adapters: int, rank: int) -> tuple[dict, dict]:
                 nb = 2 if cdiv(tokens, DOT_TILE) * cdiv(n, bn) >= 1024 else 1
                 expand[g] = {"block_t": DOT_TILE, "block_n": bn, "block_r": 16, "nb_per_prog": nb, "num_warps": 4,
                              "num_stages": 2, "prefetch": False, "pdl": False}
-            tile = _old_shrink_tile(block_t, tokens, h_in)
+            tile = shrink_tile(block_t, tokens, h_in)       # (no rank bound: the rank-16 rule, as before)
             if tile < DOT_TILE:
                 if rank > 16:                    # today a dot tile; before, 2-token tiles as set then
                     shrink[g] = {"block_t": tile}
             elif rank > 16:
-                shrink[g] = _old_dot_shrink(tokens, len(widths) * rank, h_in, tile)
+                # the rank-16 rules' blocks for these columns (the one-wave rule is for rank bounds past 16)
+                shrink[g] = {**shrink_defaults(tokens, adapters, len(widths) * rank, SMALL_RANK, h_in, True, tile),
+                             "pdl": False}
             else:
                 shrink[g] = {"pdl": False}
     return shrink, expand

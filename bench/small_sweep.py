@@ -141,12 +141,11 @@ def case(pools: bk.Pools, tokens: int, adapters: int, log: list) -> dict:
             print(f"{tokens}x{adapters}x{pools.rank} {g:8s} {op:6s} default {results[0][0]:6.2f} best {us:6.2f} {cfg}",
                   flush=True)
     shrink, expand = best_per_op(ops)
-    # the layer's variants at the default segment-table width (the table's), not the sweep's fixed one
-    drop_g = {"block_g"}
+    # (the layer's variants at the default segment-table width, the table's: time_configs adds its fixed
+    # one to the launch, not to the configs it returns)
     variants = {"default": ({}, {}),
                 "pdl": ({g: {"pdl": True} for g in bk.GROUPS}, {g: {"pdl": True} for g in bk.GROUPS}),
-                "best": ({g: {k: v for k, v in c.items() if k not in drop_g} for g, c in shrink.items()},
-                         {g: {k: v for k, v in c.items() if k not in drop_g} for g, c in expand.items()})}
+                "best": (shrink, expand)}
     graphs = {name: bk.capture_graph(lambda s=s, e=e: [bk.ours_step(pools, layer, m, s, e) for m in sets])
               for name, (s, e) in variants.items()}
     layer_us = bk.interleaved_medians(graphs, REPS)
