@@ -77,23 +77,32 @@ def main() -> int:
             cases.append((f"shrink dot R64 RB{rb} pdl{pdl}", _sgmv_shrink_kernel, SH_PTRS,
                           dict(R=64, RB=rb, BLOCK_G=16, BLOCK_T=64, BLOCK_N=64, BLOCK_K=128, SPLIT_K=4, USE_DOT=True,
                                ATOMIC=True, CAN_SKIP=rb >= 64, IEEE=False, PDL=pdl, EARLY=False), {}, 4))
+    for bt, bn, split in ((64, 64, 8), (128, 32, 16)):          # long segments: wide dot tiles
+        cases.append((f"shrink dot wide R64 bt{bt} bn{bn} split{split}", _sgmv_shrink_kernel, SH_PTRS,
+                      dict(R=64, RB=64, BLOCK_G=128, BLOCK_T=bt, BLOCK_N=bn, BLOCK_K=128, SPLIT_K=split, USE_DOT=True,
+                           ATOMIC=True, CAN_SKIP=True, IEEE=False, PDL=True, EARLY=False), {"num_stages": 3}, 4))
     for bn, split in ((16, 8), (32, 16), (64, 4)):              # decode dot tiles past rank 16: one wave
         cases.append((f"shrink dot decode R64 bn{bn} split{split}", _sgmv_shrink_kernel, SH_PTRS,
                       dict(R=64, RB=64, BLOCK_G=128, BLOCK_T=16, BLOCK_N=bn, BLOCK_K=128, SPLIT_K=split, USE_DOT=True,
                            ATOMIC=True, CAN_SKIP=True, IEEE=False, PDL=True, EARLY=False), {"num_stages": 4}, 4))
-    # (token tile, columns, rank rows, blocks a program, warps, tl.dot, early, prefetch): the decode defaults
-    # before and with early weights (one warp per 256 columns), 2-token tiles, prefill, dot tiles with the next
-    # column block's loads in flight (past rank 16: one 64-row step; 1-token tiles' early reads in 16-row steps)
-    expands = ((1, 256, 16, 2, 8, False, False, False), (1, 1024, 8, 2, 4, False, False, False),
-               (2, 512, 16, 1, 4, False, False, False), (64, 256, 16, 1, 4, True, False, False),
-               (1, 512, 8, 1, 2, False, True, False), (1, 1024, 8, 2, 4, False, True, False),
-               (16, 128, 16, 4, 4, True, False, True), (32, 256, 16, 2, 4, True, False, True),
-               (16, 256, 64, 1, 4, True, False, True), (1, 512, 16, 1, 2, False, True, False))
+    # (token tile, columns, rank rows, blocks a program, warps, tl.dot, early, prefetch, early_dot): the decode
+    # defaults before and with early weights (one warp per 256 columns), 2-token tiles, prefill, dot tiles with the
+    # next column block's loads in flight (past rank 16: one 64-row step; 1-token tiles' early reads in 16-row
+    # steps, or all 64 rows), and with their first B block read early; 128- and 256-token tiles (long segments)
+    expands = ((1, 256, 16, 2, 8, False, False, False, False), (1, 1024, 8, 2, 4, False, False, False, False),
+               (2, 512, 16, 1, 4, False, False, False, False), (64, 256, 16, 1, 4, True, False, False, False),
+               (1, 512, 8, 1, 2, False, True, False, False), (1, 1024, 8, 2, 4, False, True, False, False),
+               (16, 128, 16, 4, 4, True, False, True, False), (32, 256, 16, 2, 4, True, False, True, False),
+               (16, 256, 64, 1, 4, True, False, True, False), (1, 512, 16, 1, 2, False, True, False, False),
+               (1, 128, 64, 1, 2, False, True, False, False), (16, 256, 16, 1, 4, True, False, True, True),
+               (16, 256, 64, 1, 4, True, False, True, True), (128, 64, 64, 1, 8, True, False, True, True),
+               (256, 64, 16, 1, 8, True, False, False, False))
     for pdl in (False, True):
-        for bt, bn, br, nbp, nw, dot, early, pre in expands:
-            cases.append((f"expand bt{bt} bn{bn} br{br} nbp{nbp} pdl{pdl} early{early} pre{pre}", _sgmv_expand_kernel,
-                          EX_PTRS, dict(R=64, BLOCK_G=128, BLOCK_T=bt, BLOCK_N=bn, BLOCK_R=br, NB_PER_PROG=nbp,
-                                        USE_DOT=dot, IEEE=False, PDL=pdl, EARLY=early, PREFETCH=pre), {}, nw))
+        for bt, bn, br, nbp, nw, dot, early, pre, early_dot in expands:
+            cases.append((f"expand bt{bt} bn{bn} br{br} nbp{nbp} pdl{pdl} early{early} pre{pre} ed{early_dot}",
+                          _sgmv_expand_kernel, EX_PTRS,
+                          dict(R=64, BLOCK_G=128, BLOCK_T=bt, BLOCK_N=bn, BLOCK_R=br, NB_PER_PROG=nbp, USE_DOT=dot,
+                               IEEE=False, PDL=pdl, EARLY=early, PREFETCH=pre, EARLY_DOT=early_dot), {}, nw))
     for rb in (16, 32):
         for bt in (1, 2):
             blk = max(64, 8192 // (rb * bt))

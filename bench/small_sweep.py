@@ -38,6 +38,7 @@ from kernels.tiles import DOT_TILE, next_pow2  # noqa: E402
 CASES = ("1x1x64", "16x1x64", "64x1x64", "64x8x64", "256x1x64", "16x1x16", "64x1x16", "64x8x16", "16x1x8",
          "64x8x8", "256x64x8")
 REPS = 200
+WIDE = 128               # tokens a segment from which the grids also try token tiles past 16 (up to 256)
 WARM_SLOTS = 64          # the compile-ahead processes' pools (>= any case's adapters): a config compiles the same for any slot count
 
 
@@ -60,6 +61,10 @@ def shrink_grid(tokens: int, adapters: int, rank: int) -> list[dict]:
     if tokens // adapters >= 4:
         cfgs += [{"block_t": DOT_TILE, "block_n": bn, "block_k": 128, "split_k": sk, "num_warps": 4, "num_stages": ns,
                   "pdl": pdl} for bn in (16, 32, 64) for sk in (4, 8, 16) for ns in (4,) for pdl in (False, True)]
+    if tokens // adapters >= WIDE:
+        # long segments: wider tiles read A fewer times (each token tile re-reads its columns' A)
+        cfgs += [{"block_t": bt, "block_n": bn, "block_k": 128, "split_k": sk, "num_warps": w, "num_stages": ns}
+                 for bt in (32, 64, 128) for bn in (32, 64, 128) for sk in (4, 8, 16) for w in (4,) for ns in (3, 4)]
     return cfgs
 
 
@@ -74,10 +79,21 @@ def expand_grid(tokens: int, adapters: int, rank: int) -> list[dict]:
     if tokens == adapters:                                 # 1 token a segment: the early-B path
         cfgs += [{"block_t": 1, "block_n": bn, "block_r": br, "num_warps": 2, "early": True}
                  for bn in (256, 512) for br in (8, 16) if br <= max(8, rank_p2)]
+        if rank > 16:                                      # past rank 16: more (or all) rows read early
+            cfgs += [{"block_t": 1, "block_n": bn, "block_r": br, "num_warps": w, "early": True}
+                     for bn in (64, 128, 256) for br in (32, 64) for w in (2, 4) if br <= rank_p2]
     if tokens // adapters >= 4:
         cfgs += [{"block_t": DOT_TILE, "block_n": bn, "block_r": br, "num_warps": 4, "num_stages": 2,
-                  "prefetch": rank <= br, "pdl": pdl}
-                 for bn in (128, 256) for br in ((16, 64) if rank > 16 else (16,)) for pdl in (False, True)]
+                  "prefetch": rank <= br, "pdl": pdl, "early_dot": early}
+                 for bn in (128, 256) for br in ((16, 64) if rank > 16 else (16,)) for pdl in (False, True)
+                 for early in ((False, True) if pdl and rank <= br else (False,))]
+    if tokens // adapters >= WIDE:
+        # long segments: wider tiles read B fewer times (each token tile re-reads its columns' B)
+        cfgs += [{"block_t": bt, "block_n": bn, "block_r": br, "num_warps": w, "num_stages": 2,
+                  "prefetch": rank <= br, "early_dot": early}
+                 for bt in (16, 32, 64, 128, 256) for bn in (32, 64, 128, 256) if bt * bn <= 16384
+                 for br in ((16, 64) if rank > 16 else (16,)) for w in (4, 8)
+                 for early in ((False, True) if rank <= br else (False,))]
     return cfgs
 
 
@@ -160,7 +176,7 @@ SHORT = {"block_t": "t", "block_n": "n", "block_k": "k", "split_k": "split", "bl
 def _cfg_text(cfg: dict | None) -> str:
     if cfg is None:
         return "default"
-    flags = [k for k in ("early", "prefetch", "pdl") if cfg.get(k)]
+    flags = [k for k in ("early", "early_dot", "prefetch", "pdl") if cfg.get(k)]
     return " ".join([f"{SHORT[k]} {v}" for k, v in cfg.items() if k in SHORT] + flags)
 
 

@@ -57,7 +57,7 @@ def _sgmv_expand_kernel(y_ptr, b_ptr, out_ptr, indptr_ptr, slots_ptr, ranks_ptr,
                         R: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_R: tl.constexpr, NB_PER_PROG: tl.constexpr,
                         USE_DOT: tl.constexpr, PDL: tl.constexpr, IEEE: tl.constexpr, EARLY: tl.constexpr,
-                        PREFETCH: tl.constexpr):
+                        PREFETCH: tl.constexpr, EARLY_DOT: tl.constexpr):
     pdl_start(PDL)
     pid = tl.program_id(0)
     num_groups = tl.cdiv(NUM_NB, NB_PER_PROG)
@@ -77,6 +77,18 @@ def _sgmv_expand_kernel(y_ptr, b_ptr, out_ptr, indptr_ptr, slots_ptr, ranks_ptr,
         b_first = tl.load(b_slot0 + offs_r[:, None] * N + offs_n0[None, :],
                           mask=(offs_r < tl.where(live, rank, 0))[:, None] & (offs_n0 < tl.where(nb0 < NUM_NB, hi0, 0))[None, :],
                           other=0.0)
+    elif EARLY_DOT:
+        # the loop-free dot path's first column block: its B rows, read before the wait likewise
+        # (only the bytes move earlier: out and y still cost a round trip after it)
+        offs_r = tl.arange(0, BLOCK_R)
+        live = (tile_end > tile_start) & (slot >= 0)
+        nb0 = pid_grp * NB_PER_PROG
+        m0, lo0, hi0, cb0 = module_of(nb0, cb1, cb2, cb3, off1, off2, off3, off4)
+        offs_n0 = lo0 + (nb0 - cb0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        b_first = tl.load(b_ptr + tl.maximum(slot, 0).to(tl.int64) * R * N + offs_r[:, None].to(tl.int64) * N
+                          + offs_n0[None, :],
+                          mask=(offs_r < tl.where(live, rank, 0))[:, None] & (offs_n0 < tl.where(nb0 < NUM_NB, hi0, 0))[None, :],
+                          other=0.0)
     pdl_wait(PDL)                                        # y and out come from earlier kernels
     if (tile_end <= tile_start) | (slot < 0):
         return
@@ -89,8 +101,11 @@ def _sgmv_expand_kernel(y_ptr, b_ptr, out_ptr, indptr_ptr, slots_ptr, ranks_ptr,
     t_mask = offs_t < tile_end
     b_slot = b_ptr + slot.to(tl.int64) * R * N
     if PREFETCH:
+        if not EARLY_DOT:
+            b_first = None
         _expand_dot_prefetched(y_ptr, b_slot, out_ptr, scale, offs_t, t_mask, rank, pid_grp, N, MR, NUM_NB,
-                               off1, off2, off3, off4, cb1, cb2, cb3, R, BLOCK_T, BLOCK_N, BLOCK_R, NB_PER_PROG, IEEE)
+                               off1, off2, off3, off4, cb1, cb2, cb3, b_first, R, BLOCK_T, BLOCK_N, BLOCK_R,
+                               NB_PER_PROG, IEEE)
         return
     # a program does NB_PER_PROG column blocks of one token tile: the tile lookup above is
     # paid once for several blocks
@@ -128,9 +143,10 @@ def _sgmv_expand_kernel(y_ptr, b_ptr, out_ptr, indptr_ptr, slots_ptr, ranks_ptr,
 
 @triton.jit
 def _dot_block_loads(nb, live, y_ptr, b_slot, out_ptr, offs_t, t_mask, offs_r, r_mask, N, MR, NUM_NB,
-                     off1, off2, off3, off4, cb1, cb2, cb3, R: tl.constexpr, BLOCK_N: tl.constexpr):
+                     off1, off2, off3, off4, cb1, cb2, cb3, b_given, R: tl.constexpr, BLOCK_N: tl.constexpr):
     """Column block nb's loads for the tl.dot path (all masked off unless live): out's tile, y's rows of
-    the block's module, B's [BLOCK_R, BLOCK_N] rows; with out's pointers and mask for the store."""
+    the block's module, B's [BLOCK_R, BLOCK_N] rows (b_given instead, when not None: read early);
+    with out's pointers and mask for the store."""
     m, mod_lo, mod_hi, cb_lo = module_of(nb, cb1, cb2, cb3, off1, off2, off3, off4)
     offs_n = mod_lo + (nb - cb_lo) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < tl.where(live & (nb < NUM_NB), mod_hi, 0)
@@ -139,14 +155,17 @@ def _dot_block_loads(nb, live, y_ptr, b_slot, out_ptr, offs_t, t_mask, offs_r, r
     cur = tl.load(o_ptrs, mask=o_mask, other=0.0)
     yv = tl.load(y_ptr + offs_t[:, None].to(tl.int64) * MR + m * R + offs_r[None, :],
                  mask=t_mask[:, None] & r_mask[None, :], other=0.0)
-    bv = tl.load(b_slot + offs_r[:, None].to(tl.int64) * N + offs_n[None, :], mask=r_mask[:, None] & n_mask[None, :],
-                 other=0.0)
+    if b_given is None:
+        bv = tl.load(b_slot + offs_r[:, None].to(tl.int64) * N + offs_n[None, :],
+                     mask=r_mask[:, None] & n_mask[None, :], other=0.0)
+    else:
+        bv = b_given
     return cur, yv, bv, o_ptrs, o_mask
 
 
 @triton.jit
 def _expand_dot_prefetched(y_ptr, b_slot, out_ptr, scale, offs_t, t_mask, rank, pid_grp, N, MR, NUM_NB,
-                           off1, off2, off3, off4, cb1, cb2, cb3,
+                           off1, off2, off3, off4, cb1, cb2, cb3, b_first,
                            R: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
                            NB_PER_PROG: tl.constexpr, IEEE: tl.constexpr):
     """The tl.dot path of a step whose ranks fit one BLOCK_R step (config "prefetch"): a column block is
@@ -159,11 +178,11 @@ def _expand_dot_prefetched(y_ptr, b_slot, out_ptr, scale, offs_t, t_mask, rank, 
     nb = pid_grp * NB_PER_PROG
     cur, yv, bv, o_ptrs, o_mask = _dot_block_loads(nb, True, y_ptr, b_slot, out_ptr, offs_t, t_mask, offs_r,
                                                    r_mask, N, MR, NUM_NB, off1, off2, off3, off4, cb1, cb2, cb3,
-                                                   R, BLOCK_N)
+                                                   b_first, R, BLOCK_N)
     for j in range(NB_PER_PROG):
         cur_n, yv_n, bv_n, o_ptrs_n, o_mask_n = _dot_block_loads(
             nb + 1, j + 1 < NB_PER_PROG, y_ptr, b_slot, out_ptr, offs_t, t_mask, offs_r, r_mask, N, MR, NUM_NB,
-            off1, off2, off3, off4, cb1, cb2, cb3, R, BLOCK_N)
+            off1, off2, off3, off4, cb1, cb2, cb3, None, R, BLOCK_N)
         if IEEE:
             acc = tl.dot(yv.to(bv.dtype), bv, input_precision="ieee")
         else:
@@ -306,6 +325,9 @@ def _launch_config(num_tokens: int, num_segs: int, n: int, max_rank: int, b_dtyp
     if config.get("prefetch") and not one_step:
         raise ValueError(f"prefetch needs the tl.dot path and rank_bound {rank_bound} <= block_r {cfg['block_r']}")
     cfg["prefetch"] = bool(cfg.get("prefetch")) and one_step     # a default's, off where overrides rule it out
+    # the loop-free path reads its first block's B before the PDL wait (config "early_dot"; early_weights
+    # turns it off with the 1-token path's)
+    cfg["early_dot"] = cfg["prefetch"] and bool(cfg.get("early_dot")) and early_weights()
     if cfg["use_dot"] and cfg["block_r"] == 32 and b_dtype != torch.float32:
         # faults with "misaligned address" (triton 3.6, H200): see default_config
         raise ValueError("tl.dot path with bf16/fp16 B does not support block_r = 32; use 16 or 64")
@@ -353,6 +375,6 @@ def sgmv_expand(y: torch.Tensor, b_pool: torch.Tensor, out_offsets: tuple[int, .
         *offs, *cbs,
         R=max_rank, BLOCK_G=cfg["block_g"], BLOCK_T=block_t, BLOCK_N=block_n,
         BLOCK_R=block_r, NB_PER_PROG=nb_per_prog, USE_DOT=cfg["use_dot"], PDL="launch_pdl" in options,
-        IEEE=(b_pool.dtype == torch.float32), EARLY=cfg["early"], PREFETCH=cfg["prefetch"], num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3),
+        IEEE=(b_pool.dtype == torch.float32), EARLY=cfg["early"], PREFETCH=cfg["prefetch"], EARLY_DOT=cfg["early_dot"], num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3),
         **options)
     return out

@@ -108,15 +108,31 @@ def test_sgmv_one_token_tiles(name, nbp, early):
 
 @pytest.mark.parametrize("name", ["long_segments", "empty_and_base_segments", "one_adapter_for_all", "mixed_short",
                                   "decode_every_token_own_adapter", "long_segments_mixed_ranks"])
-@pytest.mark.parametrize("nbp", [1, 3])
-def test_expand_dot_tiles_prefetched(name, nbp):
-    """Dot tiles with the next column block's loads issued before this block's dot (config "prefetch"):
-    groups of blocks that cross a module boundary and run past the last block, base and empty segments;
-    ranks 8, 33 and 64 in one 64-row step (the default past rank 16)."""
+@pytest.mark.parametrize("nbp,early", [(1, False), (3, False), (1, True), (3, True)])
+def test_expand_dot_tiles_prefetched(name, nbp, early):
+    """Dot tiles with the next column block's loads issued before this block's dot (config "prefetch"),
+    with the first block's B read before the PDL wait (config "early_dot") and without: groups of blocks
+    that cross a module boundary and run past the last block, base and empty segments; ranks 8, 33 and 64
+    in one 64-row step (the default past rank 16)."""
     block_r = 64 if SCENARIOS[name][3] > 16 else 16
-    ecfg = {"block_t": 16, "block_n": 16, "block_r": block_r, "nb_per_prog": nbp, "prefetch": True}
+    ecfg = {"block_t": 16, "block_n": 16, "block_r": block_r, "nb_per_prog": nbp, "prefetch": True,
+            "early_dot": early}
     _run_case(name, random.randrange(1 << 30), num_mods=2, widths=[19, 30], h_in=53, dtype=torch.float32,
               y_dtype=torch.float32, shrink_cfg={"block_t": 2}, expand_cfg=ecfg)
+
+
+@pytest.mark.parametrize("name", ["long_segments", "one_adapter_for_all", "long_segments_mixed_ranks",
+                                  "empty_and_base_segments"])
+@pytest.mark.parametrize("block_t", [64, 128])
+def test_sgmv_wide_token_tiles(name, block_t):
+    """Token tiles longer than any segment (a step of one adapter takes tiles of up to 128 tokens):
+    the shrink split over H_in, the expand loop-free where the ranks fit one step."""
+    rank = SCENARIOS[name][3]
+    block_r = 64 if rank > 16 else 16
+    scfg = {"block_t": block_t, "block_n": 16, "block_k": 16, "split_k": 2}
+    ecfg = {"block_t": block_t, "block_n": 16, "block_r": block_r, "prefetch": rank <= block_r, "early_dot": True}
+    _run_case(name, random.randrange(1 << 30), num_mods=2, widths=[19, 30], h_in=53, dtype=torch.float32,
+              y_dtype=torch.float32, shrink_cfg=scfg, expand_cfg=ecfg)
 
 
 def test_expand_prefetch_needs_one_rank_step():
