@@ -45,7 +45,7 @@ from kernels._common import (
     pdl_wait,
     segment_tile,
 )
-from kernels.tiles import DOT_TILE, SMALL_RANK, cdiv, next_pow2, pick_block_t
+from kernels.tiles import DOT_TILE, MANY_TOKENS, SMALL_RANK, cdiv, next_pow2, pick_block_t
 
 
 # T and G change every prompt step: not specialized on (T % 16, T == 1, ...), so a new
@@ -238,10 +238,14 @@ def default_config(num_tokens: int, num_segs: int, n: int, max_rank: int, block_
         # the sum crosses them: 4x slower). 8-row steps, one block a program. H100 sweep at 64 x 64
         # and 16 x 16, rank 16 (bench/early_weights.py --sweep): the four expands (each alone, summed)
         # 52.1 -> 40.3 µs and 24.1 -> 15.7 µs (the best config per op: 38.5 and 15.3)
-        # Past rank 16, 16-row steps: H200 sweep of 1 token, rank 64 (bench/results/small-sweep-h200.md), the
-        # four expands 23.0 -> 17.9 µs against the 8-row steps of 256 columns a program below
-        return {"block_t": 1, "block_n": 512, "block_r": min(8 if rank_p2 <= SMALL_RANK else 16, rank_p2),
-                "nb_per_prog": 1, "num_warps": 2, "num_stages": num_stages}
+        # Past rank 16, all rows (up to 64) read early, 128 columns a program: no rank loop after the wait.
+        # H200 sweep of 1 token, rank 64 (bench/results/small-sweep-s16-h200.md), the four expands 14.9 ->
+        # 10.2 µs against 16-row steps of 512 columns (23.0 with session 14's 8-row steps of 256)
+        if rank_p2 > SMALL_RANK:
+            return {"block_t": 1, "block_n": 128, "block_r": min(64, rank_p2), "nb_per_prog": 1, "num_warps": 2,
+                    "num_stages": num_stages}
+        return {"block_t": 1, "block_n": 512, "block_r": min(8, rank_p2), "nb_per_prog": 1, "num_warps": 2,
+                "num_stages": num_stages}
     if block_t == DOT_TILE and rank_p2 <= 16:
         # decode steps of 4+ tokens a segment (kernels/tiles.pick_block_t), ranks in one 16-row step: a
         # column block is one set of loads and one dot, with no rank loop for the pipeliner to stage
@@ -257,6 +261,13 @@ def default_config(num_tokens: int, num_segs: int, n: int, max_rank: int, block_
         # 14.8 -> 12.2 µs (13.2 without PDL), 16-row steps 13.2 (with PDL)
         return {"block_t": block_t, "block_n": 256, "block_r": 64, "nb_per_prog": 1, "num_warps": 4,
                 "num_stages": 2, "prefetch": True}
+    if block_t > DOT_TILE and num_tokens <= MANY_TOKENS and rank_p2 <= 64:
+        # long segments in a decode-sized step (256 tokens of one adapter: 64-token tiles): loop-free too, on
+        # 128 columns (256 for gate/up's 28672). Each token tile re-reads its columns' B, so wide tiles read it
+        # less. H200 sweep, 256 x 1 at rank 64, each expand alone (bench/results/small-sweep-s16-h200.md): the
+        # four 37.5 -> 24.6 µs (gate/up 18.4 -> 11.9) against 16-row steps on 128-256 columns
+        return {"block_t": block_t, "block_n": 256 if n > 8192 else 128, "block_r": 16 if rank_p2 <= 16 else 64,
+                "nb_per_prog": 1, "num_warps": 4, "num_stages": 2, "prefetch": True}
     if block_t >= 16:
         # BLOCK_R = 32 on the tl.dot path faulted ("misaligned address") with triton 3.6 on the
         # H200 (bf16/fp16 B, R = 32: tests/kernels/test_tiny_shapes_gpu.py). 16 also in rank-64
@@ -325,9 +336,10 @@ def _launch_config(num_tokens: int, num_segs: int, n: int, max_rank: int, b_dtyp
     if config.get("prefetch") and not one_step:
         raise ValueError(f"prefetch needs the tl.dot path and rank_bound {rank_bound} <= block_r {cfg['block_r']}")
     cfg["prefetch"] = bool(cfg.get("prefetch")) and one_step     # a default's, off where overrides rule it out
-    # the loop-free path reads its first block's B before the PDL wait (config "early_dot"; early_weights
-    # turns it off with the 1-token path's)
-    cfg["early_dot"] = cfg["prefetch"] and bool(cfg.get("early_dot")) and early_weights()
+    # the loop-free path reads its first block's B before the PDL wait (config "early_dot"), by default where
+    # the launch asks for PDL (decode-sized steps); early_weights turns it off with the 1-token path's. H200
+    # sweep (bench/results/small-sweep-s16-h200.md), each expand alone: 0.1-0.5 µs less in 26 of 32 ops
+    cfg["early_dot"] = cfg["prefetch"] and bool(cfg.get("early_dot", cfg["pdl"])) and early_weights()
     if cfg["use_dot"] and cfg["block_r"] == 32 and b_dtype != torch.float32:
         # faults with "misaligned address" (triton 3.6, H200): see default_config
         raise ValueError("tl.dot path with bf16/fp16 B does not support block_r = 32; use 16 or 64")

@@ -151,16 +151,20 @@ def default_config(num_tokens: int, num_segs: int, ncol: int, max_rank: int, h_i
     whatever the program count (the rule before the H200 sweep of session 12, for benchmarks)."""
     block_t = block_t or shrink_tile(pick_block_t(num_tokens, num_segs), num_tokens, h_in, max_rank)
     num_stages = 3
-    if block_t == DOT_TILE and max_rank > SMALL_RANK and num_tokens <= MANY_TOKENS:
+    if block_t >= DOT_TILE and max_rank > SMALL_RANK and num_tokens <= MANY_TOKENS:
         # decode steps of ranks past 16 (kernels/tiles.shrink_tile): about one wave of programs (132
         # SMs), wider column blocks as tiles grow, H_in split 4-16 ways. H200 sweep, rank 64, each
         # shrink alone (bench/results/small-sweep-h200.md): the best within ~0.3 µs of 16 x 1, 64 x 1,
-        # 64 x 8 and 256 x 1 (the three alternatives at 16 and 256 tokens lose up to 2x)
+        # 64 x 8 and 256 x 1 (the three alternatives at 16 and 256 tokens lose up to 2x). Tiles past 16
+        # tokens (long segments): 3 stages and at least 512 of H_in a split (o at 256 x 1: 7.6 -> 7.0 µs
+        # with 8 splits of 4096 against 16), each the best of bench/results/small-sweep-s16-h200.md
         tiles = cdiv(num_tokens, block_t)
         block_n = min(16 if tiles <= 2 else 32 if tiles <= 4 else 64, max(16, next_pow2(ncol)))
         split_k = min(16, max(4, prev_pow2(WAVE // (tiles * cdiv(ncol, block_n)))))
+        if block_t > DOT_TILE:
+            split_k = max(1, min(split_k, prev_pow2(h_in // 512)))
         return _fit({"block_t": block_t, "block_n": block_n, "block_k": 128, "split_k": split_k, "num_warps": 4,
-                     "num_stages": 4}, atomic_ok)
+                     "num_stages": 4 if block_t == DOT_TILE else 3}, atomic_ok)
     if block_t >= 16:
         # long segments: x tiles of up to 64 tokens. Split H_in 4 ways at 4096, 8 at 14336
         # when there are many tiles (prefill), 16 ways when few (a 64-token decode batch of

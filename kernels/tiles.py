@@ -53,11 +53,12 @@ def shrink_tile(block_t: int, num_tokens: int, h_in: int, rank_bound: int | None
     more with a long H_in (down, 14336), else 2. H200 tile sweep, the four shrinks: 16 tokens of one
     adapter 22.3 -> 18.0 µs, 64 x 8 down 8.70 -> 7.47 µs (kept on 16), 256 x 64 59.0 -> 40.4 µs (qkv,
     gate/up, down on 16 from 2). Above SMALL_RANK a 2-token tile's programs each walk H_in for 4 of
-    many rank rows and re-read A once a tile: decode steps (up to 256 tokens) take 16-token dot tiles,
-    whose programs the launcher spreads over H_in (bench/results/small-sweep-h200.md: 64 tokens x 8
-    rank-64 adapters, qkv 19.0 -> 9.0 µs, gate/up 13.1 -> 6.7)."""
+    many rank rows and re-read A once a tile: decode steps (up to 256 tokens) keep their dot tiles (16
+    tokens, up to 64 for long segments), whose programs the launcher spreads over H_in
+    (bench/results/small-sweep-h200.md: 64 tokens x 8 rank-64 adapters, qkv 19.0 -> 9.0 µs, gate/up 13.1 ->
+    6.7; small-sweep-s16-h200.md: 256 x 1, 64-token tiles against 16, the four 35.5 -> 31.0 µs)."""
     if block_t >= DOT_TILE and rank_bound is not None and rank_bound > SMALL_RANK and num_tokens <= MANY_TOKENS:
-        return DOT_TILE
+        return block_t
     if block_t < DOT_TILE or num_tokens >= MANY_TOKENS or (h_in > LONG_H_IN and num_tokens >= 64):
         return block_t
     return SMALL_SHRINK_TILE

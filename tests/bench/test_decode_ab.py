@@ -1,17 +1,31 @@
-"""bench/decode_ab.py's "before": the decode rules before session 15, as they were (CPU: configs only)."""
+"""bench/decode_ab.py: snapshots of the decode rules, and the committed one of session 15 (CPU: configs only)."""
 import importlib
+import json
+
+import torch
 
 
-def test_before_is_the_session_14_rule():
+def test_snapshot_configs_reproduce_themselves():
     # imported in the test, not at collection: bench.decode_ab imports the Triton launchers, which must be
     # imported after the kernels' conftest picks the interpreter
-    before = importlib.import_module("bench.decode_ab").before
-    assert before(64, 64, 16) == ({}, {})                        # 1-token tiles at rank 16: unchanged
-    assert before(1, 1, 64) == ({}, {g: {"early": False} for g in ("qkv", "o", "gate_up", "down")})
-    shrink, expand = before(64, 8, 16)                            # dot tiles at rank 16: PDL was off
-    assert "qkv" not in shrink and shrink["down"] == {"pdl": False} and expand["qkv"] == {"pdl": False}
-    shrink, expand = before(64, 8, 64)                            # rank 64: 2-token shrinks, 16-row expands
-    assert shrink["qkv"] == {"block_t": 2} and shrink["down"]["block_t"] == 16 and shrink["down"]["split_k"] == 16
-    assert (expand["gate_up"]["block_r"], expand["gate_up"]["block_n"], expand["gate_up"]["prefetch"]) == (16, 128, False)
-    shrink, expand = before(256, 1, 64)                           # 64-token tiles: the shrink's too
-    assert shrink["qkv"]["block_t"] == 64 and not shrink["qkv"]["pdl"] and expand["qkv"] == {"pdl": False}
+    ab = importlib.import_module("bench.decode_ab")
+    bk = importlib.import_module("bench.kernels")
+    shrink_lc = importlib.import_module("kernels.sgmv_shrink").launch_config
+    expand_lc = importlib.import_module("kernels.sgmv_expand").launch_config
+    with open(ab.BEFORE) as f:
+        before = json.load(f)
+    assert set(before) == {f"{t}x{a}x{r}" for r in (16, 64, 8) for t, a in ab.CASES}
+    for key, row in before.items():
+        tokens, adapters, rank = (int(n) for n in key.split("x"))
+        for g, (h_in, widths) in bk.GROUPS.items():
+            # given as overrides, a snapshot's configs launch exactly what they record
+            s = shrink_lc(tokens, adapters, len(widths), rank, h_in, True, row["shrink"][g])
+            e = expand_lc(tokens, adapters, sum(widths), rank, torch.bfloat16, row["expand"][g])
+            assert {k: s[k] for k in row["shrink"][g]} == row["shrink"][g]
+            assert {k: e[k] for k in row["expand"][g]} == row["expand"][g]
+    # today's rules where session 16 changed them
+    now = ab.rules(256, 1, 64)
+    assert (now["shrink"]["qkv"]["block_t"], before["256x1x64"]["shrink"]["qkv"]["block_t"]) == (64, 16)
+    assert now["expand"]["gate_up"]["prefetch"] and not before["256x1x64"]["expand"]["gate_up"]["prefetch"]
+    assert ab.rules(1, 1, 64)["expand"]["qkv"]["block_r"] == 64
+    assert ab.rules(64, 8, 16)["expand"]["o"]["early_dot"] and not before["64x8x16"]["expand"]["o"]["early_dot"]

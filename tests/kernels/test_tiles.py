@@ -21,8 +21,8 @@ def test_shrink_tile_keeps_dot_tiles_for_large_steps_and_long_inputs():
     assert shrink_tile(16, 16, 14336) == 2                                          # too few tokens even for down
     assert shrink_tile(16, 64, 14336) == 16                                         # down from 64 tokens
     assert shrink_tile(16, 256, 4096) == 16 and shrink_tile(64, 2048, 4096) == 64   # many tokens
-    # ranks past 16: 16-token dot tiles in decode-sized steps, whatever the expand's tile
-    assert shrink_tile(16, 16, 4096, 64) == shrink_tile(64, 256, 4096, 32) == 16
+    # ranks past 16: the expand's dot tile in decode-sized steps (16, or up to 64 for long segments)
+    assert shrink_tile(16, 16, 4096, 64) == 16 and shrink_tile(64, 256, 4096, 32) == 64
     assert shrink_tile(16, 64, 4096, 16) == 2 and shrink_tile(2, 64, 4096, 64) == 2
     assert shrink_tile(64, 2048, 4096, 64) == 64                                     # prompt steps: as at rank 16
 
@@ -54,6 +54,11 @@ def test_dot_tile_decode_defaults():
     assert (wide["block_r"], wide["block_n"], wide["prefetch"]) == (64, 256, True)          # one loop-free step
     assert expand_config(256, 64, 6144, 64, torch.bfloat16, {"rank_bound": 16})["block_r"] == 16  # rank-16 adapters
     assert not expand_config(256, 64, 6144, 128, torch.bfloat16)["prefetch"]                 # rank 128: a rank loop
+    # long segments in a decode-sized step: 64-token tiles, loop-free, 128 columns (256 for gate/up)
+    for rank, rows in ((64, 64), (16, 16), (8, 16)):
+        for n, cols in ((6144, 128), (28672, 256)):
+            long = expand_config(256, 1, n, rank, torch.bfloat16)
+            assert _blocks(long, "block_t", "block_r", "block_n", "prefetch", "early_dot") == (64, rows, cols, True, True)
     assert not expand_config(2048, 8, 6144, 16, torch.bfloat16)["prefetch"]                  # 64-token tiles
     assert expand_config(2048, 8, 6144, 16, torch.bfloat16, {"block_t": 32})["prefetch"]     # the prompt graphs'
     assert not expand_config(2048, 8, 6144, 64, torch.bfloat16, {"block_t": 32})["prefetch"]
@@ -72,8 +77,13 @@ def test_wide_rank_decode_shrink_fills_one_wave():
     assert _blocks(shrink_config(16, 1, 3, 64, 4096, True), *keys) == (16, 16, 8, 4)      # 12 blocks x 8
     assert _blocks(shrink_config(64, 8, 2, 64, 4096, True), *keys) == (16, 32, 8, 4)      # 4 x 4 x 8
     assert _blocks(shrink_config(64, 8, 1, 64, 14336, True), *keys) == (16, 32, 16, 4)    # 4 x 2 x 16
-    assert _blocks(shrink_config(256, 1, 3, 64, 4096, True), *keys) == (16, 64, 4, 4)     # 16 x 3 x 4 (not 2)
-    assert _blocks(shrink_config(256, 1, 1, 64, 4096, True), *keys) == (16, 64, 8, 4)
+    assert _blocks(shrink_config(256, 64, 3, 64, 4096, True), *keys) == (16, 64, 4, 4)    # 16 x 3 x 4 (not 2)
+    assert _blocks(shrink_config(256, 16, 1, 64, 4096, True), *keys) == (16, 64, 8, 4)
+    # long segments (256 tokens of one adapter): 64-token tiles, 3 stages, 512+ of H_in a split
+    assert _blocks(shrink_config(256, 1, 3, 64, 4096, True), *keys) == (64, 32, 4, 3)     # 4 x 6 x 4
+    assert _blocks(shrink_config(256, 1, 2, 64, 4096, True), *keys) == (64, 32, 8, 3)     # 4 x 4 x 8
+    assert _blocks(shrink_config(256, 1, 1, 64, 4096, True), *keys) == (64, 32, 8, 3)     # 16 by the wave
+    assert _blocks(shrink_config(256, 1, 1, 64, 14336, True), *keys) == (64, 32, 16, 3)
     assert shrink_config(64, 8, 3, 64, 4096, False)["split_k"] == 1                       # no fp32 y: no split
     assert shrink_config(64, 8, 3, 64, 4096, True, {"rank_bound": 16})["block_t"] == 2    # rank-16 adapters
 
@@ -106,3 +116,23 @@ def test_meta_shrink_config_per_layer_width():
     prompt = _meta(block_t=32, shrink_block_t=64, block_g=128)
     assert prompt.shrink_config_for(48, 4096) == {"block_t": 64, "block_g": 128, "rank_bound": None}
     assert "block_t" not in _meta(block_g=128).shrink_config_for(64, 4096)
+
+
+def test_early_weight_reads():
+    """1-token tiles read their first B rows before the PDL wait: 8 rows of 512 columns up to rank 16, all
+    rows (up to 64) of 128 columns past it. The loop-free dot path reads its first block's B early where the
+    launch asks for PDL (decode-sized steps), not in prompt steps; OPENLORA_SGMV_EARLY=0 turns both off."""
+    keys = ("early", "block_r", "block_n")
+    assert _blocks(expand_config(64, 64, 6144, 16, torch.bfloat16), *keys) == (True, 8, 512)
+    assert _blocks(expand_config(64, 64, 6144, 64, torch.bfloat16), *keys) == (True, 64, 128)
+    assert _blocks(expand_config(64, 64, 6144, 128, torch.bfloat16), *keys) == (True, 64, 128)    # a 2-step loop
+    assert expand_config(64, 8, 6144, 16, torch.bfloat16)["early_dot"]
+    prompt = expand_config(2048, 8, 6144, 16, torch.bfloat16, {"block_t": 32})
+    assert prompt["prefetch"] and not prompt["early_dot"]
+    assert not expand_config(64, 8, 6144, 16, torch.bfloat16, {"early_dot": False})["early_dot"]
+
+
+def test_early_reads_off_by_environment(monkeypatch):
+    monkeypatch.setenv("OPENLORA_SGMV_EARLY", "0")
+    assert not expand_config(64, 8, 6144, 16, torch.bfloat16, {"block_g": 64})["early_dot"]
+    assert not expand_config(64, 64, 6144, 64, torch.bfloat16, {"block_g": 256})["early"]
