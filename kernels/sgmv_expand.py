@@ -48,6 +48,10 @@ from kernels._common import (
 from kernels.tiles import DOT_TILE, MANY_TOKENS, SMALL_RANK, cdiv, next_pow2, pick_block_t
 
 
+EARLY_ALL_ROWS_TOKENS = 16   # 1-token tiles past rank 16 read all their rows early in steps this small
+EARLY_DOT_TILES = 32         # the loop-free dot path reads B early by default in steps of this many tiles or fewer
+
+
 # T and G change every prompt step: not specialized on (T % 16, T == 1, ...), so a new
 # batch shape does not compile a new variant in the middle of serving (a JIT stall)
 @triton.jit(do_not_specialize=["T", "G"])
@@ -238,14 +242,16 @@ def default_config(num_tokens: int, num_segs: int, n: int, max_rank: int, block_
         # the sum crosses them: 4x slower). 8-row steps, one block a program. H100 sweep at 64 x 64
         # and 16 x 16, rank 16 (bench/early_weights.py --sweep): the four expands (each alone, summed)
         # 52.1 -> 40.3 µs and 24.1 -> 15.7 µs (the best config per op: 38.5 and 15.3)
-        # Past rank 16, all rows (up to 64) read early, 128 columns a program: no rank loop after the wait.
-        # H200 sweep of 1 token, rank 64 (bench/results/small-sweep-s16-h200.md), the four expands 14.9 ->
-        # 10.2 µs against 16-row steps of 512 columns (23.0 with session 14's 8-row steps of 256)
-        if rank_p2 > SMALL_RANK:
+        # Past rank 16, 16-row steps; in steps of up to 16 tokens all rows (up to 64) read early, 128 columns a
+        # program: no rank loop after the wait. H200, rank 64: 1 token, the four expands alone 14.9 -> 10.2 µs
+        # (bench/results/small-sweep-s16-h200.md); the layer (bench/results/decode-ab-s16-h200.json) 1 x 1
+        # 27.1 -> 18.0 µs, 16 x 16 63.1 -> 56.7, but 64 x 64 199 -> 211 and 256 x 256 702 -> 747 (4x the
+        # programs, each with its segment lookup)
+        if rank_p2 > SMALL_RANK and num_tokens <= EARLY_ALL_ROWS_TOKENS:
             return {"block_t": 1, "block_n": 128, "block_r": min(64, rank_p2), "nb_per_prog": 1, "num_warps": 2,
                     "num_stages": num_stages}
-        return {"block_t": 1, "block_n": 512, "block_r": min(8, rank_p2), "nb_per_prog": 1, "num_warps": 2,
-                "num_stages": num_stages}
+        return {"block_t": 1, "block_n": 512, "block_r": min(8 if rank_p2 <= SMALL_RANK else 16, rank_p2),
+                "nb_per_prog": 1, "num_warps": 2, "num_stages": num_stages}
     if block_t == DOT_TILE and rank_p2 <= 16:
         # decode steps of 4+ tokens a segment (kernels/tiles.pick_block_t), ranks in one 16-row step: a
         # column block is one set of loads and one dot, with no rank loop for the pipeliner to stage
@@ -337,9 +343,12 @@ def _launch_config(num_tokens: int, num_segs: int, n: int, max_rank: int, b_dtyp
         raise ValueError(f"prefetch needs the tl.dot path and rank_bound {rank_bound} <= block_r {cfg['block_r']}")
     cfg["prefetch"] = bool(cfg.get("prefetch")) and one_step     # a default's, off where overrides rule it out
     # the loop-free path reads its first block's B before the PDL wait (config "early_dot"), by default where
-    # the launch asks for PDL (decode-sized steps); early_weights turns it off with the 1-token path's. H200
-    # sweep (bench/results/small-sweep-s16-h200.md), each expand alone: 0.1-0.5 µs less in 26 of 32 ops
-    cfg["early_dot"] = cfg["prefetch"] and bool(cfg.get("early_dot", cfg["pdl"])) and early_weights()
+    # the launch asks for PDL (decode-sized steps) and has few token tiles; early_weights turns it off with
+    # the 1-token path's. H200, the layer (bench/results/decode-ab-s16-h200.json): 64 x 8 at rank 16 36.0 ->
+    # 33.5 µs, 256 x 16 56.2 -> 54.7 (31 tiles); but 256 x 64 (76 tiles, programs in several waves, whose
+    # early reads hold registers and overlap nothing) 105.0 -> 106.7
+    early_dot = cfg["pdl"] and num_tiles_bound(num_tokens, num_segs, block_t) <= EARLY_DOT_TILES
+    cfg["early_dot"] = cfg["prefetch"] and bool(cfg.get("early_dot", early_dot)) and early_weights()
     if cfg["use_dot"] and cfg["block_r"] == 32 and b_dtype != torch.float32:
         # faults with "misaligned address" (triton 3.6, H200): see default_config
         raise ValueError("tl.dot path with bf16/fp16 B does not support block_r = 32; use 16 or 64")

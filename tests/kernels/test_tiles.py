@@ -119,14 +119,19 @@ def test_meta_shrink_config_per_layer_width():
 
 
 def test_early_weight_reads():
-    """1-token tiles read their first B rows before the PDL wait: 8 rows of 512 columns up to rank 16, all
-    rows (up to 64) of 128 columns past it. The loop-free dot path reads its first block's B early where the
-    launch asks for PDL (decode-sized steps), not in prompt steps; OPENLORA_SGMV_EARLY=0 turns both off."""
+    """1-token tiles read their first B rows before the PDL wait: 8 rows of 512 columns up to rank 16; past
+    it 16 rows, or all rows (up to 64) of 128 columns in steps of up to 16 tokens. The loop-free dot path
+    reads its first block's B early where the launch asks for PDL (decode-sized steps) and has up to 32 token
+    tiles, not in prompt steps; OPENLORA_SGMV_EARLY=0 turns both off."""
     keys = ("early", "block_r", "block_n")
     assert _blocks(expand_config(64, 64, 6144, 16, torch.bfloat16), *keys) == (True, 8, 512)
-    assert _blocks(expand_config(64, 64, 6144, 64, torch.bfloat16), *keys) == (True, 64, 128)
-    assert _blocks(expand_config(64, 64, 6144, 128, torch.bfloat16), *keys) == (True, 64, 128)    # a 2-step loop
+    assert _blocks(expand_config(64, 64, 6144, 64, torch.bfloat16), *keys) == (True, 16, 512)
+    assert _blocks(expand_config(16, 16, 6144, 64, torch.bfloat16), *keys) == (True, 64, 128)
+    assert _blocks(expand_config(1, 1, 6144, 128, torch.bfloat16), *keys) == (True, 64, 128)      # a 2-step loop
     assert expand_config(64, 8, 6144, 16, torch.bfloat16)["early_dot"]
+    assert expand_config(256, 16, 6144, 16, torch.bfloat16)["early_dot"]                           # 31 tiles
+    assert not expand_config(256, 64, 6144, 16, torch.bfloat16)["early_dot"]                       # 76
+    assert not expand_config(64, 8, 6144, 16, torch.bfloat16, {"pdl": False})["early_dot"]
     prompt = expand_config(2048, 8, 6144, 16, torch.bfloat16, {"block_t": 32})
     assert prompt["prefetch"] and not prompt["early_dot"]
     assert not expand_config(64, 8, 6144, 16, torch.bfloat16, {"early_dot": False})["early_dot"]
@@ -135,4 +140,4 @@ def test_early_weight_reads():
 def test_early_reads_off_by_environment(monkeypatch):
     monkeypatch.setenv("OPENLORA_SGMV_EARLY", "0")
     assert not expand_config(64, 8, 6144, 16, torch.bfloat16, {"block_g": 64})["early_dot"]
-    assert not expand_config(64, 64, 6144, 64, torch.bfloat16, {"block_g": 256})["early"]
+    assert not expand_config(16, 16, 6144, 64, torch.bfloat16, {"block_g": 256})["early"]
