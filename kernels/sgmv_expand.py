@@ -47,7 +47,6 @@ from kernels._common import (
 )
 from kernels.tiles import DOT_TILE, MANY_TOKENS, SMALL_RANK, cdiv, next_pow2, pick_block_t
 
-
 EARLY_ALL_ROWS_TOKENS = 16   # 1-token tiles past rank 16 read all their rows early in steps this small
 EARLY_DOT_TILES = 32         # the loop-free dot path reads B early by default in steps of this many tiles or fewer
 
