@@ -32,9 +32,13 @@ CASES = ((1, 1), (16, 1), (16, 16), (64, 1), (64, 8), (64, 64), (256, 1), (256, 
 REPS = 200
 BEFORE = "bench/results/decode-rules-s15.json"
 # the launch config's choices a rule makes (the rest it derives from these and the shapes)
-SHRINK_KEYS = ("block_t", "block_n", "block_k", "split_k", "num_warps", "num_stages", "pdl", "early")
+SHRINK_KEYS = ("block_t", "block_n", "block_k", "split_k", "num_warps", "num_stages", "pdl", "early", "zero")
 EXPAND_KEYS = ("block_t", "block_n", "block_r", "nb_per_prog", "num_warps", "num_stages", "prefetch", "pdl", "early",
                "early_dot")
+
+
+# what a snapshot taken before a key existed ran: y zeroed by a memset node (before session 16's PDL kernel)
+BEFORE_KEYS = {"shrink": {"zero": "memset"}}
 
 
 def rules(tokens: int, adapters: int, rank: int) -> dict:
@@ -43,7 +47,7 @@ def rules(tokens: int, adapters: int, rank: int) -> dict:
     for g, (h_in, widths) in bk.GROUPS.items():
         s = sgmv_shrink.launch_config(tokens, adapters, len(widths), rank, h_in, True)
         e = sgmv_expand.launch_config(tokens, adapters, sum(widths), rank, torch.bfloat16)
-        out["shrink"][g] = {k: s[k] for k in SHRINK_KEYS if k in s}
+        out["shrink"][g] = {k: s[k] for k in SHRINK_KEYS if s.get(k) is not None}
         out["expand"][g] = {k: e[k] for k in EXPAND_KEYS if k in e}
     return out
 
@@ -55,7 +59,9 @@ def snapshot(ranks: list[int], cases: list[tuple[int, int]]) -> dict:
 def case(pools: bk.Pools, tokens: int, adapters: int, before: dict) -> dict:
     sets = bk.make_sets(tokens, adapters, bk.K_STEPS)
     layer = bk.Layer(tokens, pools.rank)
-    variants = {"before": (before["shrink"], before["expand"]), "now": ({}, {})}
+    # (a key the snapshot lacks: what ran before it existed; launches without split-K ignore "zero")
+    old = {op: {g: {**BEFORE_KEYS.get(op, {}), **cfg} for g, cfg in before[op].items()} for op in ("shrink", "expand")}
+    variants = {"before": (old["shrink"], old["expand"]), "now": ({}, {})}
     graphs = {name: bk.capture_graph(lambda s=s, e=e: [bk.ours_step(pools, layer, m, s, e) for m in sets])
               for name, (s, e) in variants.items()}
     return bk.interleaved_medians(graphs, REPS)

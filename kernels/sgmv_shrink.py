@@ -144,6 +144,20 @@ def _sgmv_shrink_kernel(x_ptr, a_ptr, y_ptr, indptr_ptr, slots_ptr, ranks_ptr,
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=t_mask[:, None] & n_mask[None, :])
 
 
+@triton.jit
+def _zero_kernel(y_ptr, numel, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    """y[:] = 0 before a split-K shrink's atomics (config "zero" = "kernel"): a kernel node, unlike the
+    memset node of y.zero_(), keeps the step's PDL chain (a memset node waits for the kernel before it to
+    finish and the next kernel for it, each a full launch latency)."""
+    pdl_start(PDL)
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    pdl_wait(PDL)                                        # an earlier kernel may still read y
+    tl.store(y_ptr + offs, tl.zeros((BLOCK,), y_ptr.dtype.element_ty), mask=offs < numel)
+
+
+ZERO_BLOCK = 4096
+
+
 def default_config(num_tokens: int, num_segs: int, ncol: int, max_rank: int, h_in: int,
                    atomic_ok: bool, block_t: int | None = None, halve: bool = True) -> dict:
     """Block sizes from host-known shapes (tuned on an H200, see bench/notes/kernels.md);
@@ -236,6 +250,10 @@ def _launch_config(num_tokens: int, num_segs: int, num_mods: int, max_rank: int,
     cfg["rank_bound"], cfg["block_g"] = rank_bound, block_g_for(num_segs, config.get("block_g"))
     cfg["use_dot"], cfg["atomic"] = cfg["block_t"] >= DOT_TILE, cfg["split_k"] > 1
     cfg.setdefault("pdl", pdl_default(cfg["use_dot"], num_tokens))
+    # split-K zeroes y first: by a PDL kernel where the launch asks for PDL, else a memset
+    cfg["zero"] = cfg.get("zero", "kernel" if cfg["pdl"] else "memset") if cfg["split_k"] > 1 else None
+    if cfg["zero"] not in (None, "kernel", "memset"):
+        raise ValueError(f"zero must be 'kernel' or 'memset', got {cfg['zero']!r}")
     cfg["early"] = not cfg["use_dot"] and cfg.get("early", early_weights())
     cfg["can_skip"] = cfg["block_n"] <= rank_bound and rank_bound % cfg["block_n"] == 0
     if cfg["use_dot"] and (cfg["block_n"] < 16 or cfg["block_k"] < 16):
@@ -276,13 +294,16 @@ def sgmv_shrink(x: torch.Tensor, a_pool: torch.Tensor, seg_indptr: torch.Tensor,
     cfg = launch_config(num_tokens, num_segs, num_mods, max_rank, h_in, out.dtype == torch.float32, config)
     block_t, block_n, block_k, split_k, rank_bound = (cfg[k] for k in ("block_t", "block_n", "block_k", "split_k",
                                                                         "rank_bound"))
-    if cfg["atomic"]:
+    options = launch_options(x.device, cfg["pdl"])
+    if cfg["zero"] == "kernel":
+        _zero_kernel[(cdiv(out.numel(), ZERO_BLOCK),)](out, out.numel(), BLOCK=ZERO_BLOCK,
+                                                        PDL="launch_pdl" in options, num_warps=4, **options)
+    elif cfg["zero"] == "memset":
         out.zero_()
     ncol = num_mods * rank_bound
     k_per_split = cdiv(cdiv(h_in, split_k), block_k) * block_k
     num_tiles = num_tiles_bound(num_tokens, num_segs, block_t)
     grid = (num_tiles * cdiv(ncol, block_n) * split_k,)
-    options = launch_options(x.device, cfg["pdl"])
     _sgmv_shrink_kernel[grid](
         x, a_pool, out, seg_indptr, seg_slots, slot_ranks,
         num_tokens, num_segs, h_in, ncol, k_per_split,

@@ -129,7 +129,7 @@ def test_sgmv_wide_token_tiles(name, block_t):
     the shrink split over H_in, the expand loop-free where the ranks fit one step."""
     rank = SCENARIOS[name][3]
     block_r = 64 if rank > 16 else 16
-    scfg = {"block_t": block_t, "block_n": 16, "block_k": 16, "split_k": 2}
+    scfg = {"block_t": block_t, "block_n": 16, "block_k": 16, "split_k": 2, "zero": "kernel"}
     ecfg = {"block_t": block_t, "block_n": 16, "block_r": block_r, "prefetch": rank <= block_r, "early_dot": True}
     _run_case(name, random.randrange(1 << 30), num_mods=2, widths=[19, 30], h_in=53, dtype=torch.float32,
               y_dtype=torch.float32, shrink_cfg=scfg, expand_cfg=ecfg)

@@ -1,5 +1,6 @@
 """The token-tile rules of the SGMV kernels (kernels/tiles.py) and how a step's LoRA metadata applies
 the shrink's own rule per layer width (inference_worker/lora/metadata.py)."""
+import pytest
 import torch
 
 from inference_worker.lora.metadata import LoraBatchMeta
@@ -141,3 +142,14 @@ def test_early_reads_off_by_environment(monkeypatch):
     monkeypatch.setenv("OPENLORA_SGMV_EARLY", "0")
     assert not expand_config(64, 8, 6144, 16, torch.bfloat16, {"block_g": 64})["early_dot"]
     assert not expand_config(16, 16, 6144, 64, torch.bfloat16, {"block_g": 256})["early"]
+
+
+def test_split_k_zeroes_y_by_a_pdl_kernel_in_decode_steps():
+    """A split-K shrink's y is zeroed by a kernel where the launch asks for PDL (a memset node would break
+    the step's PDL chain), by a memset in prompt steps; no zeroing without a split."""
+    assert shrink_config(256, 1, 3, 64, 4096, True)["zero"] == "kernel"
+    assert shrink_config(2048, 8, 3, 16, 4096, True)["zero"] == "memset"
+    assert shrink_config(256, 1, 3, 64, 4096, True, {"zero": "memset"})["zero"] == "memset"
+    assert shrink_config(256, 1, 3, 64, 4096, True, {"split_k": 1})["zero"] is None
+    with pytest.raises(ValueError, match="zero"):
+        shrink_config(256, 1, 3, 64, 4096, True, {"zero": "bzero"})
