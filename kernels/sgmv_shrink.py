@@ -156,6 +156,7 @@ def _zero_kernel(y_ptr, numel, BLOCK: tl.constexpr, PDL: tl.constexpr):
 
 
 ZERO_BLOCK = 4096
+ZERO_MEMSET_TOKENS = (17, 128)  # decode-sized steps of these many tokens zero y by a memset all the same
 
 
 def default_config(num_tokens: int, num_segs: int, ncol: int, max_rank: int, h_in: int,
@@ -250,8 +251,12 @@ def _launch_config(num_tokens: int, num_segs: int, num_mods: int, max_rank: int,
     cfg["rank_bound"], cfg["block_g"] = rank_bound, block_g_for(num_segs, config.get("block_g"))
     cfg["use_dot"], cfg["atomic"] = cfg["block_t"] >= DOT_TILE, cfg["split_k"] > 1
     cfg.setdefault("pdl", pdl_default(cfg["use_dot"], num_tokens))
-    # split-K zeroes y first: by a PDL kernel where the launch asks for PDL, else a memset
-    cfg["zero"] = cfg.get("zero", "kernel" if cfg["pdl"] else "memset") if cfg["split_k"] > 1 else None
+    # split-K zeroes y first: by a PDL kernel where the launch asks for PDL, but for steps of 17-128 tokens;
+    # else a memset. H200, the layer (bench/results/decode-ab-zero-h200.json): 256 x 16 at rank 64 89.1 ->
+    # 84.3 µs, 256 x 64 at rank 8 92.0 -> 86.8, 1 x 1 at rank 16 14.6 -> 13.9; but 64 tokens of one adapter
+    # 27.0 -> 29.6 at rank 16 (64 x 8 33.1 -> 32.1: the cause not found), so 64-token steps keep the memset
+    kernel_zero = cfg["pdl"] and not ZERO_MEMSET_TOKENS[0] <= num_tokens <= ZERO_MEMSET_TOKENS[1]
+    cfg["zero"] = cfg.get("zero", "kernel" if kernel_zero else "memset") if cfg["split_k"] > 1 else None
     if cfg["zero"] not in (None, "kernel", "memset"):
         raise ValueError(f"zero must be 'kernel' or 'memset', got {cfg['zero']!r}")
     cfg["early"] = not cfg["use_dot"] and cfg.get("early", early_weights())

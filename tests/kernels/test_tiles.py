@@ -146,8 +146,10 @@ def test_early_reads_off_by_environment(monkeypatch):
 
 def test_split_k_zeroes_y_by_a_pdl_kernel_in_decode_steps():
     """A split-K shrink's y is zeroed by a kernel where the launch asks for PDL (a memset node would break
-    the step's PDL chain), by a memset in prompt steps; no zeroing without a split."""
+    the step's PDL chain), by a memset in prompt steps and in 17-128-token steps; no zeroing without a split."""
     assert shrink_config(256, 1, 3, 64, 4096, True)["zero"] == "kernel"
+    assert shrink_config(1, 1, 1, 16, 14336, True)["zero"] == "kernel"
+    assert shrink_config(64, 1, 1, 16, 14336, True)["zero"] == "memset"
     assert shrink_config(2048, 8, 3, 16, 4096, True)["zero"] == "memset"
     assert shrink_config(256, 1, 3, 64, 4096, True, {"zero": "memset"})["zero"] == "memset"
     assert shrink_config(256, 1, 3, 64, 4096, True, {"split_k": 1})["zero"] is None
