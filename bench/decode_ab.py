@@ -5,7 +5,9 @@ A snapshot (`--snapshot FILE`, CPU is enough) records, for each case (tokens x a
 rank the adapters') and each group, the explicit block sizes and flags the shrink and expand launchers pick
 (kernels/sgmv_*.launch_config, as bench.kernels.ours_step calls them). Taken before a rule change and
 committed, it lets the new rules be timed against the old ones at any later commit:
-bench/results/decode-rules-s15.json holds session 15's rules (taken at commit fe27050, before session 16's).
+bench/results/decode-rules-s15.json holds session 15's rules (taken at commit fe27050, before session 16's),
+decode-rules-s16.json session 16's before its PDL zeroing kernel (commit c7e1982). A key a snapshot lacks runs
+as it did before the key existed (BEFORE_KEYS).
 
 Per case, interleaved (bench.kernels.interleaved_medians): one Llama-3-8B layer's LoRA (8 launches) under
 "before" (the snapshot's configs as overrides) and "now" (the defaults).
