@@ -15,8 +15,9 @@ the slot's rank (no work for padding; rows past it are never loaded, so they may
 anything). BLOCK_T >= 16 uses tl.dot ([BLOCK_T, BLOCK_R] x [BLOCK_R, BLOCK_N], y cast to
 B's dtype; with every rank in one BLOCK_R step, config "prefetch", a loop-free block: _expand_dot_prefetched);
 smaller tiles (decode) accumulate BLOCK_R unrolled row loads per step in fp32,
-each row scaled by its y value; 1-token tiles of steps of rank <= 16 (config "early") read their first
-[BLOCK_R, BLOCK_N] block of B before the PDL wait and sum row blocks in one thread a column (_expand_token).
+each row scaled by its y value; 1-token tiles (config "early") read their first [BLOCK_R, BLOCK_N] block
+of B before the PDL wait and sum row blocks in one thread a column (_expand_token), and the loop-free dot
+path (config "early_dot") reads its first block's B before the wait too.
 Accumulation is fp32; out is read, added to and rounded once.
 """
 from __future__ import annotations
@@ -68,9 +69,10 @@ def _sgmv_expand_kernel(y_ptr, b_ptr, out_ptr, indptr_ptr, slots_ptr, ranks_ptr,
     pid_tile = pid // num_groups
     tile_start, tile_end, slot, rank = segment_tile(pid_tile, indptr_ptr, slots_ptr, ranks_ptr, T, G,
                                                     BLOCK_G, BLOCK_T)
-    if EARLY:
-        # 1-token tiles: B does not depend on earlier kernels (no kernel of a step writes the
-        # pool), so the first column block's first BLOCK_R rows are read before the wait
+    if EARLY or EARLY_DOT:
+        # 1-token tiles and the loop-free dot path: B does not depend on earlier kernels (no kernel of a
+        # step writes the pool), so the first column block's first BLOCK_R rows are read before the wait
+        # (on the dot path only the bytes move earlier: out and y still cost a round trip after it)
         offs_r = tl.arange(0, BLOCK_R)
         live = (tile_end > tile_start) & (slot >= 0)
         b_slot0 = b_ptr + tl.maximum(slot, 0).to(tl.int64) * R * N
@@ -78,18 +80,6 @@ def _sgmv_expand_kernel(y_ptr, b_ptr, out_ptr, indptr_ptr, slots_ptr, ranks_ptr,
         m0, lo0, hi0, cb0 = module_of(nb0, cb1, cb2, cb3, off1, off2, off3, off4)
         offs_n0 = lo0 + (nb0 - cb0) * BLOCK_N + tl.arange(0, BLOCK_N)
         b_first = tl.load(b_slot0 + offs_r[:, None] * N + offs_n0[None, :],
-                          mask=(offs_r < tl.where(live, rank, 0))[:, None] & (offs_n0 < tl.where(nb0 < NUM_NB, hi0, 0))[None, :],
-                          other=0.0)
-    elif EARLY_DOT:
-        # the loop-free dot path's first column block: its B rows, read before the wait likewise
-        # (only the bytes move earlier: out and y still cost a round trip after it)
-        offs_r = tl.arange(0, BLOCK_R)
-        live = (tile_end > tile_start) & (slot >= 0)
-        nb0 = pid_grp * NB_PER_PROG
-        m0, lo0, hi0, cb0 = module_of(nb0, cb1, cb2, cb3, off1, off2, off3, off4)
-        offs_n0 = lo0 + (nb0 - cb0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        b_first = tl.load(b_ptr + tl.maximum(slot, 0).to(tl.int64) * R * N + offs_r[:, None].to(tl.int64) * N
-                          + offs_n0[None, :],
                           mask=(offs_r < tl.where(live, rank, 0))[:, None] & (offs_n0 < tl.where(nb0 < NUM_NB, hi0, 0))[None, :],
                           other=0.0)
     pdl_wait(PDL)                                        # y and out come from earlier kernels
@@ -243,7 +233,7 @@ def default_config(num_tokens: int, num_segs: int, n: int, max_rank: int, block_
         # 52.1 -> 40.3 µs and 24.1 -> 15.7 µs (the best config per op: 38.5 and 15.3)
         # Past rank 16, 16-row steps; in steps of up to 16 tokens all rows (up to 64) read early, 128 columns a
         # program: no rank loop after the wait. H200, rank 64: 1 token, the four expands alone 14.9 -> 10.2 µs
-        # (bench/results/small-sweep-s16-h200.md); the layer (bench/results/decode-ab-s16-h200.json) 1 x 1
+        # (bench/results/small-sweep-s16-h200.md); the layer (bench/results/decode-ab-s16-first-h200.json) 1 x 1
         # 27.1 -> 18.0 µs, 16 x 16 63.1 -> 56.7, but 64 x 64 199 -> 211 and 256 x 256 702 -> 747 (4x the
         # programs, each with its segment lookup)
         if rank_p2 > SMALL_RANK and num_tokens <= EARLY_ALL_ROWS_TOKENS:
@@ -343,7 +333,7 @@ def _launch_config(num_tokens: int, num_segs: int, n: int, max_rank: int, b_dtyp
     cfg["prefetch"] = bool(cfg.get("prefetch")) and one_step     # a default's, off where overrides rule it out
     # the loop-free path reads its first block's B before the PDL wait (config "early_dot"), by default where
     # the launch asks for PDL (decode-sized steps) and has few token tiles; early_weights turns it off with
-    # the 1-token path's. H200, the layer (bench/results/decode-ab-s16-h200.json): 64 x 8 at rank 16 36.0 ->
+    # the 1-token path's. H200, the layer (bench/results/decode-ab-s16-first-h200.json): 64 x 8 at rank 16 36.0 ->
     # 33.5 µs, 256 x 16 56.2 -> 54.7 (31 tiles); but 256 x 64 (76 tiles, programs in several waves, whose
     # early reads hold registers and overlap nothing) 105.0 -> 106.7
     early_dot = cfg["pdl"] and num_tiles_bound(num_tokens, num_segs, block_t) <= EARLY_DOT_TILES
