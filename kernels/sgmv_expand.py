@@ -303,6 +303,11 @@ def default_config(num_tokens: int, num_segs: int, n: int, max_rank: int, block_
             "num_warps": num_warps, "num_stages": num_stages, "prefetch": prefetch}
 
 
+def early_dot_tiles(num_tokens: int, num_segs: int, block_t: int) -> bool:
+    """Whether a step has few enough token tiles for the dot path's early B reads (launch_config)."""
+    return num_tiles_bound(num_tokens, num_segs, block_t) <= EARLY_DOT_TILES
+
+
 def launch_config(num_tokens: int, num_segs: int, n: int, max_rank: int, b_dtype: torch.dtype,
                   config: dict | None = None) -> Mapping:
     """Every compile-time choice of a launch, from host ints only (see sgmv_shrink.launch_config);
@@ -336,7 +341,7 @@ def _launch_config(num_tokens: int, num_segs: int, n: int, max_rank: int, b_dtyp
     # the 1-token path's. H200, the layer (bench/results/decode-ab-s16-first-h200.json): 64 x 8 at rank 16 36.0 ->
     # 33.5 µs, 256 x 16 56.2 -> 54.7 (31 tiles); but 256 x 64 (76 tiles, programs in several waves, whose
     # early reads hold registers and overlap nothing) 105.0 -> 106.7
-    early_dot = cfg["pdl"] and num_tiles_bound(num_tokens, num_segs, block_t) <= EARLY_DOT_TILES
+    early_dot = cfg["pdl"] and early_dot_tiles(num_tokens, num_segs, block_t)
     cfg["early_dot"] = cfg["prefetch"] and bool(cfg.get("early_dot", early_dot)) and early_weights()
     if cfg["use_dot"] and cfg["block_r"] == 32 and b_dtype != torch.float32:
         # faults with "misaligned address" (triton 3.6, H200): see default_config

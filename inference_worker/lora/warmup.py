@@ -9,9 +9,10 @@ run 11) the adapter workloads had TTFT p99 of ~3 s where the base model had 0.4 
 
 How: eager steps fix the segment-table width (LoraBatchMeta.block_g), so a launch's choices
 depend on T and on G only through the token tile the launchers pick from T / G
-(kernels.tiles.pick_block_t). For each LoRA layer shape, eager_variants walks T over the
-engine's range (TOKEN_STEPS: the choices change at thresholds far wider than its steps) and
-the token tiles some G <= max_segs gives; each distinct choice is launched once, at the
+(kernels.tiles.pick_block_t) and, for the expand's early B reads on dot tiles, whether the step has
+few token tiles (sgmv_expand.early_dot_tiles: monotone in G for one tile). For each LoRA layer shape,
+eager_variants walks T over the engine's range (TOKEN_STEPS: the choices change at thresholds far wider
+than its steps) and one G <= max_segs for each (tile, few tiles) pair; each distinct choice is launched once, at the
 smallest T that makes it, on all-base segments (nothing is read from the adapter pools,
 nothing written but scratch buffers). tests/kernels/test_warmup.py checks the walk against every (T, G).
 """
@@ -47,12 +48,13 @@ def token_counts(max_tokens: int) -> Iterator[int]:
 
 
 def segment_counts(num_tokens: int, max_segs: int) -> Iterator[int]:
-    """One G per token tile reachable with T tokens (G <= min(T, max_segs))."""
+    """One G per (token tile, few token tiles) pair reachable with T tokens (G <= min(T, max_segs))."""
     seen = set()
     for g in range(min(num_tokens, max_segs), 0, -1):
         tile = pick_block_t(num_tokens, g)
-        if tile not in seen:
-            seen.add(tile)
+        key = (tile, sgmv_expand.early_dot_tiles(num_tokens, g, tile))
+        if key not in seen:
+            seen.add(key)
             yield g
 
 
