@@ -131,8 +131,7 @@ def build_worker(config: WorkerConfig, telemetry: Telemetry | None = None) -> Wo
                                        stream_interval=config.stream_interval)
     server = GrpcServer(config.server_config(),
                         [(inference_worker_pb2_grpc.add_InferenceWorkerServicer_to_server, servicer)],
-                        [SERVICE_NAME], on_drain=servicer.drain, interceptors=[telemetry.server_interceptor()],
-                        wait_idle=servicer.intake.wait_idle)
+                        [SERVICE_NAME], interceptors=[telemetry.server_interceptor()], intake=servicer.intake)
     log.info("worker for %s (base model %r) on %s", config.model_dir, base_model, config.engine.torch_device)
     return Worker(config, server, engine, manager, servicer, store, EngineMonitor(engine, telemetry.metrics))
 

@@ -25,10 +25,9 @@ class RouterServer:
         self.discovery = Discovery(parse_workers(config.workers), self.view.set_addresses,
                                    config.resolve_interval_s, resolver)
         self.servicer = RouterServicer(self.view, config, telemetry.metrics)
-        intake = self.servicer.intake
         self.grpc = GrpcServer(config.server_config(), [(router_pb2_grpc.add_RouterServicer_to_server, self.servicer)],
                                [SERVICE_NAME], interceptors=[telemetry.server_interceptor()],
-                               on_drain=intake.drain, wait_idle=intake.wait_idle)
+                               intake=self.servicer.intake)
 
     def start(self) -> int:
         """Listen, give the workers a moment to report, then turn SERVING. Returns the port.

@@ -1,9 +1,9 @@
 """The gRPC server bootstrap every service uses.
 
 Health (grpc.health.v1) turns SERVING once the service is ready; reflection lists
-the services; SIGTERM/SIGINT drain: health NOT_SERVING, the service's own drain
-hook (e.g. refuse new requests), the service's running work finishes (its wait_idle
-hook) while the server still answers, in-flight RPCs finish up to the grace period,
+the services; SIGTERM/SIGINT drain: health NOT_SERVING, the service's intake stops
+(Intake: new calls get UNAVAILABLE), the calls it admitted finish while the server
+still answers, in-flight RPCs finish up to the grace period,
 then the process exits 0.
 """
 from __future__ import annotations
@@ -30,14 +30,12 @@ Registration = tuple[Callable[[object, grpc.Server], None], object]
 
 class GrpcServer:
     def __init__(self, config: ServerConfig, registrations: Sequence[Registration],
-                 service_names: Iterable[str], on_drain: Callable[[], None] | None = None,
-                 interceptors: Sequence[grpc.ServerInterceptor] = (),
-                 wait_idle: Callable[[float], bool] | None = None):
-        """wait_idle(timeout): blocks until the service's running work is done (drain)."""
+                 service_names: Iterable[str], interceptors: Sequence[grpc.ServerInterceptor] = (),
+                 intake: Intake | None = None):
+        """intake: the service's calls, which a drain stops and waits for (Intake)."""
         self.config = config
         self.service_names = list(service_names)
-        self._on_drain = on_drain
-        self._wait_idle = wait_idle
+        self._intake = intake
         self._stopped = threading.Event()
         options = [("grpc.max_receive_message_length", config.max_message_bytes),
                    ("grpc.max_send_message_length", config.max_message_bytes),
@@ -86,13 +84,12 @@ class GrpcServer:
         deadline = time.monotonic() + grace
         log.info("draining (grace %.1fs)", grace)
         self._set_status(health_pb2.HealthCheckResponse.NOT_SERVING)
-        if self._on_drain is not None:
-            self._on_drain()
-        if self._wait_idle is not None:
+        if self._intake is not None:
+            self._intake.drain()
             # the server keeps answering while the running work finishes, so a new call gets the
             # service's own refusal (UNAVAILABLE: a router retries elsewhere); once grpc's stop
             # begins, a call racing it may be cancelled instead (CANCELLED, which nobody retries)
-            self._wait_idle(grace)
+            self._intake.wait_idle(grace)
         self.server.stop(max(0.0, deadline - time.monotonic())).wait()
         self._stopped.set()
         log.info("stopped")
@@ -115,7 +112,7 @@ class GrpcServer:
 
 class Intake:
     """A service's intake of calls: drain() stops it (new calls get UNAVAILABLE, which a router or client
-    retries elsewhere), wait_idle(timeout) waits for the calls already running (GrpcServer's hook)."""
+    retries elsewhere), wait_idle(timeout) waits for the calls already running (GrpcServer's drain)."""
 
     def __init__(self, what: str) -> None:
         self.what = what                      # "worker", "router": said in the refusal
