@@ -576,7 +576,7 @@ def write_markdown(res, path):
              f"copy bandwidth {res['copy_bw_TBps']:.2f} TB/s (read+write), one graph kernel node "
              f"{res['graph_node_us']:.2f} µs. Command: `{res.get('command', 'python3 bench/kernels.py')}`. "
              "Floor = (distinct A/B bytes + activations) / bandwidth; floor + launches adds one graph kernel "
-             "node per launch (8, plus one zeroing y for each split-K shrink), the cost of the launches alone."), "",
+             "node per launch (8, plus one that zeroes y for each split-K shrink), the cost of the launches alone."), "",
              "LoRA of one Llama-3-8B layer (7 projections, 8 SGMV launches), CUDA graph, µs per layer step:", "",
              ("| tokens | adapters | rank | ours | floor | ours/floor | floor @4.25 TB/s | ours/that | floor + launches "
              "| ours/that | (a) loop | (b) bmm | base matmuls | ours/base |"),
