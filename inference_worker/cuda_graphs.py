@@ -10,20 +10,26 @@ computed and dropped. Steps with prefills, or more decodes than the largest buck
 run as prompt-step graphs (prompt_graphs.py) or eagerly.
 
 LoRA: the decodes are sorted by slot, one segment per adapter, the segment table padded
-to b entries with empty segments (the SGMV grid depends on (T, G, token tile) only).
-The token tile must suit the step: tiles of 1 token when every token has its own
+with empty segments to the graph's width G (the SGMV grid depends on (T, G, token tile)
+only). The token tile must suit the step: tiles of 1 token when every token has its own
 adapter, 16 when a few adapters hold many tokens each (an adapter's A/B are then read
-once per 16 tokens; per-token tiles made one shared adapter cost 3x more on the H200).
+once per 16 tokens; per-token tiles made one shared adapter cost 3x more on the H200),
+64 in buckets of 256+ rows when adapters hold 33+ tokens each. G is the most segments a
+step of that tile can have (table_width), not b: a grid has up to T/tile + G tiles, and a
+16-token-tile graph padded to b = 256 segments launched 256 tiles where 16 hold tokens
+(one Llama-3-8B layer's LoRA at 256 tokens of one rank-16 adapter: 109.5 µs against 54.1
+at G = 65, 44.3 on 64-token tiles; bench/results/decode-graph-width-h200.json).
 The shrink's grid also depends on the step's rank bound (the largest rank it may meet):
 with the bound 16, a pool sized for rank 64 launches no programs for the padding rows of
 rank <= 16 adapters (~14 µs per layer on the H200 at 64 x 64). So each bucket has a graph
 without LoRA (a base-only step skips 8 launches per layer) and one per LoRA variant
-(tile in LORA_TILES, rank bound in rank_bounds(R)). All graphs share one memory pool.
+(tile in bucket_tiles(b), rank bound in rank_bounds(R)). All graphs share one memory pool.
 """
 from __future__ import annotations
 
 import bisect
 import contextlib
+import functools
 import gc
 import logging
 import time
@@ -45,7 +51,7 @@ def default_buckets(max_num_seqs: int) -> tuple[int, ...]:
     return tuple(sizes) + (max_num_seqs,)
 
 
-LORA_TILES = (1, 2, 16)
+LORA_TILES = (1, 2, 16, 64)
 LoraVariant = tuple[int, int]      # (token tile, rank bound) of a step's SGMV launches
 
 
@@ -66,6 +72,23 @@ def lora_tile(num_lora_tokens: int, num_lora_segments: int) -> int | None:
         return None
     block_t = pick_block_t(num_lora_tokens, num_lora_segments)
     return max(t for t in LORA_TILES if t <= block_t)
+
+
+def bucket_tiles(bucket: int) -> tuple[int, ...]:
+    """The LoRA tiles a step of up to `bucket` adapter tokens can take (one adapter for all of them
+    takes the largest): the tiles graphs of that bucket are captured for."""
+    return tuple(t for t in LORA_TILES if t <= lora_tile(bucket, 1))
+
+
+@functools.cache                   # asked every graph step
+def table_width(bucket: int, tile: int) -> int:
+    """The segment-table width G of a graph of `bucket` rows on `tile`-token tiles: the most adapter
+    segments a step of that tile can have, plus one for the base tokens (the decodes are sorted by
+    slot: base rows form one segment). A tile needs a mean of tokens per adapter (lora_tile), so the
+    most segments come with the most tokens: a step of `bucket` adapter tokens (tests check it
+    against every smaller one)."""
+    most = max((g for g in range(1, bucket + 1) if lora_tile(bucket, g) >= tile), default=0)
+    return min(bucket, most + 1)
 
 
 def pick_bucket(buckets: tuple[int, ...], num_decodes: int) -> int | None:
@@ -115,7 +138,9 @@ class DecodeGraphs:
 
     def __init__(self, buckets: tuple[int, ...], max_rank: int) -> None:
         self.buckets = tuple(sorted(set(buckets)))
-        self.variants: list[LoraVariant | None] = [None, *((t, r) for t in LORA_TILES for r in rank_bounds(max_rank))]
+        # per bucket: no LoRA, and each (tile, rank bound) its steps can take
+        self.variants: dict[int, list[LoraVariant | None]] = {
+            b: [None, *((t, r) for t in bucket_tiles(b) for r in rank_bounds(max_rank))] for b in self.buckets}
         self._graphs: dict[tuple[int, LoraVariant | None], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
 
     def bucket_for(self, num_decodes: int) -> int | None:
@@ -128,7 +153,7 @@ class DecodeGraphs:
         stream = torch.cuda.Stream()
         with no_collection():
             for b in reversed(self.buckets):
-                for variant in self.variants:
+                for variant in self.variants[b]:
                     warm_up_on(stream, run_step, b, variant)
                     graph = torch.cuda.CUDAGraph()
                     with capture_into(graph, pool, stream):
@@ -137,7 +162,7 @@ class DecodeGraphs:
                     graph.replay()        # the first replay uploads the graph: now, not in a serving step
         torch.cuda.synchronize()
         log.info("captured %d decode CUDA graphs (buckets %s, LoRA (tile, rank bound) %s) in %.1f s",
-                 len(self._graphs), self.buckets, self.variants[1:], time.perf_counter() - start)
+                 len(self._graphs), self.buckets, self.variants[self.buckets[-1]][1:], time.perf_counter() - start)
 
     def replay(self, bucket: int, variant: LoraVariant | None) -> torch.Tensor:
         """-> logits [bucket, V] float32 (a static buffer: overwritten by the next replay)."""

@@ -16,7 +16,7 @@ import torch
 
 from inference_worker.attention import AttentionMeta
 from inference_worker.block_manager import blocks_for
-from inference_worker.cuda_graphs import DecodeGraphs, LoraVariant, lora_tile, rank_bound_for
+from inference_worker.cuda_graphs import DecodeGraphs, LoraVariant, lora_tile, rank_bound_for, table_width
 from inference_worker.lora.metadata import LoraBatchMeta, segments_of
 from inference_worker.lora.slot_pool import SlotPool
 from inference_worker.model.llama import LlamaForCausalLM, PieceBuffers
@@ -139,26 +139,30 @@ class ModelRunner:
         seqs = prefills + decodes
         indptr, seg_slots = segments_of([s.slot for s in seqs], [s.num_new_tokens for s in seqs])
         num_tokens = num_prefill_tokens + len(decodes)          # padding excluded
-        tile, shrink_tile, padded, table_width = None, None, num_tokens, len(seg_slots)
+        tile, shrink_tile, padded, seg_width = None, None, num_tokens, len(seg_slots)
         if bucket is not None:
             context_lens += [0] * num_pad                         # padding rows: empty context
             logits_indices += range(len(decodes), num_rows)
             lora_segs = [g for g, slot in enumerate(seg_slots) if slot >= 0]
             tile = lora_tile(sum(indptr[g + 1] - indptr[g] for g in lora_segs), len(lora_segs))
-            padded, table_width = num_rows, num_rows
+            padded = num_rows
+            if tile is not None:                                  # that graph's G (cuda_graphs.table_width)
+                seg_width = table_width(bucket, tile)
         elif self.prompt_graphs is not None:
             prompt_bucket = self.prompt_graphs.bucket_for(num_tokens)
             if prompt_bucket is not None:                         # the prompt graphs' G: max_num_seqs
                 tile, shrink_tile = PROMPT_TILE, PROMPT_SHRINK_TILE
-                padded, table_width = prompt_bucket, self.max_num_seqs
+                padded, seg_width = prompt_bucket, self.max_num_seqs
         # a graph step's padding rows: no KV write (slot -1), base model (past the last segment);
         # the segment table padded with empty segments to the graph's G
         pad = padded - num_tokens
         input_ids += [0] * pad
         positions += [0] * pad
         slot_mapping += [-1] * pad
-        indptr += [indptr[-1]] * (table_width - len(seg_slots))
-        seg_slots += [-1] * (table_width - len(seg_slots))
+        if len(seg_slots) > seg_width:       # cannot happen (tests/engine/test_cuda_graphs.py): a wrong result if it did
+            raise RuntimeError(f"{len(seg_slots)} segments overflow the graph's table of {seg_width}")
+        indptr += [indptr[-1]] * (seg_width - len(seg_slots))
+        seg_slots += [-1] * (seg_width - len(seg_slots))
         dev_tables = self._dev["block_tables"][: num_rows * width]
         dev_tables.copy_(self._host["block_tables"][: num_rows * width], non_blocking=True)
         attn = AttentionMeta(
@@ -207,12 +211,13 @@ class ModelRunner:
         decode graph captures. -> logits [bucket, V] float32."""
         tile, rank_bound = variant or (None, None)
         d, width = self._dev, self.max_blocks_per_seq
+        segs = table_width(bucket, tile) if tile is not None else bucket     # (no LoRA: unused)
         attn = AttentionMeta(num_prefill_tokens=0, num_decodes=bucket, slot_mapping=d["slot_mapping"][:bucket],
                              cu_seqlens=d["cu_seqlens"][:1],
                              block_tables=d["block_tables"][: bucket * width].view(bucket, width),
                              context_lens=d["context_lens"][:bucket])
-        lora = LoraBatchMeta(has_lora=variant is not None, seg_indptr=d["seg_indptr"][: bucket + 1],
-                             seg_slots=d["seg_slots"][:bucket], slot_ranks=self.slot_pool.slot_ranks,
+        lora = LoraBatchMeta(has_lora=variant is not None, seg_indptr=d["seg_indptr"][: segs + 1],
+                             seg_slots=d["seg_slots"][:segs], slot_ranks=self.slot_pool.slot_ranks,
                              slot_scales=self.slot_pool.slot_scales, block_t=tile, rank_bound=rank_bound,
                              side_stream=self._lora_stream)
         return self.model(d["input_ids"][:bucket], d["positions"][:bucket], self.kv_caches, attn, lora,

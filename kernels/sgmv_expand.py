@@ -247,7 +247,7 @@ def default_config(num_tokens: int, num_segs: int, n: int, max_rank: int, block_
         # (config "prefetch"). H200 sweep, each expand alone (bench/results/tile-sweep-dot-h200.md), the
         # four: 256 tokens x 64 adapters 72.9 -> 61.8 µs (gate/up 44.4 -> 36.2), 64 x 16 28.7 -> 24.8,
         # 256 x 1 29.4 -> 24.7. 4-8 blocks a program won a further 5.6 µs at 256 x 64 but lost 6 at 64 x 8;
-        # a decode graph pads its segment table to the bucket, so it cannot tell those steps apart.
+        # a decode graph's segment table has one width for all its steps, so it cannot tell them apart.
         return {"block_t": block_t, "block_n": 256, "block_r": 16, "nb_per_prog": 1, "num_warps": 4,
                 "num_stages": 2, "prefetch": True}
     if block_t == DOT_TILE and rank_p2 <= 64:

@@ -193,7 +193,7 @@ def default_config(num_tokens: int, num_segs: int, ncol: int, max_rank: int, h_i
             # columns. H200 sweep, each shrink alone (bench/results/tile-sweep-dot-h200.md): qkv, o, gate/up
             # at 256 tokens x 64 adapters (76 tiles, which the count above takes for 16) 34.1 -> 30.2 µs;
             # 256 x 16 22.0 -> 22.7 and 256 x 1 21.9 -> 23.1 (their 31 and 17 tiles liked 16 splits), but a
-            # decode graph pads its segment table to the bucket and cannot tell those steps apart
+            # decode graph's segment table has one width for all its steps: it cannot tell them apart
             block_n, split_k, num_stages = max(32, block_n), 4, 4
     else:
         # decode: 4 rank rows a program, K blocks of 4096 A elements (8 KB bf16) per step;

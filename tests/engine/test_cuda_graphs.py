@@ -7,12 +7,14 @@ import torch
 
 from inference_worker.cuda_graphs import (
     DecodeGraphs,
+    bucket_tiles,
     default_buckets,
     lora_tile,
     no_collection,
     pick_bucket,
     rank_bound_for,
     rank_bounds,
+    table_width,
 )
 from tests.engine.doubles import DirSource
 from tests.engine.harness import Driver
@@ -40,27 +42,38 @@ class EmulatedGraphs(DecodeGraphs):
         self.runner = runner
 
     def replay(self, bucket: int, variant) -> torch.Tensor:
-        assert variant in self.variants, variant                        # a graph was captured for it
+        assert variant in self.variants[bucket], variant                # a graph was captured for it
         with torch.inference_mode():
             return self.runner.static_decode_forward(bucket, variant)
 
 
-def one_adapter_workload(driver: Driver, tokenizer):
-    """12 requests on one adapter + 2 base: a graph step's adapter tokens share one segment."""
+def one_adapter_workload(driver: Driver, tokenizer, num: int = 14, base_every: int = 7):
+    """Requests on one adapter, every `base_every`-th base: a graph step's adapter tokens share one segment."""
     reqs = [driver.request(f"s{i}", tokenizer(f"request {i} of a popular adapter").input_ids,
-                           "" if i % 7 == 0 else "a8", max_tokens=6 + i % 3, temperature=0.0) for i in range(14)]
-    return {0: reqs[:8], 1: reqs[8:]}, reqs
+                           "" if i % base_every == base_every - 1 else "a8", max_tokens=6 + i % 3, temperature=0.0)
+            for i in range(num)]
+    return {0: reqs[: num // 2], 1: reqs[num // 2:]}, reqs
 
 
-@pytest.mark.parametrize("workload,tiles", [(_workload, {1, 2}), (one_adapter_workload, {16})])
-def test_padded_graph_steps_match_eager(family_model, adapters_of, make_engine, workload, tiles):
+def large_one_adapter_workload(driver: Driver, tokenizer):
+    """300 requests, all but the last on one adapter: steps of 256 decodes take 64-token tiles."""
+    return one_adapter_workload(driver, tokenizer, 300, base_every=300)
+
+
+@pytest.mark.parametrize("workload,tiles,buckets", [(_workload, {1, 2}, (2, 4, 16)),
+                                                    (one_adapter_workload, {16}, (2, 4, 16)),
+                                                    (large_one_adapter_workload, {64}, (16, 256))])
+def test_padded_graph_steps_match_eager(family_model, adapters_of, make_engine, workload, tiles, buckets):
+    """Graph steps (emulated) give the eager engine's tokens and logits; each step's segment table has
+    its graph's width (table_width: narrower than the bucket on tiles past 1)."""
     model_dir = family_model("llama")
     adapter_dirs = adapters_of(model_dir)
     runs, buckets_used = {}, []
     for name in ("eager", "graphs"):
-        engine = make_engine(model_dir, DirSource(adapter_dirs), max_adapter_slots=4, max_lora_rank=32)
+        engine = make_engine(model_dir, DirSource(adapter_dirs), max_adapter_slots=4, max_lora_rank=32,
+                             max_num_seqs=max(buckets))
         if name == "graphs":
-            engine.runner.graphs = EmulatedGraphs(engine.runner, (2, 4, 16))
+            engine.runner.graphs = EmulatedGraphs(engine.runner, buckets)
             prepare = engine.runner.prepare
 
             def recording_prepare(prefills, decodes, prepare=prepare, pool=engine.runner.slot_pool):
@@ -69,6 +82,9 @@ def test_padded_graph_steps_match_eager(family_model, adapters_of, make_engine, 
                 assert step_rank <= batch.lora.rank_bound in rank_bounds(pool.max_rank)
                 if batch.graph_bucket is not None:
                     buckets_used.append((batch.graph_bucket, len(decodes), batch.lora.block_t))
+                    if batch.lora.has_lora:
+                        width = table_width(batch.graph_bucket, batch.lora.block_t)
+                        assert batch.lora.seg_slots.shape[0] == width and batch.lora.seg_indptr.shape[0] == width + 1
                 else:                                   # prompt steps keep the shrink's tuned path at R
                     assert batch.lora.rank_bound == pool.max_rank
                 return batch
@@ -107,6 +123,30 @@ def test_rank_bounds():
 def test_lora_tile_follows_tokens_per_adapter():
     assert lora_tile(0, 0) is None
     assert [lora_tile(64, g) for g in (64, 47, 32, 17, 16, 8, 4, 1)] == [1, 1, 2, 2, 16, 16, 16, 16]
+    assert [lora_tile(256, g) for g in (1, 7, 8, 64, 65, 170, 171)] == [64, 64, 16, 16, 2, 2, 1]
+
+
+def test_bucket_tiles_are_the_tiles_its_steps_can_take():
+    assert bucket_tiles(1) == (1,) and bucket_tiles(2) == (1, 2) and bucket_tiles(4) == (1, 2, 16)
+    assert bucket_tiles(255) == (1, 2, 16) and bucket_tiles(256) == (1, 2, 16, 64)
+    for bucket in (1, 3, 5, 16, 48, 100):
+        taken = {lora_tile(n, g) for n in range(1, bucket + 1) for g in range(1, n + 1)}
+        assert taken == set(bucket_tiles(bucket))
+
+
+def test_table_width_holds_every_step_of_its_tile():
+    """The width is the most segments (adapter segments + one base) of any step the graph serves:
+    up to `bucket` adapter tokens over g adapters whose tile is the graph's."""
+    for bucket in (1, 2, 4, 8, 16, 48, 64, 96):
+        for tile in bucket_tiles(bucket):
+            most = max(g for n in range(1, bucket + 1) for g in range(1, n + 1) if lora_tile(n, g) == tile)
+            assert table_width(bucket, tile) == min(bucket, most + 1)
+    for bucket in (256, 320):                          # 64-token tiles: at the bucket's token count
+        for tile in bucket_tiles(bucket):
+            most = max(g for g in range(1, bucket + 1) if lora_tile(bucket, g) == tile)
+            assert table_width(bucket, tile) == min(bucket, most + 1)
+    assert [table_width(256, t) for t in (1, 2, 16, 64)] == [256, 171, 65, 8]
+    assert [table_width(64, t) for t in (1, 2, 16)] == [64, 43, 17]
 
 
 def test_no_collection_collects_first_then_keeps_the_collector_off():

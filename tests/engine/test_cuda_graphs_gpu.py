@@ -9,15 +9,15 @@ from inference_worker.engine import LLMEngine
 from tests.engine.doubles import DirSource
 from tests.engine.harness import Driver
 from tests.engine.test_correctness import _workload
-from tests.engine.test_cuda_graphs import one_adapter_workload
+from tests.engine.test_cuda_graphs import large_one_adapter_workload, one_adapter_workload
 
 pytestmark = pytest.mark.gpu
 
 
 def _run(model_dir, adapter_dirs, dtype, cuda_graphs, workload=_workload, **config_flags):
     # kernels compile on first use here: the warm-up has its own test (below)
-    config_flags = {"warm_kernels": False, **config_flags}
-    config = EngineConfig(device="cuda", dtype=dtype, max_adapter_slots=2, max_lora_rank=32, max_num_seqs=16,
+    config_flags = {"warm_kernels": False, "max_num_seqs": 16, **config_flags}
+    config = EngineConfig(device="cuda", dtype=dtype, max_adapter_slots=2, max_lora_rank=32,
                           max_model_len=128, cuda_graphs=cuda_graphs, **config_flags)
     engine = LLMEngine(config, str(model_dir), DirSource(adapter_dirs))
     try:
@@ -37,13 +37,18 @@ def _run(model_dir, adapter_dirs, dtype, cuda_graphs, workload=_workload, **conf
         engine.stop()
 
 
-@pytest.mark.parametrize("workload,tiles", [(_workload, {1, 2}), (one_adapter_workload, {16})])
+# 256 decodes of one adapter: graphs of bucket 256 on 64-token tiles, segment tables 8 wide
+LARGE = {"max_num_seqs": 256, "cuda_graph_buckets": (16, 256)}
+
+
+@pytest.mark.parametrize("workload,tiles,flags", [(_workload, {1, 2}, {}), (one_adapter_workload, {16}, {}),
+                                                  (large_one_adapter_workload, {64}, LARGE)])
 @pytest.mark.parametrize("dtype,tol", [("float32", 1e-3), ("bfloat16", 0.1)])
-def test_graph_replay_matches_eager(family_model, adapters_of, dtype, tol, workload, tiles):
+def test_graph_replay_matches_eager(family_model, adapters_of, dtype, tol, workload, tiles, flags):
     model_dir = family_model("llama")
     adapter_dirs = adapters_of(model_dir)
-    eager, no_replays, _ = _run(model_dir, adapter_dirs, dtype, cuda_graphs=False, workload=workload)
-    graphs, replays, evictions = _run(model_dir, adapter_dirs, dtype, cuda_graphs=True, workload=workload)
+    eager, no_replays, _ = _run(model_dir, adapter_dirs, dtype, cuda_graphs=False, workload=workload, **flags)
+    graphs, replays, evictions = _run(model_dir, adapter_dirs, dtype, cuda_graphs=True, workload=workload, **flags)
     assert not no_replays and ("prompt", True) in replays                 # prompt steps ran as pieces
     assert {variant[0] for b, variant in replays if b != "prompt" and variant} & tiles
     if workload is _workload:
