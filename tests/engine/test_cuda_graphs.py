@@ -47,17 +47,24 @@ class EmulatedGraphs(DecodeGraphs):
             return self.runner.static_decode_forward(bucket, variant)
 
 
-def one_adapter_workload(driver: Driver, tokenizer, num: int = 14, base_every: int = 7):
+def _one_adapter_requests(driver: Driver, tokenizer, num: int, base_every: int) -> list:
     """Requests on one adapter, every `base_every`-th base: a graph step's adapter tokens share one segment."""
-    reqs = [driver.request(f"s{i}", tokenizer(f"request {i} of a popular adapter").input_ids,
+    return [driver.request(f"s{i}", tokenizer(f"request {i} of a popular adapter").input_ids,
                            "" if i % base_every == base_every - 1 else "a8", max_tokens=6 + i % 3, temperature=0.0)
             for i in range(num)]
-    return {0: reqs[: num // 2], 1: reqs[num // 2:]}, reqs
+
+
+def one_adapter_workload(driver: Driver, tokenizer):
+    """14 requests in two waves, 12 on one adapter."""
+    reqs = _one_adapter_requests(driver, tokenizer, 14, 7)
+    return {0: reqs[:7], 1: reqs[7:]}, reqs
 
 
 def large_one_adapter_workload(driver: Driver, tokenizer):
-    """300 requests, all but the last on one adapter: steps of 256 decodes take 64-token tiles."""
-    return one_adapter_workload(driver, tokenizer, 300, base_every=300)
+    """300 requests at once, all on one adapter (a base one would be admitted first while the adapter
+    loads): with max_num_seqs 256, steps of 256 decodes on 64-token tiles."""
+    reqs = _one_adapter_requests(driver, tokenizer, 300, 301)
+    return {0: reqs}, reqs
 
 
 @pytest.mark.parametrize("workload,tiles,buckets", [(_workload, {1, 2}, (2, 4, 16)),
