@@ -17,8 +17,8 @@ once per 16 tokens; per-token tiles made one shared adapter cost 3x more on the 
 64 in buckets of 256+ rows when adapters hold 33+ tokens each. G is the most segments a
 step of that tile can have (table_width), not b: a grid has up to T/tile + G tiles, and a
 16-token-tile graph padded to b = 256 segments launched 256 tiles where 16 hold tokens
-(one Llama-3-8B layer's LoRA at 256 tokens of one rank-16 adapter: 109.5 µs against 54.1
-at G = 65, 44.3 on 64-token tiles; bench/results/decode-graph-width-h200.json).
+(H200, one Llama-3-8B layer's LoRA at 256 tokens of one rank-16 adapter: 109.4 µs against
+54.1 at G = 65, 44.5 on 64-token tiles; bench/results/decode-graph-width-h200.json).
 The shrink's grid also depends on the step's rank bound (the largest rank it may meet):
 with the bound 16, a pool sized for rank 64 launches no programs for the padding rows of
 rank <= 16 adapters (~14 µs per layer on the H200 at 64 x 64). So each bucket has a graph
