@@ -85,18 +85,8 @@ def main() -> None:
         return
     with open(args.before) as f:
         before = json.load(f)
-    report = bk.start_report(before=args.before, cases={})
-    for rank in ranks:
-        pools = bk.Pools(rank)
-        for tokens, adapters in cases:
-            key = f"{tokens}x{adapters}x{rank}"
-            row = case(pools, tokens, adapters, before[key])
-            report["cases"][key] = row
-            print(key, " ".join(f"{k} {v:.2f}" for k, v in row.items()), flush=True)
-            if args.out:
-                with open(args.out, "w") as f:
-                    json.dump(report, f, indent=1)
-        del pools
+    bk.run_cases(bk.start_report(before=args.before, cases={}), ranks, cases,
+                 lambda pools, t, a: case(pools, t, a, before[f"{t}x{a}x{pools.rank}"]), args.out)
 
 
 if __name__ == "__main__":

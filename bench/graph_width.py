@@ -19,7 +19,6 @@ Usage: python bench/graph_width.py [--ranks 16,64] [--out bench/results/decode-g
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -82,17 +81,8 @@ def main() -> None:
     ap.add_argument("--cases", default=",".join(f"{t}x{a}" for t, a in CASES))
     ap.add_argument("--out", default="")
     args = ap.parse_args()
-    report = bk.start_report(cases={})
-    for rank in (int(r) for r in args.ranks.split(",")):
-        pools = bk.Pools(rank)
-        for tokens, adapters in (tuple(int(n) for n in c.split("x")) for c in args.cases.split(",")):
-            key = f"{tokens}x{adapters}x{rank}"
-            report["cases"][key] = row = case(pools, tokens, adapters)
-            print(key, " ".join(f"{k} {v}" for k, v in row.items()), flush=True)
-            if args.out:
-                with open(args.out, "w") as f:
-                    json.dump(report, f, indent=1)
-        del pools
+    cases = [tuple(int(n) for n in c.split("x")) for c in args.cases.split(",")]
+    bk.run_cases(bk.start_report(cases={}), [int(r) for r in args.ranks.split(",")], cases, case, args.out)
 
 
 if __name__ == "__main__":

@@ -104,6 +104,23 @@ def interleaved_medians(graphs: dict, reps: int, steps: int = K_STEPS) -> dict:
     return {n: round(statistics.median(t[i] for t in times) / steps, 2) for i, n in enumerate(names)}
 
 
+def run_cases(report: dict, ranks, cases, measure, out: str = "") -> dict:
+    """Per rank (one Pools each) and case (tokens, adapters): report["cases"]["TxAxR"] = measure(pools, tokens,
+    adapters), a dict printed on one line and (with `out`) the report written after each case."""
+    for rank in ranks:
+        pools = Pools(rank)
+        for tokens, adapters in cases:
+            key = f"{tokens}x{adapters}x{rank}"
+            report["cases"][key] = row = measure(pools, tokens, adapters)
+            print(key, " ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()),
+                  flush=True)
+            if out:
+                with open(out, "w") as f:
+                    json.dump(report, f, indent=1)
+        del pools
+    return report
+
+
 def median_graph_us(step, reps=40, steps=1):
     """Captures step() in a CUDA graph, replays it `reps` times; median µs per replay / steps."""
     graph = capture_graph(step)

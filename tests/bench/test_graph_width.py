@@ -1,5 +1,6 @@
 """bench/graph_width.py on CPU: the variants' segment tables and tiles (the timing needs CUDA)."""
 import importlib
+import json
 
 import pytest
 import torch
@@ -27,3 +28,15 @@ def test_variants_pad_to_the_bucket_or_the_graph_width():
     assert v["width"][1]["down"] == {"block_t": 16, "rank_bound": 64}
     with pytest.raises(ValueError, match="do not fit"):
         gw.padded(_meta([1] * 9), 8)
+
+
+def test_run_cases_fills_prints_and_writes_the_report(monkeypatch, tmp_path, capsys):
+    bk = importlib.import_module("bench.kernels")
+    monkeypatch.setattr(bk, "Pools", lambda rank: type("P", (), {"rank": rank})())
+    out = tmp_path / "r.json"
+    report = bk.run_cases({"cases": {}}, [16, 64], [(64, 1), (256, 4)],
+                          lambda pools, t, a: {"tile": 16, "us": t * a / pools.rank}, str(out))
+    assert list(report["cases"]) == ["64x1x16", "256x4x16", "64x1x64", "256x4x64"]
+    assert report["cases"]["256x4x64"] == {"tile": 16, "us": 16.0}
+    assert "256x4x64 tile 16 us 16.00" in capsys.readouterr().out
+    assert json.loads(out.read_text()) == report
