@@ -159,7 +159,7 @@ class ModelRunner:
         input_ids += [0] * pad
         positions += [0] * pad
         slot_mapping += [-1] * pad
-        if len(seg_slots) > seg_width:       # cannot happen (tests/engine/test_cuda_graphs.py): a wrong result if it did
+        if len(seg_slots) > seg_width:       # cannot happen (tests/engine/test_cuda_graphs.py); else a wrong result
             raise RuntimeError(f"{len(seg_slots)} segments overflow the graph's table of {seg_width}")
         indptr += [indptr[-1]] * (seg_width - len(seg_slots))
         seg_slots += [-1] * (seg_width - len(seg_slots))

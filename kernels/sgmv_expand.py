@@ -390,6 +390,6 @@ def sgmv_expand(y: torch.Tensor, b_pool: torch.Tensor, out_offsets: tuple[int, .
         *offs, *cbs,
         R=max_rank, BLOCK_G=cfg["block_g"], BLOCK_T=block_t, BLOCK_N=block_n,
         BLOCK_R=block_r, NB_PER_PROG=nb_per_prog, USE_DOT=cfg["use_dot"], PDL="launch_pdl" in options,
-        IEEE=(b_pool.dtype == torch.float32), EARLY=cfg["early"], PREFETCH=cfg["prefetch"], EARLY_DOT=cfg["early_dot"], num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3),
-        **options)
+        IEEE=(b_pool.dtype == torch.float32), EARLY=cfg["early"], PREFETCH=cfg["prefetch"], EARLY_DOT=cfg["early_dot"],
+        num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3), **options)
     return out
