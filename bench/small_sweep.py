@@ -101,7 +101,7 @@ def grids(tokens: int, adapters: int, rank: int) -> tuple[list, list]:
     return shrink_grid(tokens, adapters, rank), expand_grid(tokens, adapters, rank)
 
 
-def _warm(job: int, jobs: int, cases: list[str]) -> None:
+def _warm(job: int, jobs: int, cases: list[str], grid_fn=grids) -> None:
     """Compile-ahead worker: launches every `jobs`-th (case, group, op, config) once, errors ignored (the
     timing pass reports them)."""
     torch.cuda.set_device(0)
@@ -114,7 +114,7 @@ def _warm(job: int, jobs: int, cases: list[str]) -> None:
         layer = bk.Layer(tokens, rank)
         meta = bk.make_sets(tokens, adapters, 1, WARM_SLOTS)[0]
         for g, (_, widths) in bk.GROUPS.items():
-            for op, cfgs in zip(("shrink", "expand"), grids(tokens, adapters, rank)):
+            for op, cfgs in zip(("shrink", "expand"), grid_fn(tokens, adapters, rank)):
                 for cfg in cfgs:
                     n += 1
                     if n % jobs != job:
@@ -126,9 +126,9 @@ def _warm(job: int, jobs: int, cases: list[str]) -> None:
     torch.cuda.synchronize()
 
 
-def compile_ahead(cases: list[str], jobs: int) -> None:
+def compile_ahead(cases: list[str], jobs: int, grid_fn=grids) -> None:
     ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_warm, args=(j, jobs, cases)) for j in range(jobs)]
+    procs = [ctx.Process(target=_warm, args=(j, jobs, cases, grid_fn)) for j in range(jobs)]
     for p in procs:
         p.start()
     for p in procs:
@@ -146,11 +146,11 @@ def best_per_op(row: dict) -> tuple[dict, dict]:
     return shrink, expand
 
 
-def case(pools: bk.Pools, tokens: int, adapters: int, log: list) -> dict:
+def case(pools: bk.Pools, tokens: int, adapters: int, log: list, grid_fn=grids) -> dict:
     sets, layer, refs = sweep_inputs(pools, tokens, adapters)
     ops = {}
     for g in bk.GROUPS:
-        for op, cfgs in zip(("shrink", "expand"), grids(tokens, adapters, pools.rank)):
+        for op, cfgs in zip(("shrink", "expand"), grid_fn(tokens, adapters, pools.rank)):
             results = time_configs(op, g, layer, refs, pools, sets, cfgs, log)
             us, cfg = min(results, key=lambda r: r[0])
             ops[f"{g}.{op}"] = {"default_us": results[0][0], "best_us": us, "best_cfg": cfg, "all": results}
@@ -198,9 +198,10 @@ def write_markdown(reports: list[dict], path: str) -> None:
         f.write("\n".join(lines))
 
 
-def main() -> None:
+def main(grid_fn=grids, default_cases=CASES) -> None:
+    """The sweep over grid_fn's (shrink configs, expand configs) of each case (another script may bring its own)."""
     ap = argparse.ArgumentParser()
-    ap.add_argument("--cases", default=",".join(CASES))
+    ap.add_argument("--cases", default=",".join(default_cases))
     ap.add_argument("--jobs", type=int, default=12, help="compile-ahead processes (0: none)")
     ap.add_argument("--out", default="")
     ap.add_argument("--markdown", nargs="+", metavar="JSON", help="only write --out (.md) from these results")
@@ -216,13 +217,13 @@ def main() -> None:
     log: list = []
     report = bk.start_report(block_g=BLOCK_G, cases={}, log=log)
     if args.jobs:
-        compile_ahead(cases, args.jobs)
+        compile_ahead(cases, args.jobs, grid_fn)
     pools = {}
     for c in cases:
         tokens, adapters, rank = parse_case(c)
         if rank not in pools:
             pools[rank] = bk.Pools(rank)
-        report["cases"][c] = case(pools[rank], tokens, adapters, log)
+        report["cases"][c] = case(pools[rank], tokens, adapters, log, grid_fn)
         if args.out:                             # after each case: a run cut short keeps what it measured
             with open(args.out, "w") as f:
                 json.dump(report, f, indent=1)

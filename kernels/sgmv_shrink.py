@@ -63,12 +63,11 @@ WAVE = 128    # programs of one wave on an H200 (132 SMs), the decode dot tiles'
 # T and G change every prompt step: not specialized on (T % 16, T == 1, ...), so a new
 # batch shape does not compile a new variant in the middle of serving (a JIT stall)
 @triton.jit(do_not_specialize=["T", "G"])
-def _sgmv_shrink_kernel(x_ptr, a_ptr, y_ptr, indptr_ptr, slots_ptr, ranks_ptr, part_ptr, count_ptr,
+def _sgmv_shrink_kernel(x_ptr, a_ptr, y_ptr, indptr_ptr, slots_ptr, ranks_ptr,
                         T, G, H_in, NCOL, K_PER_SPLIT,
                         R: tl.constexpr, RB: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, USE_DOT: tl.constexpr, PDL: tl.constexpr,
-                        ATOMIC: tl.constexpr, COUNTED: tl.constexpr, CAN_SKIP: tl.constexpr, IEEE: tl.constexpr,
-                        EARLY: tl.constexpr):
+                        ATOMIC: tl.constexpr, CAN_SKIP: tl.constexpr, IEEE: tl.constexpr, EARLY: tl.constexpr):
     pdl_start(PDL)
     pid = tl.program_id(0)
     num_nb = tl.cdiv(NCOL, BLOCK_N)
@@ -141,32 +140,8 @@ def _sgmv_shrink_kernel(x_ptr, a_ptr, y_ptr, indptr_ptr, slots_ptr, ranks_ptr, p
     if ATOMIC:
         tl.atomic_add(y_ptrs, acc, mask=t_mask[:, None] & col_on[None, :], sem="relaxed")
     else:
-        last = True
-        if COUNTED:
-            acc, last = _sum_splits(acc, part_ptr, count_ptr, pid // SPLIT_K, pid_k, BLOCK_T, BLOCK_N, SPLIT_K)
         acc = tl.where(col_on[None, :], acc, 0.0)
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=tl.where(last, t_mask[:, None] & n_mask[None, :], False))
-
-
-@triton.jit
-def _sum_splits(acc, part_ptr, count_ptr, group, pid_k, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
-                SPLIT_K: tl.constexpr):
-    """Split-K without atomics on y (config "reduce" = "count"): the SPLIT_K programs of one (tile, column
-    block) group each store their partial sum, then count themselves in; the last one in adds the partials
-    and writes y. -> (the sum, whether this program writes it). The count goes back to 0 for the next launch."""
-    offs = tl.arange(0, BLOCK_T)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
-    parts = part_ptr + group.to(tl.int64) * (SPLIT_K * BLOCK_T * BLOCK_N) + offs
-    tl.store(parts + pid_k * (BLOCK_T * BLOCK_N), acc)
-    tl.debug_barrier()                                   # every thread's partial stored before the count
-    arrived = tl.atomic_add(count_ptr + group, 1, sem="acq_rel", scope="gpu")
-    last = arrived == SPLIT_K - 1
-
-    if last:
-        acc = tl.zeros((BLOCK_T, BLOCK_N), tl.float32)
-        for s in tl.static_range(SPLIT_K):               # from L2: other SMs wrote them
-            acc += tl.load(parts + s * (BLOCK_T * BLOCK_N), cache_modifier=".cg")
-        tl.store(count_ptr + group, 0)
-    return acc, last
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=t_mask[:, None] & n_mask[None, :])
 
 
 @triton.jit
@@ -274,42 +249,23 @@ def _launch_config(num_tokens: int, num_segs: int, num_mods: int, max_rank: int,
                          config.get("block_t"), config.get("halve", True))
     cfg.update(config)
     cfg["rank_bound"], cfg["block_g"] = rank_bound, block_g_for(num_segs, config.get("block_g"))
-    cfg["use_dot"] = cfg["block_t"] >= DOT_TILE
-    cfg["reduce"] = cfg.get("reduce", "atomic") if cfg["split_k"] > 1 else None
-    if cfg["reduce"] not in (None, "atomic", "count"):
-        raise ValueError(f"reduce must be 'atomic' or 'count', got {cfg['reduce']!r}")
-    cfg["atomic"] = cfg["reduce"] == "atomic"
+    cfg["use_dot"], cfg["atomic"] = cfg["block_t"] >= DOT_TILE, cfg["split_k"] > 1
     cfg.setdefault("pdl", pdl_default(cfg["use_dot"], num_tokens))
     # split-K zeroes y first: by a PDL kernel where the launch asks for PDL, but for steps of 17-128 tokens;
     # else a memset. H200, the layer (bench/results/decode-ab-zero-h200.json): 256 x 16 at rank 64 89.1 ->
     # 84.3 µs, 256 x 64 at rank 8 92.0 -> 86.8, 1 x 1 at rank 16 14.6 -> 13.9; but 64 tokens of one adapter
     # 27.0 -> 29.6 at rank 16 (64 x 8 33.1 -> 32.1: the cause not found), so 64-token steps keep the memset
     kernel_zero = cfg["pdl"] and not ZERO_MEMSET_TOKENS[0] <= num_tokens <= ZERO_MEMSET_TOKENS[1]
-    cfg["zero"] = cfg.get("zero", "kernel" if kernel_zero else "memset") if cfg["atomic"] else None
+    cfg["zero"] = cfg.get("zero", "kernel" if kernel_zero else "memset") if cfg["split_k"] > 1 else None
     if cfg["zero"] not in (None, "kernel", "memset"):
         raise ValueError(f"zero must be 'kernel' or 'memset', got {cfg['zero']!r}")
     cfg["early"] = not cfg["use_dot"] and cfg.get("early", early_weights())
     cfg["can_skip"] = cfg["block_n"] <= rank_bound and rank_bound % cfg["block_n"] == 0
     if cfg["use_dot"] and (cfg["block_n"] < 16 or cfg["block_k"] < 16):
         raise ValueError("tl.dot path (block_t >= 16) needs block_n, block_k >= 16")
-    if cfg["split_k"] > 1 and not out_fp32:
+    if cfg["atomic"] and not out_fp32:
         raise ValueError("split_k > 1 needs a float32 out (fp32 atomics)")
     return MappingProxyType(cfg)
-
-
-_COUNTS: dict = {}
-
-
-def split_counts(device: torch.device, n: int) -> torch.Tensor:
-    """The zeroed int32 counters of split-K groups (reduce "count"), one buffer per device: each launch's last
-    program puts its count back to 0, so the buffer needs zeroing once, when it is made (eagerly: a buffer made
-    in a CUDA graph capture would come from the graph's pool)."""
-    buf = _COUNTS.get(device)
-    if buf is None or buf.numel() < n:
-        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("split-K counters must exist before a CUDA graph capture: run the step eagerly first")
-        buf = _COUNTS[device] = torch.zeros(max(n, 1 << 14), dtype=torch.int32, device=device)
-    return buf
 
 
 def sgmv_shrink(x: torch.Tensor, a_pool: torch.Tensor, seg_indptr: torch.Tensor, seg_slots: torch.Tensor,
@@ -353,16 +309,11 @@ def sgmv_shrink(x: torch.Tensor, a_pool: torch.Tensor, seg_indptr: torch.Tensor,
     k_per_split = cdiv(cdiv(h_in, split_k), block_k) * block_k
     num_tiles = num_tiles_bound(num_tokens, num_segs, block_t)
     grid = (num_tiles * cdiv(ncol, block_n) * split_k,)
-    parts = counts = out
-    if cfg["reduce"] == "count":
-        parts = torch.empty(grid[0] * block_t * block_n, dtype=torch.float32, device=x.device)
-        counts = split_counts(x.device, grid[0] // split_k)
     _sgmv_shrink_kernel[grid](
-        x, a_pool, out, seg_indptr, seg_slots, slot_ranks, parts, counts,
+        x, a_pool, out, seg_indptr, seg_slots, slot_ranks,
         num_tokens, num_segs, h_in, ncol, k_per_split,
         R=max_rank, RB=rank_bound, BLOCK_G=cfg["block_g"], BLOCK_T=block_t, BLOCK_N=block_n,
-        BLOCK_K=block_k, SPLIT_K=split_k, USE_DOT=cfg["use_dot"], ATOMIC=cfg["atomic"], COUNTED=cfg["reduce"] == "count",
-        CAN_SKIP=cfg["can_skip"],
+        BLOCK_K=block_k, SPLIT_K=split_k, USE_DOT=cfg["use_dot"], ATOMIC=cfg["atomic"], CAN_SKIP=cfg["can_skip"],
         IEEE=(x.dtype == torch.float32), PDL="launch_pdl" in options, EARLY=cfg["early"], num_warps=cfg["num_warps"],
         num_stages=cfg.get("num_stages", 3), **options)
     return out

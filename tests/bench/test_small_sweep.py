@@ -32,3 +32,21 @@ def test_best_per_op_keeps_only_winning_overrides():
     row = {"qkv.shrink": {"all": [(5.0, None), (4.0, {"block_n": 2})]},
            "qkv.expand": {"all": [(3.0, None), (float("inf"), {"block_n": 64})]}}
     assert sweep.best_per_op(row) == ({"qkv": {"block_n": 2}}, {})
+
+
+def test_shrink_steps_grid_is_valid_and_fits_shared_memory():
+    """bench/shrink_steps.py: every config a valid launch, none whose stages overflow ~200 KB of shared memory,
+    64-token tiles only where segments are that long."""
+    steps = importlib.import_module("bench.shrink_steps")
+    sweep = importlib.import_module("bench.small_sweep")
+    bk = importlib.import_module("bench.kernels")
+    shrink_lc = importlib.import_module("kernels.sgmv_shrink").launch_config
+    for text in steps.CASES:
+        tokens, adapters, rank = sweep.parse_case(text)
+        shrinks, expands = steps.grids(tokens, adapters, rank)
+        assert shrinks and not expands
+        for cfg in shrinks:
+            assert (cfg["block_t"] + cfg["block_n"]) * cfg["block_k"] * 2 * cfg["num_stages"] <= 200 << 10
+            shrink_lc(tokens, adapters, 3, rank, bk.HIDDEN, True, {"block_g": 128, **cfg})
+    assert {c["block_t"] for c in steps.grids(64, 8, 64)[0]} == {16}
+    assert {c["block_k"] for c in steps.grids(256, 1, 64)[0] if c["block_t"] == 64} == {128, 256, 512}

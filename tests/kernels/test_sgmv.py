@@ -135,19 +135,6 @@ def test_sgmv_wide_token_tiles(name, block_t):
               y_dtype=torch.float32, shrink_cfg=scfg, expand_cfg=ecfg)
 
 
-@pytest.mark.parametrize("name", ["long_segments", "empty_and_base_segments", "one_adapter_for_all",
-                                  "decode_every_token_own_adapter", "ranks_1_to_128"])
-@pytest.mark.parametrize("block_t,split_k", [(1, 3), (16, 2), (64, 4)])
-def test_shrink_counted_split_k(name, block_t, split_k):
-    """Split-K summed by the last program of each group (config "reduce" = "count": no atomics on y, no
-    zeroing), twice in a row: the counters must be back at 0 after a launch."""
-    scfg = {"block_t": block_t, "block_n": 16 if block_t > 1 else 8, "block_k": 16, "split_k": split_k,
-            "reduce": "count"}
-    for _ in range(2):
-        _run_case(name, random.randrange(1 << 30), num_mods=2, widths=[19, 30], h_in=53, dtype=torch.float32,
-                  y_dtype=torch.float32, shrink_cfg=scfg, expand_cfg={"block_t": 2})
-
-
 def test_expand_prefetch_needs_one_rank_step():
     y, b = torch.zeros(3, 1, 32, device=DEV), torch.zeros(2, 32, 8, device=DEV)
     indptr, slots, _ = make_meta([3], [0], DEV)
