@@ -50,3 +50,19 @@ def test_shrink_steps_grid_is_valid_and_fits_shared_memory():
             shrink_lc(tokens, adapters, 3, rank, bk.HIDDEN, True, {"block_g": 128, **cfg})
     assert {c["block_t"] for c in steps.grids(64, 8, 64)[0]} == {16}
     assert {c["block_k"] for c in steps.grids(256, 1, 64)[0] if c["block_t"] == 64} == {128, 256, 512}
+
+
+def test_expand_blocks_grid_is_valid():
+    """bench/expand_blocks.py: every config a valid launch, 128-token tiles only where segments are that long."""
+    blocks = importlib.import_module("bench.expand_blocks")
+    sweep = importlib.import_module("bench.small_sweep")
+    bk = importlib.import_module("bench.kernels")
+    expand_lc = importlib.import_module("kernels.sgmv_expand").launch_config
+    for text in blocks.CASES:
+        tokens, adapters, rank = sweep.parse_case(text)
+        shrinks, expands = blocks.grids(tokens, adapters, rank)
+        assert expands and not shrinks
+        for cfg in expands:
+            expand_lc(tokens, adapters, bk.INTER * 2, rank, torch.bfloat16, {"block_g": 128, **cfg})
+    assert {c["block_t"] for c in blocks.grids(256, 4, 64)[1]} == {64}
+    assert {c["nb_per_prog"] for c in blocks.grids(256, 1, 16)[1]} == {1, 2, 4}
