@@ -239,7 +239,11 @@ def default_config(num_tokens: int, num_segs: int, n: int, max_rank: int, block_
         if rank_p2 > SMALL_RANK and num_tokens <= EARLY_ALL_ROWS_TOKENS:
             return {"block_t": 1, "block_n": 128, "block_r": min(64, rank_p2), "nb_per_prog": 1, "num_warps": 2,
                     "num_stages": num_stages}
-        return {"block_t": 1, "block_n": 512, "block_r": min(8 if rank_p2 <= SMALL_RANK else 16, rank_p2),
+        # Rank 16 in one 16-row step where the output is up to 8192 wide (qkv, o, down): one round trip fewer.
+        # H200, 64 x 64, each expand alone (bench/results/small-sweep-64x64-h200.md): qkv 5.86 -> 5.29 µs, down
+        # 4.64 -> 4.07, o even; gate/up's 28672 columns lost (17.4 -> 19.5: twice the registers a program)
+        rows = 16 if rank_p2 > SMALL_RANK or n <= 8192 else 8
+        return {"block_t": 1, "block_n": 512, "block_r": min(rows, rank_p2),
                 "nb_per_prog": 1, "num_warps": 2, "num_stages": num_stages}
     if block_t == DOT_TILE and rank_p2 <= 16:
         # decode steps of 4+ tokens a segment (kernels/tiles.pick_block_t), ranks in one 16-row step: a
