@@ -6,8 +6,9 @@ rank the adapters') and each group, the explicit block sizes and flags the shrin
 (kernels/sgmv_*.launch_config, as bench.kernels.ours_step calls them). Taken before a rule change and
 committed, it lets the new rules be timed against the old ones at any later commit:
 bench/results/decode-rules-s15.json holds session 15's rules (taken at commit fe27050, before session 16's),
-decode-rules-s16.json session 16's before its PDL zeroing kernel (commit c7e1982). A key a snapshot lacks runs
-as it did before the key existed (BEFORE_KEYS).
+decode-rules-s16.json session 16's before its PDL zeroing kernel (commit c7e1982), decode-rules-s17.json the
+rules before session 18's (commit db7ce6d), decode-rules-s18.json rank 16's 1-token cases before its 16-row
+expand steps (commit 2b11726). A key a snapshot lacks runs as it did before the key existed (BEFORE_KEYS).
 
 Per case, interleaved (bench.kernels.interleaved_medians): one Llama-3-8B layer's LoRA (8 launches) under
 "before" (the snapshot's configs as overrides) and "now" (the defaults).
