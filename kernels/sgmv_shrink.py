@@ -179,8 +179,8 @@ def default_config(num_tokens: int, num_segs: int, ncol: int, max_rank: int, h_i
         block_k = 128
         if block_t > DOT_TILE:
             split_k = max(1, min(split_k, prev_pow2(h_in // 512)))
-            # down's long H_in: K steps of 256, half the round trips of a program's ~7 steps (H200, 256 x 1
-            # alone, bench/results/shrink-steps-h200.md: 8.33 -> 7.75 µs; the other shrinks' best kept 128)
+            # down's long H_in: K steps of 256, 4 round trips a program in place of 7 (H200, 256 x 1 alone,
+            # bench/results/shrink-steps-h200.md: 8.33 -> 7.75 µs; the other shrinks' best kept 128)
             block_k = 256 if h_in > LONG_H_IN else 128
         return _fit({"block_t": block_t, "block_n": block_n, "block_k": block_k, "split_k": split_k, "num_warps": 4,
                      "num_stages": 4 if block_t == DOT_TILE else 3}, atomic_ok)

@@ -85,6 +85,10 @@ def test_wide_rank_decode_shrink_fills_one_wave():
     assert _blocks(shrink_config(256, 1, 2, 64, 4096, True), *keys) == (64, 32, 8, 3)     # 4 x 4 x 8
     assert _blocks(shrink_config(256, 1, 1, 64, 4096, True), *keys) == (64, 32, 8, 3)     # 16 by the wave
     assert _blocks(shrink_config(256, 1, 1, 64, 14336, True), *keys) == (64, 32, 16, 3)
+    # K steps of 256 for down's long H_in on these tiles, 128 elsewhere
+    assert shrink_config(256, 1, 1, 64, 14336, True)["block_k"] == 256
+    assert shrink_config(256, 1, 3, 64, 4096, True)["block_k"] == 128
+    assert shrink_config(64, 8, 1, 64, 14336, True)["block_k"] == 128
     assert shrink_config(64, 8, 3, 64, 4096, False)["split_k"] == 1                       # no fp32 y: no split
     assert shrink_config(64, 8, 3, 64, 4096, True, {"rank_bound": 16})["block_t"] == 2    # rank-16 adapters
 
@@ -120,12 +124,15 @@ def test_meta_shrink_config_per_layer_width():
 
 
 def test_early_weight_reads():
-    """1-token tiles read their first B rows before the PDL wait: 8 rows of 512 columns up to rank 16; past
-    it 16 rows, or all rows (up to 64) of 128 columns in steps of up to 16 tokens. The loop-free dot path
+    """1-token tiles read their first B rows before the PDL wait: up to rank 16 all rows of 512 columns (8 rows
+    a step on gate/up's 28672 columns); past it 16 rows, or all rows (up to 64) of 128 columns in steps of up to
+    16 tokens. The loop-free dot path
     reads its first block's B early where the launch asks for PDL (decode-sized steps) and has up to 32 token
     tiles, not in prompt steps; OPENLORA_SGMV_EARLY=0 turns both off."""
     keys = ("early", "block_r", "block_n")
-    assert _blocks(expand_config(64, 64, 6144, 16, torch.bfloat16), *keys) == (True, 8, 512)
+    assert _blocks(expand_config(64, 64, 6144, 16, torch.bfloat16), *keys) == (True, 16, 512)
+    assert _blocks(expand_config(64, 64, 4096, 8, torch.bfloat16), *keys) == (True, 8, 512)
+    assert _blocks(expand_config(64, 64, 28672, 16, torch.bfloat16), *keys) == (True, 8, 512)
     assert _blocks(expand_config(64, 64, 6144, 64, torch.bfloat16), *keys) == (True, 16, 512)
     assert _blocks(expand_config(16, 16, 6144, 64, torch.bfloat16), *keys) == (True, 64, 128)
     assert _blocks(expand_config(1, 1, 6144, 128, torch.bfloat16), *keys) == (True, 64, 128)      # a 2-step loop
