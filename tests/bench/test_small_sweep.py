@@ -1,6 +1,7 @@
 """bench/small_sweep.py's grids and its pick of each op's best config (CPU: launch_config only)."""
 import importlib
 
+import pytest
 import torch
 
 
@@ -34,35 +35,34 @@ def test_best_per_op_keeps_only_winning_overrides():
     assert sweep.best_per_op(row) == ({"qkv": {"block_n": 2}}, {})
 
 
-def test_shrink_steps_grid_is_valid_and_fits_shared_memory():
-    """bench/shrink_steps.py: every config a valid launch, none whose stages overflow ~200 KB of shared memory,
-    64-token tiles only where segments are that long."""
-    steps = importlib.import_module("bench.shrink_steps")
+
+@pytest.mark.parametrize("script,op", [("bench.shrink_steps", "shrink"), ("bench.expand_blocks", "expand")])
+def test_one_op_grids_are_valid_launch_configs(script, op):
+    """bench/shrink_steps.py and bench/expand_blocks.py sweep one op each: every config a valid launch."""
+    grids = importlib.import_module(script)
     sweep = importlib.import_module("bench.small_sweep")
     bk = importlib.import_module("bench.kernels")
-    shrink_lc = importlib.import_module("kernels.sgmv_shrink").launch_config
-    for text in steps.CASES:
+    launch_config = importlib.import_module(f"kernels.sgmv_{op}").launch_config
+    for text in grids.CASES:
         tokens, adapters, rank = sweep.parse_case(text)
-        shrinks, expands = steps.grids(tokens, adapters, rank)
-        assert shrinks and not expands
-        for cfg in shrinks:
-            assert (cfg["block_t"] + cfg["block_n"]) * cfg["block_k"] * 2 * cfg["num_stages"] <= 200 << 10
-            shrink_lc(tokens, adapters, 3, rank, bk.HIDDEN, True, {"block_g": 128, **cfg})
+        shrinks, expands = grids.grids(tokens, adapters, rank)
+        cfgs, others = (shrinks, expands) if op == "shrink" else (expands, shrinks)
+        assert cfgs and not others
+        for cfg in cfgs:
+            if op == "shrink":
+                launch_config(tokens, adapters, 3, rank, bk.HIDDEN, True, {"block_g": 128, **cfg})
+            else:
+                launch_config(tokens, adapters, bk.INTER * 2, rank, torch.bfloat16, {"block_g": 128, **cfg})
+
+
+def test_one_op_grids_fit_their_segments_and_shared_memory():
+    """No token tile longer than a segment, no shrink config whose stages overflow ~200 KB of shared memory."""
+    steps = importlib.import_module("bench.shrink_steps")
+    blocks = importlib.import_module("bench.expand_blocks")
+    parse_case = importlib.import_module("bench.small_sweep").parse_case
+    shrinks = [c for text in steps.CASES for c in steps.grids(*parse_case(text))[0]]
+    assert all((c["block_t"] + c["block_n"]) * c["block_k"] * 2 * c["num_stages"] <= 200 << 10 for c in shrinks)
     assert {c["block_t"] for c in steps.grids(64, 8, 64)[0]} == {16}
     assert {c["block_k"] for c in steps.grids(256, 1, 64)[0] if c["block_t"] == 64} == {128, 256, 512}
-
-
-def test_expand_blocks_grid_is_valid():
-    """bench/expand_blocks.py: every config a valid launch, 128-token tiles only where segments are that long."""
-    blocks = importlib.import_module("bench.expand_blocks")
-    sweep = importlib.import_module("bench.small_sweep")
-    bk = importlib.import_module("bench.kernels")
-    expand_lc = importlib.import_module("kernels.sgmv_expand").launch_config
-    for text in blocks.CASES:
-        tokens, adapters, rank = sweep.parse_case(text)
-        shrinks, expands = blocks.grids(tokens, adapters, rank)
-        assert expands and not shrinks
-        for cfg in expands:
-            expand_lc(tokens, adapters, bk.INTER * 2, rank, torch.bfloat16, {"block_g": 128, **cfg})
     assert {c["block_t"] for c in blocks.grids(256, 4, 64)[1]} == {64}
     assert {c["nb_per_prog"] for c in blocks.grids(256, 1, 16)[1]} == {1, 2, 4}
