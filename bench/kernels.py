@@ -9,10 +9,13 @@ fused qkv shrink+expand, o, fused gate_up, down):
   (b) bmm   gathered bmm (BGMV-style: A/B indexed by each token's slot, then torch.bmm), graph;
   floor     distinct A/B bytes + activations (x read, y written and read, out read and
             written) over the device-to-device copy bandwidth measured in this run;
+  achieved  those bytes over ours (TB/s), to set beside the copy bandwidth;
   base      the layer's base matmuls (x @ Wᵀ for qkv, o, gate_up, down), graph.
 Paged attention: our decode kernel vs gathering the KV through the block table + SDPA.
 
 Usage: python bench/kernels.py [--out bench/results/kernels-h200.json] [--quick] [--sweep]
+       python bench/kernels.py --markdown bench/results/kernels-h200.json --out bench/results/kernels-h200.json
+           (only rewrites the table's .md from its JSON; CPU)
 """
 from __future__ import annotations
 
@@ -475,7 +478,12 @@ def main():
     ap.add_argument("--ranks", default="16,8,64", help="adapter ranks of the LoRA cases, in order")
     ap.add_argument("--no-attention", action="store_true")
     ap.add_argument("--mini-sweep", action="store_true", help="a few decode shrink variants (notes)")
+    ap.add_argument("--markdown", metavar="JSON", help="only write the .md of --out from these results (CPU)")
     args = ap.parse_args()
+    if args.markdown:
+        with open(args.markdown) as f:
+            write_markdown(json.load(f), os.path.splitext(args.out)[0] + ".md")
+        return
     import triton
     log = []
     try:
@@ -574,10 +582,11 @@ def main():
 
 def print_table(res):
     print(f"\n{res['device']}  copy {res['copy_bw_TBps']:.2f} TB/s  node {res['graph_node_us']:.2f} us")
-    print(f"{'T':>5} {'A':>4} {'r':>3} {'ours':>7} {'floor':>7} {'x':>5} {'fl4.25':>7} {'x':>5} {'(a)':>8} "
-          f"{'(b)':>8} {'base':>7} {'%base':>6}")
+    print(f"{'T':>5} {'A':>4} {'r':>3} {'ours':>7} {'TB/s':>5} {'floor':>7} {'x':>5} {'fl4.25':>7} {'x':>5} "
+          f"{'(a)':>8} {'(b)':>8} {'base':>7} {'%base':>6}")
     for r in res["lora"]:
-        print(f"{r['tokens']:5d} {r['adapters']:4d} {r['rank']:3d} {r['ours_us']:7.1f} {r['floor_us']:7.1f} "
+        print(f"{r['tokens']:5d} {r['adapters']:4d} {r['rank']:3d} {r['ours_us']:7.1f} "
+              f"{r['bytes'] / r['ours_us'] / 1e6:5.2f} {r['floor_us']:7.1f} "
               f"{r['x_floor']:5.2f} {r['floor_4p25_us']:7.1f} {r['ours_us'] / r['floor_4p25_us']:5.2f} "
               f"{fmt(r.get('loop_us'), 0):>8} {fmt(r.get('bmm_us')):>8} {r['base_us']:7.1f} "
               f"{100 * r['lora_over_base']:6.1f}")
@@ -592,14 +601,16 @@ def write_markdown(res, path):
              (f"{res['date']}, torch {res['torch']}, triton {res['triton']}, commit {res['commit']}; "
              f"copy bandwidth {res['copy_bw_TBps']:.2f} TB/s (read+write), one graph kernel node "
              f"{res['graph_node_us']:.2f} µs. Command: `{res.get('command', 'python3 bench/kernels.py')}`. "
+             "Achieved = the bytes of the floor over ours. "
              "Floor = (distinct A/B bytes + activations) / bandwidth; floor + launches adds one graph kernel "
              "node per launch (8, plus one that zeroes y for each split-K shrink), the cost of the launches alone."), "",
              "LoRA of one Llama-3-8B layer (7 projections, 8 SGMV launches), CUDA graph, µs per layer step:", "",
-             ("| tokens | adapters | rank | ours | floor | ours/floor | floor @4.25 TB/s | ours/that | floor + launches "
-             "| ours/that | (a) loop | (b) bmm | base matmuls | ours/base |"),
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             ("| tokens | adapters | rank | ours | achieved TB/s | floor | ours/floor | floor @4.25 TB/s | ours/that "
+             "| floor + launches | ours/that | (a) loop | (b) bmm | base matmuls | ours/base |"),
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in res["lora"]:
-        lines.append(f"| {r['tokens']} | {r['adapters']} | {r['rank']} | {r['ours_us']:.1f} | {r['floor_us']:.1f} | "
+        lines.append(f"| {r['tokens']} | {r['adapters']} | {r['rank']} | {r['ours_us']:.1f} | "
+                     f"{r['bytes'] / r['ours_us'] / 1e6:.2f} | {r['floor_us']:.1f} | "
                      f"{r['x_floor']:.2f} | {r['floor_4p25_us']:.1f} | {r['ours_us'] / r['floor_4p25_us']:.2f} | "
                      f"{r['launch_floor_us']:.1f} | {r['ours_us'] / r['launch_floor_us']:.2f} | "
                      f"{fmt(r.get('loop_us'), 0)} | {fmt(r.get('bmm_us'))} | "
