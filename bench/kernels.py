@@ -580,13 +580,18 @@ def main():
     print_table(res)
 
 
+def achieved_tbps(row: dict) -> float:
+    """A LoRA case's floor bytes over its time, TB/s."""
+    return row["bytes"] / row["ours_us"] / 1e6
+
+
 def print_table(res):
     print(f"\n{res['device']}  copy {res['copy_bw_TBps']:.2f} TB/s  node {res['graph_node_us']:.2f} us")
     print(f"{'T':>5} {'A':>4} {'r':>3} {'ours':>7} {'TB/s':>5} {'floor':>7} {'x':>5} {'fl4.25':>7} {'x':>5} "
           f"{'(a)':>8} {'(b)':>8} {'base':>7} {'%base':>6}")
     for r in res["lora"]:
         print(f"{r['tokens']:5d} {r['adapters']:4d} {r['rank']:3d} {r['ours_us']:7.1f} "
-              f"{r['bytes'] / r['ours_us'] / 1e6:5.2f} {r['floor_us']:7.1f} "
+              f"{achieved_tbps(r):5.2f} {r['floor_us']:7.1f} "
               f"{r['x_floor']:5.2f} {r['floor_4p25_us']:7.1f} {r['ours_us'] / r['floor_4p25_us']:5.2f} "
               f"{fmt(r.get('loop_us'), 0):>8} {fmt(r.get('bmm_us')):>8} {r['base_us']:7.1f} "
               f"{100 * r['lora_over_base']:6.1f}")
@@ -610,7 +615,7 @@ def write_markdown(res, path):
              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in res["lora"]:
         lines.append(f"| {r['tokens']} | {r['adapters']} | {r['rank']} | {r['ours_us']:.1f} | "
-                     f"{r['bytes'] / r['ours_us'] / 1e6:.2f} | {r['floor_us']:.1f} | "
+                     f"{achieved_tbps(r):.2f} | {r['floor_us']:.1f} | "
                      f"{r['x_floor']:.2f} | {r['floor_4p25_us']:.1f} | {r['ours_us'] / r['floor_4p25_us']:.2f} | "
                      f"{r['launch_floor_us']:.1f} | {r['ours_us'] / r['launch_floor_us']:.2f} | "
                      f"{fmt(r.get('loop_us'), 0)} | {fmt(r.get('bmm_us'))} | "
